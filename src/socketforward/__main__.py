@@ -1,0 +1,3 @@
+from socketforward.cli import main
+
+raise SystemExit(main())
