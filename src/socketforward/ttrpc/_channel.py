@@ -1,0 +1,167 @@
+"""The asyncio edge shared by client and server connections: bytes from the
+transport go into the sans-IO :class:`Connection`, events come out to the
+subclass; writes respect the transport's flow control."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+
+from socketforward.ttrpc._connection import Connection, Event
+from socketforward.ttrpc._state import Role
+from socketforward.ttrpc.errors import Code, TtrpcError
+from socketforward.ttrpc.stream import MessageQueue
+
+log = logging.getLogger("socketforward.ttrpc")
+
+STREAM_FULL_TIMEOUT = 1.0
+"""How long a full stream may hold up the connection before it is closed (as Go's ttrpc)."""
+
+
+class Channel(asyncio.Protocol):
+    role: Role
+
+    def __init__(self) -> None:
+        self.conn = Connection(self.role)
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._blocked: tuple[MessageQueue, int, Event] | None = None
+        self._blocked_timer: asyncio.TimerHandle | None = None
+        self._reading = True
+
+    # -- asyncio.Protocol --------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too: ttrpc has no half-closed connections
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._writable.set()  # wake writers; they find the connection gone
+        if self._blocked_timer is not None:
+            self._blocked_timer.cancel()
+        self._blocked = None
+        try:
+            self.on_connection_lost(exc)
+        finally:
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+    # -- for subclasses ----------------------------------------------------
+
+    def handle_event(self, event: Event) -> None:
+        raise NotImplementedError
+
+    def on_connection_lost(self, exc: Exception | None) -> None:
+        raise NotImplementedError
+
+    def on_stream_full(self, stream_id: int) -> None:
+        """A stream's consumer stalled past STREAM_FULL_TIMEOUT; end that stream."""
+        raise NotImplementedError
+
+    def deliver(self, queue: MessageQueue, stream_id: int, data: bytes, event: Event) -> bool:
+        """Queue a message; when the queue is full, stop reading the connection
+        until the consumer catches up (or the stream is closed after a timeout).
+        Returns False when the event is held back for later."""
+        if queue.offer(data):
+            return True
+        self._blocked = (queue, stream_id, event)
+        self._set_reading(False)
+        self._blocked_timer = asyncio.get_running_loop().call_later(
+            STREAM_FULL_TIMEOUT, self._stream_full
+        )
+        return False
+
+    def queue_has_space(self, queue: MessageQueue) -> None:
+        """MessageQueue callback: a consumer took a message from a full queue."""
+        if self._blocked is None or self._blocked[0] is not queue:
+            return
+        _, _, event = self._blocked
+        self._unblock()
+        self.handle_event(event)
+        self._pump()
+
+    def is_connected(self) -> bool:
+        return self.transport is not None and not self.closed.done()
+
+    async def write(self, data: bytes) -> None:
+        """Write one or more whole frames, then wait while the peer is not reading."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise TtrpcError(Code.UNAVAILABLE, "ttrpc: connection closed")
+        transport.write(data)
+        if not self._writable.is_set():
+            await self._writable.wait()
+            if self.closed.done():
+                raise TtrpcError(Code.UNAVAILABLE, "ttrpc: connection closed")
+
+    def write_nowait(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- internals ---------------------------------------------------------
+
+    def _pump(self) -> None:
+        conn = self.conn
+        while self._blocked is None and not self.closed.done():
+            event = conn.next_event()
+            if event is None:
+                return
+            self.handle_event(event)
+
+    def _unblock(self) -> None:
+        self._blocked = None
+        if self._blocked_timer is not None:
+            self._blocked_timer.cancel()
+            self._blocked_timer = None
+        self._set_reading(True)
+
+    def _stream_full(self) -> None:
+        blocked = self._blocked
+        if blocked is None:
+            return
+        _, stream_id, _ = blocked
+        self._unblock()
+        log.warning("ttrpc: stream receive queue full for %.1fs, closing stream_id=%d",
+                    STREAM_FULL_TIMEOUT, stream_id)  # fmt: skip
+        self.on_stream_full(stream_id)
+        self._pump()
+
+    def _set_reading(self, reading: bool) -> None:
+        if self._reading == reading or self.transport is None or self.transport.is_closing():
+            return
+        self._reading = reading
+        if reading:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of a UNIX-socket peer, None for other socket families."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid

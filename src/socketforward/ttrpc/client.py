@@ -1,0 +1,298 @@
+"""asyncio ttrpc client: unary calls and streams multiplexed on one connection."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from socketforward.ttrpc._channel import Channel, log
+from socketforward.ttrpc._connection import (
+    DataReceived,
+    Event,
+    FrameRejected,
+    ResponseReceived,
+)
+from socketforward.ttrpc._frame import Flags
+from socketforward.ttrpc._state import Role
+from socketforward.ttrpc.context import MetadataLike, metadata_to_wire
+from socketforward.ttrpc.errors import Code, StreamClosedError, TtrpcError
+from socketforward.ttrpc.proto import ttrpc_pb2
+from socketforward.ttrpc.stream import RECEIVE_QUEUE_SIZE, ClientStream, MessageQueue
+
+SendT = TypeVar("SendT", bound=Message)
+RecvT = TypeVar("RecvT", bound=Message)
+
+
+def _status_error(response: ttrpc_pb2.Response) -> TtrpcError | None:
+    status = response.status
+    if status.code == Code.OK:
+        return None
+    return TtrpcError(status.code, status.message)
+
+
+@dataclass(slots=True)
+class _StreamCall:
+    queue: MessageQueue
+    client_streaming: bool
+    server_streaming: bool
+
+
+class _ClientChannel(Channel):
+    role = Role.CLIENT
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unary_calls: dict[int, asyncio.Future[bytes]] = {}
+        self.stream_calls: dict[int, _StreamCall] = {}
+        self.lost_error = TtrpcError(Code.UNAVAILABLE, "ttrpc: connection closed")
+
+    def handle_event(self, event: Event) -> None:
+        if isinstance(event, ResponseReceived):
+            future = self.unary_calls.pop(event.stream_id, None)
+            if future is not None:
+                if not future.done():
+                    future.set_result(event.data)
+                return
+            call = self.stream_calls.pop(event.stream_id, None)
+            if call is not None:
+                self._finish_stream(call, event.data)
+            return
+        if isinstance(event, DataReceived):
+            call = self.stream_calls.get(event.stream_id)
+            if call is None:
+                future = self.unary_calls.pop(event.stream_id, None)
+                if future is not None and not future.done():
+                    self.conn.abandon(event.stream_id)
+                    future.set_exception(
+                        TtrpcError(Code.INTERNAL, "received data from non-streaming server")
+                    )
+                return
+            if not call.server_streaming:
+                self.stream_calls.pop(event.stream_id, None)
+                self.conn.abandon(event.stream_id)
+                call.queue.fail(
+                    TtrpcError(Code.INTERNAL, "received data from non-streaming server")
+                )
+                return
+            if event.data is not None and not self.deliver(
+                call.queue, event.stream_id, event.data, event
+            ):
+                return  # held back until the consumer makes room; handled again then
+            if event.end_stream:
+                self.stream_calls.pop(event.stream_id, None)
+                call.queue.finish()
+            return
+        if isinstance(event, FrameRejected):
+            future = self.unary_calls.pop(event.stream_id, None)
+            call = self.stream_calls.pop(event.stream_id, None)
+            error = TtrpcError(event.code, event.message)
+            if future is not None and not future.done():
+                future.set_exception(error)
+            elif call is not None:
+                call.queue.fail(error)
+            else:
+                log.warning("ttrpc client: %s stream_id=%d", event.message, event.stream_id)
+
+    def _finish_stream(self, call: _StreamCall, data: bytes) -> None:
+        try:
+            response = ttrpc_pb2.Response.FromString(data)
+        except DecodeError as exc:
+            call.queue.fail(TtrpcError(Code.INTERNAL, f"ttrpc: bad response: {exc}"))
+            return
+        error = _status_error(response)
+        if error is not None:
+            call.queue.finish(error)
+            return
+        if not call.server_streaming or response.payload:
+            # The final response carries the call's one message.
+            call.queue.offer(response.payload, force=True)
+        call.queue.finish()
+
+    def on_stream_full(self, stream_id: int) -> None:
+        call = self.stream_calls.pop(stream_id, None)
+        self.conn.abandon(stream_id)
+        if call is not None:
+            call.queue.fail(TtrpcError(Code.RESOURCE_EXHAUSTED, "ttrpc: stream buffer full"))
+
+    def on_connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.lost_error = TtrpcError(Code.UNAVAILABLE, f"ttrpc: connection lost: {exc}")
+        for future in self.unary_calls.values():
+            if not future.done():
+                future.set_exception(self.lost_error)
+        for call in self.stream_calls.values():
+            call.queue.fail(self.lost_error)
+        self.unary_calls.clear()
+        self.stream_calls.clear()
+
+
+class Client:
+    """A ttrpc client on one connected socket (which it owns and closes).
+
+    The socket may have been dialed or accepted: socketforward's host accepts the
+    guest's dial and is the client on it."""
+
+    def __init__(self, channel: _ClientChannel) -> None:
+        self._channel = channel
+
+    @classmethod
+    async def connect(cls, sock: socket.socket) -> Client:
+        """Run a client on ``sock``, a connected stream socket."""
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        channel = _ClientChannel()
+        try:
+            await loop.connect_accepted_socket(lambda: channel, sock)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(channel)
+
+    @classmethod
+    async def connect_unix(cls, path: str) -> Client:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, path)
+        except BaseException:
+            sock.close()
+            raise
+        return await cls.connect(sock)
+
+    @property
+    def closed(self) -> bool:
+        return not self._channel.is_connected()
+
+    async def wait_closed(self) -> None:
+        """Returns when the connection is gone (closed by either side)."""
+        await asyncio.shield(self._channel.closed)
+
+    async def close(self) -> None:
+        self._channel.close()
+        await self.wait_closed()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _request(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        timeout: float | None,
+        metadata: MetadataLike | None,
+    ) -> bytes:
+        request = ttrpc_pb2.Request(service=service, method=method, payload=payload)
+        if timeout is not None:
+            request.timeout_nano = max(1, int(timeout * 1e9))
+        if metadata:
+            request.metadata.extend(metadata_to_wire(metadata))
+        return request.SerializeToString()
+
+    def _check_open(self) -> None:
+        if not self._channel.is_connected():
+            raise self._channel.lost_error
+
+    async def unary(
+        self,
+        service: str,
+        method: str,
+        request: Message,
+        response_type: type[RecvT],
+        *,
+        timeout: float | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> RecvT:
+        """One request, one response. ``timeout`` (seconds) is sent to the server as
+        its deadline and bounds the wait here; either way DEADLINE_EXCEEDED."""
+        self._check_open()
+        channel = self._channel
+        data = self._request(service, method, request.SerializeToString(), timeout, metadata)
+        stream_id, frame = channel.conn.send_request(data)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        channel.unary_calls[stream_id] = future
+        try:
+            await channel.write(frame)
+            async with asyncio.timeout(timeout):
+                raw = await future
+        except TimeoutError:
+            raise TtrpcError(Code.DEADLINE_EXCEEDED, "context deadline exceeded") from None
+        finally:
+            if not future.done():
+                future.cancel()
+            if channel.unary_calls.pop(stream_id, None) is not None:
+                channel.conn.abandon(stream_id)
+        try:
+            response = ttrpc_pb2.Response.FromString(raw)
+            error = _status_error(response)
+            if error is not None:
+                raise error
+            return response_type.FromString(response.payload)
+        except DecodeError as exc:
+            raise TtrpcError(Code.INTERNAL, f"ttrpc: bad response: {exc}") from exc
+
+    async def stream(
+        self,
+        service: str,
+        method: str,
+        response_type: type[RecvT],
+        *,
+        client_streaming: bool,
+        server_streaming: bool,
+        request: Message | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> ClientStream[SendT, RecvT]:
+        """Open a streaming call. For server-streaming calls pass the ``request``."""
+        self._check_open()
+        channel = self._channel
+        payload = b"" if request is None else request.SerializeToString()
+        data = self._request(service, method, payload, None, metadata)
+        flags = Flags.REMOTE_OPEN if client_streaming else Flags.REMOTE_CLOSED
+        stream_id, frame = channel.conn.send_request(data, flags)
+        queue = MessageQueue(RECEIVE_QUEUE_SIZE, channel.queue_has_space)
+        channel.stream_calls[stream_id] = _StreamCall(queue, client_streaming, server_streaming)
+        try:
+            await channel.write(frame)
+        except BaseException:
+            channel.stream_calls.pop(stream_id, None)
+            channel.conn.abandon(stream_id)
+            raise
+        return ClientStream(
+            stream_id,
+            queue,
+            response_type,
+            client_streaming=client_streaming,
+            server_streaming=server_streaming,
+            send_data=self._send_data,
+            send_close=self._send_close,
+            abandon=self._abandon,
+        )
+
+    async def _send_data(self, stream_id: int, data: bytes) -> None:
+        self._check_open()
+        try:
+            frame = self._channel.conn.send_data(stream_id, data)
+        except TtrpcError:
+            raise
+        except Exception as exc:
+            raise StreamClosedError(f"stream {stream_id}: {exc}") from exc
+        await self._channel.write(frame)
+
+    async def _send_close(self, stream_id: int) -> None:
+        self._check_open()
+        try:
+            frame = self._channel.conn.send_close(stream_id)
+        except Exception as exc:
+            raise StreamClosedError(f"stream {stream_id}: {exc}") from exc
+        await self._channel.write(frame)
+
+    def _abandon(self, stream_id: int) -> None:
+        self._channel.stream_calls.pop(stream_id, None)
+        self._channel.conn.abandon(stream_id)

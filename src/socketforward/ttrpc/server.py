@@ -1,0 +1,333 @@
+"""asyncio ttrpc server: services registered from their proto descriptors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import descriptor, message_factory
+from google.protobuf.message import DecodeError, Message
+from google.rpc import status_pb2
+
+from socketforward.ttrpc._channel import Channel, log, peer_credentials
+from socketforward.ttrpc._connection import (
+    DataReceived,
+    Event,
+    FrameRejected,
+    RequestReceived,
+)
+from socketforward.ttrpc._state import Role, StreamState
+from socketforward.ttrpc.context import CallContext, PeerCredentials, metadata_from_wire
+from socketforward.ttrpc.errors import Code, LocalProtocolError, StreamClosedError, TtrpcError
+from socketforward.ttrpc.proto import ttrpc_pb2
+from socketforward.ttrpc.stream import RECEIVE_QUEUE_SIZE, MessageQueue, ServerStream, decode
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """A registered RPC: the bound handler and what the descriptor says of it."""
+
+    name: str
+    handler: Callable[..., Awaitable[Any]]
+    request_type: type[Message]
+    client_streaming: bool
+    server_streaming: bool
+
+
+def _status(code: Code | int, message: str) -> bytes:
+    status = status_pb2.Status(code=int(code), message=message)
+    return ttrpc_pb2.Response(status=status).SerializeToString()
+
+
+@dataclass(slots=True)
+class _Call:
+    method: Method
+    task: asyncio.Task[None] | None = None
+    queue: MessageQueue | None = None
+
+
+class _ServerChannel(Channel):
+    role = Role.SERVER
+
+    def __init__(self, server: Server, peer: PeerCredentials | None) -> None:
+        super().__init__()
+        self.server = server
+        self.peer = peer
+        self.calls: dict[int, _Call] = {}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.calls)
+
+    def handle_event(self, event: Event) -> None:
+        if isinstance(event, RequestReceived):
+            self._start(event)
+        elif isinstance(event, DataReceived):
+            call = self.calls.get(event.stream_id)
+            if call is None or call.queue is None:
+                return  # a unary method sent stream data: nothing reads it
+            if event.data is not None and not self.deliver(
+                call.queue, event.stream_id, event.data, event
+            ):
+                return  # held back until the handler reads; handled again then
+            if event.end_stream:
+                call.queue.finish()
+        elif isinstance(event, FrameRejected):
+            log.warning("ttrpc server: rejected frame stream_id=%d code=%s: %s",
+                        event.stream_id, event.code.name, event.message)  # fmt: skip
+            self._end_call(event.stream_id)
+            self.write_nowait(self.conn.send_response(event.stream_id, _status(
+                event.code, event.message)))  # fmt: skip
+
+    def _end_call(self, stream_id: int) -> None:
+        call = self.calls.pop(stream_id, None)
+        if call is not None and call.task is not None:
+            call.task.cancel()
+
+    def _answer(self, stream_id: int, code: Code, message: str) -> None:
+        self.write_nowait(self.conn.send_response(stream_id, _status(code, message)))
+
+    def _start(self, event: RequestReceived) -> None:
+        stream_id = event.stream_id
+        if self.server.draining:
+            self._answer(stream_id, Code.UNAVAILABLE, "ttrpc: server shutting down")
+            return
+        try:
+            request = ttrpc_pb2.Request.FromString(event.data)
+        except DecodeError as exc:
+            self._answer(stream_id, Code.INVALID_ARGUMENT, f"unmarshal request error: {exc}")
+            return
+        service = self.server.services.get(request.service)
+        if service is None:
+            self._answer(stream_id, Code.UNIMPLEMENTED, f"service {request.service}")
+            return
+        method = service.get(request.method)
+        if method is None:
+            self._answer(stream_id, Code.UNIMPLEMENTED, f"method {request.method}")
+            return
+        loop = asyncio.get_running_loop()
+        context = CallContext(
+            service=request.service,
+            method=request.method,
+            metadata=metadata_from_wire(request.metadata),
+            deadline=loop.time() + request.timeout_nano / 1e9 if request.timeout_nano > 0 else None,
+            peer=self.peer,
+        )
+        call = _Call(method)
+        if method.client_streaming:
+            call.queue = MessageQueue(RECEIVE_QUEUE_SIZE, self.queue_has_space)
+            if request.payload:
+                # A client may put its first message in the request (Go does not).
+                call.queue.offer(request.payload)
+        self.calls[stream_id] = call
+        call.task = loop.create_task(self._run(stream_id, call, context, request.payload))
+        self.server.track(call.task)
+
+    async def _run(self, stream_id: int, call: _Call, context: CallContext, payload: bytes) -> None:
+        method = call.method
+        response: bytes | None
+        try:
+            async with asyncio.timeout_at(context.deadline) as scope:
+                try:
+                    response = await self._invoke(stream_id, call, context, payload)
+                except TimeoutError:
+                    if not scope.expired():
+                        raise
+                    raise TtrpcError(Code.DEADLINE_EXCEEDED, "context deadline exceeded") from None
+        except TimeoutError:
+            response = _status(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
+        except TtrpcError as exc:
+            response = _status(exc.code, exc.message)
+        except asyncio.CancelledError:
+            self.calls.pop(stream_id, None)
+            raise
+        except Exception as exc:
+            log.exception("ttrpc server: handler failed method=/%s/%s stream_id=%d",
+                          context.service, method.name, stream_id)  # fmt: skip
+            response = _status(Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+        if self.calls.pop(stream_id, None) is None:
+            return  # the stream was already answered (rejected frame)
+        if self.conn.stream_state(stream_id) is StreamState.CLOSED or not self.is_connected():
+            return
+        try:
+            if response is not None:
+                frame = self.conn.send_response(stream_id, response)
+            else:
+                frame = self.conn.send_close(stream_id)
+            await self.write(frame)
+        except (TtrpcError, LocalProtocolError) as exc:
+            log.debug("ttrpc server: could not finish stream_id=%d: %s", stream_id, exc)
+
+    async def _invoke(
+        self, stream_id: int, call: _Call, context: CallContext, payload: bytes
+    ) -> bytes | None:
+        """Run the handler; the encoded Response, or None for a stream that ends
+        with a no-data close (server streaming, as containerd/ttrpc does)."""
+        method = call.method
+        if not method.client_streaming and not method.server_streaming:
+            result = await method.handler(decode(method.request_type, payload), context)
+            return ttrpc_pb2.Response(payload=result.SerializeToString()).SerializeToString()
+        queue = call.queue or MessageQueue(1, self.queue_has_space)
+
+        async def send(data: bytes) -> None:
+            try:
+                frame = self.conn.send_data(stream_id, data)
+            except LocalProtocolError as exc:
+                raise StreamClosedError(f"stream {stream_id}: {exc}") from exc
+            await self.write(frame)
+
+        stream: ServerStream[Message, Message] = ServerStream(
+            context, queue, method.request_type, send
+        )
+        if not method.client_streaming:
+            await method.handler(decode(method.request_type, payload), stream)
+            return None
+        result = await method.handler(stream)
+        if method.server_streaming:
+            return None
+        return ttrpc_pb2.Response(payload=result.SerializeToString()).SerializeToString()
+
+    def on_stream_full(self, stream_id: int) -> None:
+        self._end_call(stream_id)
+        self._answer(stream_id, Code.RESOURCE_EXHAUSTED,
+                     "data handling error: ttrpc: stream buffer full")  # fmt: skip
+
+    def on_connection_lost(self, exc: Exception | None) -> None:
+        for stream_id in list(self.calls):
+            self._end_call(stream_id)
+
+
+class Server:
+    """Serves registered services on accepted connections or on single sockets.
+
+    ``require_same_user``: UNIX-socket peers must have our effective uid and gid
+    (SO_PEERCRED), as containerd/ttrpc's UnixSocketRequireSameUser."""
+
+    def __init__(self, *, require_same_user: bool = False) -> None:
+        self.services: dict[str, dict[str, Method]] = {}
+        self.require_same_user = require_same_user
+        self.draining = False
+        self._channels: set[_ServerChannel] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._accept_tasks: set[asyncio.Task[None]] = set()
+
+    def register(
+        self, service: object, service_descriptor: descriptor.ServiceDescriptor | None = None
+    ) -> None:
+        """Serve ``service``'s methods, found by name from its proto service descriptor
+        (the generated ``XxxBase`` carries it as ``SERVICE_DESCRIPTOR``)."""
+        desc = service_descriptor or getattr(service, "SERVICE_DESCRIPTOR", None)
+        if not isinstance(desc, descriptor.ServiceDescriptor):
+            raise TypeError(f"{type(service).__name__} has no SERVICE_DESCRIPTOR; pass one")
+        if desc.full_name in self.services:
+            raise ValueError(f"service {desc.full_name} is already registered")
+        methods: dict[str, Method] = {}
+        for m in desc.methods:
+            handler = getattr(service, m.name, None)
+            if handler is None or not callable(handler):
+                raise TypeError(
+                    f"{type(service).__name__} lacks method {m.name} of {desc.full_name}"
+                )
+            methods[m.name] = Method(
+                name=m.name,
+                handler=handler,
+                request_type=message_factory.GetMessageClass(m.input_type),
+                client_streaming=m.client_streaming,
+                server_streaming=m.server_streaming,
+            )
+        self.services[desc.full_name] = methods
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    def _check_peer(self, sock: socket.socket) -> PeerCredentials | None:
+        creds = peer_credentials(sock)
+        if creds is None:
+            return None
+        peer = PeerCredentials(*creds)
+        if self.require_same_user and (peer.uid, peer.gid) != (os.geteuid(), os.getegid()):
+            raise PermissionError(
+                f"peer pid={peer.pid} uid={peer.uid} gid={peer.gid} is not this user "
+                f"(uid={os.geteuid()} gid={os.getegid()})"
+            )
+        return peer
+
+    async def serve_connection(self, sock: socket.socket) -> None:
+        """Serve one connected socket (accepted or dialed) until it closes. Owns ``sock``."""
+        try:
+            peer = self._check_peer(sock)
+        except PermissionError as exc:
+            log.warning("ttrpc server: refused connection: %s", exc)
+            sock.close()
+            return
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        channel = _ServerChannel(self, peer)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: channel, sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._channels.add(channel)
+        try:
+            await asyncio.shield(channel.closed)
+        except asyncio.CancelledError:
+            channel.close()
+            raise
+        finally:
+            self._channels.discard(channel)
+
+    async def serve(self, listener: socket.socket) -> None:
+        """Accept and serve connections until :meth:`shutdown`. The caller owns
+        ``listener``; accepted connections are ours."""
+        listener.setblocking(False)
+        loop = asyncio.get_running_loop()
+        connections: set[asyncio.Task[None]] = set()
+        try:
+            while not self.draining:
+                sock, _ = await loop.sock_accept(listener)
+                task = loop.create_task(self.serve_connection(sock))
+                connections.add(task)
+                task.add_done_callback(connections.discard)
+        finally:
+            for task in connections:
+                task.cancel()
+            await asyncio.gather(*connections, return_exceptions=True)
+
+    def start(self, listener: socket.socket) -> asyncio.Task[None]:
+        """Run :meth:`serve` in the background; :meth:`shutdown` stops it."""
+        task = asyncio.get_running_loop().create_task(self.serve(listener))
+        self._accept_tasks.add(task)
+        task.add_done_callback(self._accept_tasks.discard)
+        return task
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Stop accepting, refuse new calls, let running calls finish for up to
+        ``grace`` seconds, then cancel them and close every connection."""
+        self.draining = True
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=grace)
+        for task in set(self._handlers):
+            task.cancel()
+        for channel in set(self._channels):
+            channel.close()
+        for task in set(self._accept_tasks):
+            task.cancel()
+        waits = [c.closed for c in self._channels] + list(self._accept_tasks | self._handlers)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*waits, return_exceptions=True)
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()

@@ -1,0 +1,215 @@
+"""Stream objects handed to client callers and server handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from socketforward.ttrpc.errors import Code, StreamClosedError, TtrpcError
+
+if TYPE_CHECKING:
+    from socketforward.ttrpc.context import CallContext
+
+RECEIVE_QUEUE_SIZE = 64
+"""Messages buffered per stream before the connection stops reading (containerd/ttrpc: 64)."""
+
+SendT = TypeVar("SendT", bound=Message)
+RecvT = TypeVar("RecvT", bound=Message)
+
+
+class MessageQueue:
+    """Received payloads of one stream, bounded; the end of the stream is a marker.
+
+    ``offer`` never blocks: when it returns False the connection stops reading
+    until ``on_space`` is called (a consumer took a message)."""
+
+    __slots__ = ("_end", "_items", "_maxsize", "_on_space", "_waiter")
+
+    def __init__(self, maxsize: int, on_space: Callable[[MessageQueue], None]) -> None:
+        self._items: collections.deque[bytes] = collections.deque()
+        self._maxsize = maxsize
+        self._on_space = on_space
+        self._end: BaseException | bool = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self._maxsize
+
+    @property
+    def finished(self) -> bool:
+        return self._end is not False
+
+    def offer(self, item: bytes, *, force: bool = False) -> bool:
+        if self._end is not False:
+            return True  # the reader is gone; drop silently
+        if not force and len(self._items) >= self._maxsize:
+            return False
+        self._items.append(item)
+        self._wake()
+        return True
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """No more items; readers get ``error`` (if any) once the queue is drained."""
+        if self._end is False:
+            self._end = error if error is not None else True
+            self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        """End at once, dropping queued items."""
+        self._items.clear()
+        self._end = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> bytes | None:
+        """The next payload, None at a clean end, or the stream's error."""
+        while not self._items:
+            end = self._end
+            if end is True:
+                return None
+            if isinstance(end, BaseException):
+                raise end
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        was_full = len(self._items) >= self._maxsize
+        item = self._items.popleft()
+        if was_full:
+            self._on_space(self)
+        return item
+
+
+def decode(message_type: type[RecvT], data: bytes) -> RecvT:
+    try:
+        return message_type.FromString(data)
+    except DecodeError as exc:
+        raise TtrpcError(
+            Code.INTERNAL, f"ttrpc: error unmarshalling {message_type.__name__}: {exc}"
+        ) from exc
+
+
+class ClientStream(Generic[SendT, RecvT]):
+    """A streaming call, client side: ``send``/``close_send`` and ``recv``/``async for``.
+
+    Server-streaming calls cannot send; client-streaming calls receive exactly
+    one message (the response) after ``close_send``. Use ``async with`` (or
+    ``aclose``) so an abandoned call is forgotten by the connection."""
+
+    def __init__(
+        self,
+        stream_id: int,
+        queue: MessageQueue,
+        response_type: type[RecvT],
+        *,
+        client_streaming: bool,
+        server_streaming: bool,
+        send_data: Callable[[int, bytes], Awaitable[None]],
+        send_close: Callable[[int], Awaitable[None]],
+        abandon: Callable[[int], None],
+    ) -> None:
+        self.stream_id = stream_id
+        self._queue = queue
+        self._response_type = response_type
+        self.client_streaming = client_streaming
+        self.server_streaming = server_streaming
+        self._send_data = send_data
+        self._send_close = send_close
+        self._abandon = abandon
+        self._local_closed = not client_streaming
+        self._done = False
+
+    async def send(self, message: SendT) -> None:
+        if self._local_closed:
+            raise StreamClosedError(f"stream {self.stream_id}: sending side is closed")
+        if self._queue.finished:
+            # The server has finished the call; what it said is in the queue.
+            raise StreamClosedError(f"stream {self.stream_id}: the server ended the call")
+        await self._send_data(self.stream_id, message.SerializeToString())
+
+    async def close_send(self) -> None:
+        """End our side; the server sees end of stream. A no-op when already closed."""
+        if self._local_closed:
+            return
+        self._local_closed = True
+        if not self._queue.finished:
+            await self._send_close(self.stream_id)
+
+    async def recv(self) -> RecvT | None:
+        """The next message, or None once the server ended the stream successfully."""
+        if self._done:
+            return None
+        try:
+            data = await self._queue.get()
+        except BaseException:
+            self._done = True
+            raise
+        if data is None:
+            self._done = True
+            return None
+        return decode(self._response_type, data)
+
+    def __aiter__(self) -> ClientStream[SendT, RecvT]:
+        return self
+
+    async def __anext__(self) -> RecvT:
+        message = await self.recv()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    async def aclose(self) -> None:
+        """Forget the call; frames still arriving for it are dropped."""
+        self._done = True
+        self._queue.fail(StreamClosedError(f"stream {self.stream_id}: closed locally"))
+        self._abandon(self.stream_id)
+
+    async def __aenter__(self) -> ClientStream[SendT, RecvT]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class ServerStream(Generic[RecvT, SendT]):
+    """A streaming call, server side: ``recv``/``async for`` the client's messages,
+    ``send`` ours. Returning from the handler ends the stream."""
+
+    def __init__(
+        self,
+        context: CallContext,
+        queue: MessageQueue,
+        request_type: type[RecvT],
+        send_data: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        self.context = context
+        self._queue = queue
+        self._request_type = request_type
+        self._send_data = send_data
+
+    async def recv(self) -> RecvT | None:
+        """The client's next message, or None when it closed its side."""
+        data = await self._queue.get()
+        return None if data is None else decode(self._request_type, data)
+
+    def __aiter__(self) -> ServerStream[RecvT, SendT]:
+        return self
+
+    async def __anext__(self) -> RecvT:
+        message = await self.recv()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    async def send(self, message: SendT) -> None:
+        await self._send_data(message.SerializeToString())
