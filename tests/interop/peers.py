@@ -1,0 +1,129 @@
+"""Helpers to build and run the Go ttrpc interop peer (tests/interop/go/cmd/peer)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GO_DIR = REPO_ROOT / "tests" / "interop" / "go"
+PEER_BIN = REPO_ROOT / "build" / "interop" / "peer"
+READY_TIMEOUT = 30.0
+BUILD_TIMEOUT = 600.0
+
+
+class GoMissingError(RuntimeError):
+    """The go toolchain is not on PATH."""
+
+
+def go_available() -> bool:
+    return shutil.which("go") is not None
+
+
+def require_go() -> None:
+    """Skip (or, under CI, fail) the calling test when go is not on PATH."""
+    if go_available():
+        return
+    if os.environ.get("CI"):
+        pytest.fail("go is not on PATH, and CI is set: the Go interop tests must run")
+    pytest.skip("go is not on PATH: Go interop tests skipped (they run under CI)")
+
+
+def _newest_source_mtime() -> float:
+    sources = [*GO_DIR.rglob("*.go"), GO_DIR / "go.mod", GO_DIR / "go.sum"]
+    return max(p.stat().st_mtime for p in sources if p.exists())
+
+
+def build_peer() -> Path:
+    """Build the Go peer into build/interop/peer unless it is up to date."""
+    go = shutil.which("go")
+    if go is None:
+        raise GoMissingError("go is not on PATH: the Go interop peer cannot be built")
+    if PEER_BIN.exists() and PEER_BIN.stat().st_mtime >= _newest_source_mtime():
+        return PEER_BIN
+    PEER_BIN.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [go, "build", "-o", str(PEER_BIN), "./cmd/peer"],
+        cwd=GO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"go build of the interop peer failed:\n{proc.stdout}{proc.stderr}")
+    return PEER_BIN
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait until the process prints a READY line on stdout."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while b"READY\n" not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"Go peer server not READY within {timeout}s")
+        readable, _, _ = select.select([fd], [], [], left)
+        if not readable:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise RuntimeError(f"Go peer server exited before READY (status {proc.wait()})")
+        seen += chunk
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@contextlib.contextmanager
+def go_server(peer: Path, sock_path: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `peer server` on sock_path (stderr to log_path) until the block exits."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(peer), "server", "--listen", f"unix:{sock_path}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+    try:
+        try:
+            _wait_ready(proc, READY_TIMEOUT)
+        except (TimeoutError, RuntimeError) as e:
+            _stop(proc)
+            raise RuntimeError(f"{e}; server log:\n{log_path.read_text(errors='replace')}") from e
+        yield proc
+    finally:
+        _stop(proc)
+
+
+def run_go_client(
+    peer: Path, sock_path: Path, case: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run `peer client --case CASE` against the ttrpc server at sock_path."""
+    return subprocess.run(
+        [str(peer), "client", "--dial", f"unix:{sock_path}", "--case", case],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
