@@ -231,5 +231,10 @@ class Connection:
         return StreamState.CLOSED if stream is None else stream.state
 
     @property
+    def buffered(self) -> int:
+        """Received bytes not yet turned into events."""
+        return self._decoder.buffered
+
+    @property
     def active_streams(self) -> int:
         return len(self._streams)

@@ -206,11 +206,19 @@ class Server:
     """Serves registered services on accepted connections or on single sockets.
 
     ``require_same_user``: UNIX-socket peers must have our effective uid and gid
-    (SO_PEERCRED), as containerd/ttrpc's UnixSocketRequireSameUser."""
+    (SO_PEERCRED), as containerd/ttrpc's UnixSocketRequireSameUser;
+    ``require_uid_gid`` names them explicitly (None in either place: any)."""
 
-    def __init__(self, *, require_same_user: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        require_same_user: bool = False,
+        require_uid_gid: tuple[int | None, int | None] | None = None,
+    ) -> None:
         self.services: dict[str, dict[str, Method]] = {}
-        self.require_same_user = require_same_user
+        if require_same_user:
+            require_uid_gid = (os.geteuid(), os.getegid())
+        self.require_uid_gid = require_uid_gid
         self.draining = False
         self._channels: set[_ServerChannel] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -251,11 +259,13 @@ class Server:
         if creds is None:
             return None
         peer = PeerCredentials(*creds)
-        if self.require_same_user and (peer.uid, peer.gid) != (os.geteuid(), os.getegid()):
-            raise PermissionError(
-                f"peer pid={peer.pid} uid={peer.uid} gid={peer.gid} is not this user "
-                f"(uid={os.geteuid()} gid={os.getegid()})"
-            )
+        if self.require_uid_gid is not None:
+            uid, gid = self.require_uid_gid
+            if (uid is not None and peer.uid != uid) or (gid is not None and peer.gid != gid):
+                raise PermissionError(
+                    f"peer pid={peer.pid} uid={peer.uid} gid={peer.gid} does not match "
+                    f"required uid={uid} gid={gid}"
+                )
         return peer
 
     async def serve_connection(self, sock: socket.socket) -> None:

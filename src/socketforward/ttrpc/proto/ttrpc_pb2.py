@@ -4,15 +4,18 @@
 # source: ttrpc/ttrpc.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "ttrpc/ttrpc.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'ttrpc/ttrpc.proto'
 )
 # @@protoc_insertion_point(imports)
 
@@ -22,22 +25,20 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x11ttrpc/ttrpc.proto\x12\x05ttrpc\x1a\x17google/rpc/status.proto"t\n\x07Request\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0ctimeout_nano\x18\x04 \x01(\x03\x12!\n\x08metadata\x18\x05 \x03(\x0b\x32\x0f.ttrpc.KeyValue"?\n\x08Response\x12"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x0f\n\x07payload\x18\x02 \x01(\x0c"\x1a\n\nStringList\x12\x0c\n\x04list\x18\x01 \x03(\t"&\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\tB\x1dZ\x1bgithub.com/containerd/ttrpcb\x06proto3'
-)
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11ttrpc/ttrpc.proto\x12\x05ttrpc\x1a\x17google/rpc/status.proto\"t\n\x07Request\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0ctimeout_nano\x18\x04 \x01(\x03\x12!\n\x08metadata\x18\x05 \x03(\x0b\x32\x0f.ttrpc.KeyValue\"?\n\x08Response\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\x1a\n\nStringList\x12\x0c\n\x04list\x18\x01 \x03(\t\"&\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\tB\x1dZ\x1bgithub.com/containerd/ttrpcb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "ttrpc.ttrpc_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ttrpc.ttrpc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    _globals["DESCRIPTOR"]._loaded_options = None
-    _globals["DESCRIPTOR"]._serialized_options = b"Z\033github.com/containerd/ttrpc"
-    _globals["_REQUEST"]._serialized_start = 53
-    _globals["_REQUEST"]._serialized_end = 169
-    _globals["_RESPONSE"]._serialized_start = 171
-    _globals["_RESPONSE"]._serialized_end = 234
-    _globals["_STRINGLIST"]._serialized_start = 236
-    _globals["_STRINGLIST"]._serialized_end = 262
-    _globals["_KEYVALUE"]._serialized_start = 264
-    _globals["_KEYVALUE"]._serialized_end = 302
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'Z\033github.com/containerd/ttrpc'
+  _globals['_REQUEST']._serialized_start=53
+  _globals['_REQUEST']._serialized_end=169
+  _globals['_RESPONSE']._serialized_start=171
+  _globals['_RESPONSE']._serialized_end=234
+  _globals['_STRINGLIST']._serialized_start=236
+  _globals['_STRINGLIST']._serialized_end=262
+  _globals['_KEYVALUE']._serialized_start=264
+  _globals['_KEYVALUE']._serialized_end=302
 # @@protoc_insertion_point(module_scope)

@@ -47,18 +47,7 @@ class Request(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal[
-        "metadata",
-        b"metadata",
-        "method",
-        b"method",
-        "payload",
-        b"payload",
-        "service",
-        b"service",
-        "timeout_nano",
-        b"timeout_nano",
-    ]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "method", b"method", "payload", b"payload", "service", b"service", "timeout_nano", b"timeout_nano"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
