@@ -1,0 +1,431 @@
+"""Endpoint URIs -> connected and listening sockets (``unix:``, ``vsock://``, ``hvsock:``).
+
+Every socket handed out is non-blocking and owned by the caller (or by the
+:class:`Listener` that wraps it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+
+__all__ = [
+    "MAX_UNIX_PATH",
+    "VMADDR_CID_ANY",
+    "Endpoint",
+    "EndpointError",
+    "EndpointInUseError",
+    "HvsockConnectError",
+    "HvsockEndpoint",
+    "Listener",
+    "NotASocketError",
+    "UnixEndpoint",
+    "VsockEndpoint",
+    "connect",
+    "listen",
+    "parse_endpoint",
+]
+
+# sun_path is 108 bytes on Linux; one is kept for the terminating NUL.
+MAX_UNIX_PATH: Final = 107
+MAX_PORT: Final = 2**32 - 1
+MAX_CID: Final = 2**32 - 1
+VMADDR_CID_ANY: Final = 0xFFFFFFFF
+# The hybrid-vsock reply is "OK <u32>\n": anything longer is not a reply.
+HVSOCK_REPLY_MAX: Final = 64
+
+
+class EndpointError(ValueError):
+    """An endpoint URI that cannot be used; the message names the URI and the problem."""
+
+
+class EndpointInUseError(OSError):
+    """A live socket already listens at the path; it is left in place."""
+
+
+class NotASocketError(FileExistsError):
+    """Something that is not a socket exists at the path; it is never deleted."""
+
+
+class HvsockConnectError(ConnectionRefusedError):
+    """The hybrid-vsock multiplexer did not answer ``OK <n>`` to ``CONNECT <port>``."""
+
+
+@dataclass(frozen=True)
+class UnixEndpoint:
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+@dataclass(frozen=True)
+class VsockEndpoint:
+    cid: int | None
+    port: int
+
+    def __str__(self) -> str:
+        return f"vsock://{'' if self.cid is None else self.cid}:{self.port}"
+
+
+@dataclass(frozen=True)
+class HvsockEndpoint:
+    path: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"hvsock:{self.path}:{self.port}"
+
+
+Endpoint = UnixEndpoint | VsockEndpoint | HvsockEndpoint
+
+
+def _bad(uri: str, problem: str) -> EndpointError:
+    return EndpointError(f"invalid endpoint {uri!r}: {problem}")
+
+
+def _check_path(uri: str, path: str) -> str:
+    if not path:
+        raise _bad(uri, "the socket path is empty")
+    if "\0" in path:
+        raise _bad(uri, "the socket path contains a NUL byte")
+    if not path.startswith("/"):
+        raise _bad(uri, f"the socket path {path!r} is relative; it must be absolute")
+    size = len(os.fsencode(path))
+    if size > MAX_UNIX_PATH:
+        raise _bad(
+            uri,
+            f"the socket path is {size} bytes, longer than the {MAX_UNIX_PATH} "
+            "bytes sun_path can hold",
+        )
+    return path
+
+
+def _parse_u32(uri: str, text: str, what: str) -> int:
+    # isdigit() alone accepts non-ASCII digits such as "²".
+    if not text or not (text.isascii() and text.isdigit()):
+        raise _bad(uri, f"{what} {text!r} is not a number")
+    value = int(text)
+    if value > MAX_PORT:
+        raise _bad(uri, f"{what} {value} is out of range 0..{MAX_PORT}")
+    return value
+
+
+def parse_endpoint(uri: str) -> Endpoint:
+    """Parse ``unix:/path``, ``vsock://CID:PORT`` (``vsock://:PORT``) or ``hvsock:/path:PORT``."""
+    scheme, sep, rest = uri.partition(":")
+    if not sep:
+        raise _bad(uri, "missing scheme (expected unix:, vsock:// or hvsock:)")
+    if scheme == "unix":
+        # unix:///abs/path is accepted as a spelling of unix:/abs/path.
+        if rest.startswith("//"):
+            rest = rest[2:]
+        return UnixEndpoint(_check_path(uri, rest))
+    if scheme == "vsock":
+        if not rest.startswith("//"):
+            raise _bad(uri, "expected vsock://CID:PORT or vsock://:PORT")
+        cid_text, sep, port_text = rest[2:].partition(":")
+        if not sep:
+            raise _bad(uri, "missing :PORT (expected vsock://CID:PORT)")
+        cid = None if cid_text == "" else _parse_u32(uri, cid_text, "CID")
+        return VsockEndpoint(cid, _parse_u32(uri, port_text, "port"))
+    if scheme == "hvsock":
+        path, sep, port_text = rest.rpartition(":")
+        if not sep or not port_text or not path:
+            raise _bad(uri, "missing :PORT (expected hvsock:/path/to/v.sock:PORT)")
+        if not (port_text.isascii() and port_text.isdigit()):
+            raise _bad(
+                uri,
+                f"port {port_text!r} is not a number (expected hvsock:/path/to/v.sock:PORT)",
+            )
+        return HvsockEndpoint(_check_path(uri, path), _parse_u32(uri, port_text, "port"))
+    raise _bad(uri, f"unknown scheme {scheme!r} (expected unix:, vsock:// or hvsock:)")
+
+
+def _new_socket(family: int) -> socket.socket:
+    return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+
+
+def _named(exc: OSError, what: str) -> OSError:
+    # OSError(errno, ...) builds the matching subclass, so callers keep
+    # classifying by type (FileNotFoundError, ConnectionRefusedError...).
+    if exc.errno is None:
+        return exc
+    return OSError(exc.errno, f"{exc.strerror or os.strerror(exc.errno)}: {what}")
+
+
+async def _connect_unix(path: str, what: str) -> socket.socket:
+    sock = _new_socket(socket.AF_UNIX)
+    try:
+        delay = 0.001
+        while True:
+            try:
+                # AF_UNIX connect never returns EINPROGRESS: it succeeds or
+                # fails with EAGAIN while the listener's backlog is full, and
+                # the socket then polls writable although it is not
+                # connected, so loop.sock_connect would report success.
+                sock.connect(path)
+                return sock
+            except (BlockingIOError, InterruptedError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+            except OSError as exc:
+                raise _named(exc, f"connect {what}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _read_hvsock_reply(sock: socket.socket, ep: HvsockEndpoint) -> None:
+    loop = asyncio.get_running_loop()
+    line = bytearray()
+    # One byte at a time: bytes after the newline belong to the application.
+    while len(line) < HVSOCK_REPLY_MAX:
+        chunk = await loop.sock_recv(sock, 1)
+        if not chunk:
+            raise HvsockConnectError(
+                errno.ECONNREFUSED,
+                f"{ep}: connection closed before OK (nothing listens on port {ep.port}?)"
+                + (f", got {bytes(line)!r}" if line else ""),
+            )
+        line += chunk
+        if chunk == b"\n":
+            break
+    parts = bytes(line).split(b" ")
+    if (
+        line.endswith(b"\n")
+        and len(parts) == 2
+        and parts[0] == b"OK"
+        and parts[1][:-1].isdigit()
+        and parts[1][:-1].isascii()
+    ):
+        return
+    raise HvsockConnectError(
+        errno.ECONNREFUSED, f"{ep}: expected 'OK <n>' after CONNECT, got {bytes(line)!r}"
+    )
+
+
+async def _connect(ep: Endpoint) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    if isinstance(ep, UnixEndpoint):
+        return await _connect_unix(ep.path, str(ep))
+    if isinstance(ep, HvsockEndpoint):
+        sock = await _connect_unix(ep.path, str(ep))
+        try:
+            await loop.sock_sendall(sock, f"CONNECT {ep.port}\n".encode())
+            await _read_hvsock_reply(sock, ep)
+        except HvsockConnectError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            raise _named(exc, f"connect {ep}") from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    if ep.cid is None:
+        raise EndpointError(f"invalid endpoint {str(ep)!r}: connecting needs a CID")
+    sock = _new_socket(socket.AF_VSOCK)
+    try:
+        await loop.sock_connect(sock, (ep.cid, ep.port))
+    except OSError as exc:
+        sock.close()
+        raise _named(exc, f"connect {ep}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect(ep: Endpoint, *, timeout: float | None = None) -> socket.socket:
+    """Connect to *ep*; the returned non-blocking socket belongs to the caller.
+
+    hvsock endpoints are ready for payload when this returns (the ``OK`` line
+    has been read). Raises ``TimeoutError`` naming the endpoint on timeout.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            return await _connect(ep)
+    except TimeoutError:
+        raise TimeoutError(f"connect {ep}: timed out after {timeout}s") from None
+
+
+class Listener:
+    """A listening socket bound to an endpoint; owns the socket and its file."""
+
+    def __init__(self, sock: socket.socket, endpoint: Endpoint, inode: tuple[int, int] | None):
+        self._sock = sock
+        self._endpoint = endpoint
+        self._inode = inode
+        self._closed = False
+
+    @property
+    def sock(self) -> socket.socket:
+        return self._sock
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self._endpoint
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def accept(self) -> socket.socket:
+        """Accept one connection: a non-blocking socket owned by the caller."""
+        conn, _ = await asyncio.get_running_loop().sock_accept(self._sock)
+        conn.setblocking(False)
+        return conn
+
+    def close(self) -> None:
+        """Close the socket and remove its file if it is still ours (idempotent).
+
+        Cancel any pending accept() first: the fd must not be closed while
+        the event loop still watches it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close()
+        if isinstance(self._endpoint, UnixEndpoint) and self._inode is not None:
+            with contextlib.suppress(OSError):
+                st = os.lstat(self._endpoint.path)
+                # Someone may have replaced the file since: never remove theirs.
+                if (st.st_dev, st.st_ino) == self._inode:
+                    os.unlink(self._endpoint.path)
+
+    async def __aenter__(self) -> Listener:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _is_stale_socket(path: str) -> bool:
+    probe = _new_socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except BlockingIOError:
+        return False  # live, backlog full
+    finally:
+        probe.close()
+    return False
+
+
+def _prepare_unix_path(ep: UnixEndpoint) -> None:
+    path = ep.path
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        with contextlib.suppress(FileExistsError):
+            os.makedirs(parent, mode=0o700)
+            os.chmod(parent, 0o700)  # makedirs' mode is filtered by the umask
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(st.st_mode)
+            else "a regular file"
+            if stat.S_ISREG(st.st_mode)
+            else "a symlink"
+            if stat.S_ISLNK(st.st_mode)
+            else "not a socket"
+        )
+        raise NotASocketError(
+            errno.EEXIST, f"cannot listen on {ep}: {path} exists and is {kind}; not removing it"
+        )
+    if not _is_stale_socket(path):
+        raise EndpointInUseError(
+            errno.EADDRINUSE, f"cannot listen on {ep}: a live socket already listens at {path}"
+        )
+    # Stale socket left by a previous run; only remove the file we probed.
+    with contextlib.suppress(FileNotFoundError):
+        again = os.lstat(path)
+        if (again.st_dev, again.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)
+
+
+def _listen_unix(
+    ep: UnixEndpoint, mode: int, uid: int | None, gid: int | None, backlog: int
+) -> Listener:
+    try:
+        _prepare_unix_path(ep)
+    except (NotASocketError, EndpointInUseError):
+        raise
+    except OSError as exc:
+        raise _named(exc, f"listen {ep}") from None
+    sock = _new_socket(socket.AF_UNIX)
+    try:
+        # bind() creates the file with the socket inode's mode minus the
+        # umask; setting it first means the file is never more open than mode.
+        os.fchmod(sock.fileno(), mode)
+        try:
+            sock.bind(ep.path)
+        except OSError as exc:
+            raise _named(exc, f"listen {ep}") from None
+        st = os.lstat(ep.path)
+        inode = (st.st_dev, st.st_ino)
+        try:
+            os.chmod(ep.path, mode)  # restore bits the umask removed
+            if uid is not None or gid is not None:
+                os.chown(ep.path, -1 if uid is None else uid, -1 if gid is None else gid)
+            sock.listen(backlog)
+        except BaseException:
+            os.unlink(ep.path)
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(sock, ep, inode)
+
+
+def _listen_vsock(ep: VsockEndpoint, backlog: int) -> Listener:
+    sock = _new_socket(socket.AF_VSOCK)
+    try:
+        sock.bind((VMADDR_CID_ANY if ep.cid is None else ep.cid, ep.port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise _named(exc, f"listen {ep}") from None
+    return Listener(sock, ep, None)
+
+
+async def listen(
+    ep: Endpoint,
+    *,
+    mode: int = 0o600,
+    uid: int | None = None,
+    gid: int | None = None,
+    backlog: int = 4096,
+) -> Listener:
+    """Listen on *ep* (``unix:`` or ``vsock://``).
+
+    UNIX: the parent directory is created 0700 if missing, a stale socket
+    file is replaced, anything else at the path raises and is left alone.
+    hvsock listening is plain ``unix:`` on ``<path>_<port>``.
+    """
+    if isinstance(ep, UnixEndpoint):
+        return _listen_unix(ep, mode, uid, gid, backlog)
+    if isinstance(ep, VsockEndpoint):
+        return _listen_vsock(ep, backlog)
+    raise EndpointError(
+        f"invalid endpoint {str(ep)!r}: cannot listen on hvsock; listen on "
+        f"unix:{ep.path}_{ep.port} to receive guest connections to port {ep.port}"
+    )
