@@ -1,0 +1,438 @@
+"""Byte relay between two stream sockets: half-close aware, bounded, splice fast path.
+
+The relay is callback driven (``loop.add_reader``/``add_writer`` on the raw
+fds), so it runs on the default asyncio loop and on uvloop alike. Each
+direction moves bytes through one bounded stage: a user-space buffer (copy
+mode) or a pipe (splice mode, kernel to kernel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Literal
+
+__all__ = ["COPY_BUFFER_SIZE", "PIPE_SIZE", "Relay", "RelayStats", "relay"]
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["auto", "splice", "copy"]
+Ending = Literal["eof", "reset", "error", "cancelled"]
+
+COPY_BUFFER_SIZE: Final = 256 * 1024
+PIPE_SIZE: Final = 1 << 20
+# Passes per wake-up before yielding to other callbacks (fairness).
+_MAX_PASSES: Final = 16
+_F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ: Final = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+_SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+# A peer that went away, as opposed to a local failure.
+_RESET_ERRNOS: Final = frozenset(
+    {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN, errno.ETIMEDOUT}
+)
+# splice() not supported by this socket kind: fall back to copying.
+_NO_SPLICE_ERRNOS: Final = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+@dataclass
+class RelayStats:
+    """What one relay did: bytes each way, how long, how it ended."""
+
+    bytes_a_to_b: int = 0
+    bytes_b_to_a: int = 0
+    duration: float = 0.0
+    ended: Ending | None = None
+    mode: Literal["splice", "copy"] = "copy"
+    error: str | None = None
+
+
+def _can_splice(sock: socket.socket) -> bool:
+    return sock.family in (socket.AF_UNIX, socket.AF_VSOCK) and sock.type == socket.SOCK_STREAM
+
+
+def _choose_mode(mode: Mode, a: socket.socket, b: socket.socket) -> Literal["splice", "copy"]:
+    if mode != "auto":
+        return mode
+    if sys.platform == "linux" and hasattr(os, "splice") and _can_splice(a) and _can_splice(b):
+        return "splice"
+    return "copy"
+
+
+class _Direction:
+    """One direction src -> dst. Owns its buffer or pipe, not the sockets."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        *,
+        src: socket.socket,
+        dst: socket.socket,
+        mode: Literal["splice", "copy"],
+        buffer_size: int,
+        pipe_size: int,
+    ) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.src = src
+        self.dst = dst
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.mode = mode
+        self.buffer_size = buffer_size
+        self.pipe_size = pipe_size
+        self.moved = 0
+        self.pending = 0  # bytes read from src not yet written to dst
+        self.done = False
+        self.src_eof = False
+        self.reading = False
+        self.writing = False
+        self._buf: bytearray | None = None
+        self._view: memoryview | None = None
+        self._start = 0  # copy mode: pending bytes are _buf[_start:_start+pending]
+        self._pipe: tuple[int, int] | None = None
+
+    # -- watchers ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._watch_src(True)
+
+    def _watch_src(self, on: bool) -> None:
+        if on and not self.reading:
+            self.loop.add_reader(self.src_fd, self._on_readable)
+        elif not on and self.reading:
+            self.loop.remove_reader(self.src_fd)
+        self.reading = on
+
+    def _watch_dst(self, on: bool) -> None:
+        if on and not self.writing:
+            self.loop.add_writer(self.dst_fd, self._on_writable)
+        elif not on and self.writing:
+            self.loop.remove_writer(self.dst_fd)
+        self.writing = on
+
+    def stop(self) -> None:
+        """Drop watchers and release the buffer/pipe. Idempotent."""
+        self._watch_src(False)
+        self._watch_dst(False)
+        self._release()
+
+    def _release(self) -> None:
+        if self._pipe is not None:
+            r, w = self._pipe
+            self._pipe = None
+            os.close(r)
+            os.close(w)
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        self._buf = None
+        self.pending = 0
+
+    # -- events -----------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            if self.mode == "splice":
+                self._pump_splice()
+            else:
+                self._pump_copy()
+        except Exception as exc:
+            self.relay.fail(exc)
+
+    def _on_writable(self) -> None:
+        try:
+            if self.mode == "splice":
+                self._drain_pipe()
+            else:
+                self._drain_buffer()
+            if self.pending == 0:
+                self._watch_dst(False)
+                if self.src_eof:
+                    self._finish()
+                    return
+            # Room again: read the source (copy mode only once the one buffer
+            # is empty; a pipe can take more while it is still draining).
+            if not self.src_eof and (self.pending == 0 or self.mode == "splice"):
+                self._watch_src(True)
+        except Exception as exc:
+            self.relay.fail(exc)
+
+    def _source_ended(self) -> None:
+        self.src_eof = True
+        self._watch_src(False)
+        if self.pending == 0:
+            self._finish()
+        else:
+            self._watch_dst(True)
+
+    def _finish(self) -> None:
+        """Source at EOF and everything written: pass the EOF on (half-close)."""
+        self.stop()
+        self.done = True
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            # The destination already went away; its own direction reports it.
+            if exc.errno not in _RESET_ERRNOS:
+                raise
+        self.relay.direction_done()
+
+    # -- copy mode --------------------------------------------------------
+
+    def _pump_copy(self) -> None:
+        if self._view is None:
+            self._buf = bytearray(self.buffer_size)
+            self._view = memoryview(self._buf)
+        view = self._view
+        for _ in range(_MAX_PASSES):
+            try:
+                n = self.src.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                return
+            if n == 0:
+                self._source_ended()
+                return
+            self._start = 0
+            self.pending = n
+            self._drain_buffer()
+            if self.pending:
+                # Destination full: stop reading until it drains.
+                self._watch_src(False)
+                self._watch_dst(True)
+                return
+            if n < len(view):
+                return  # source drained; level-triggered polling says if more comes
+
+    def _drain_buffer(self) -> None:
+        view = self._view
+        assert view is not None
+        while self.pending:
+            try:
+                sent = self.dst.send(view[self._start : self._start + self.pending])
+            except (BlockingIOError, InterruptedError):
+                return
+            self._start += sent
+            self.pending -= sent
+            self._count(sent)
+
+    # -- splice mode ------------------------------------------------------
+
+    def _open_pipe(self) -> tuple[int, int]:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, self.pipe_size)
+        except OSError as exc:
+            # EPERM past pipe-user-pages-soft: the default size still works.
+            if exc.errno not in (errno.EPERM, errno.EINVAL, errno.EBUSY):
+                os.close(r)
+                os.close(w)
+                raise
+        self._pipe = (r, w)
+        return r, w
+
+    def _pump_splice(self) -> None:
+        pipe = self._pipe
+        if pipe is None:
+            pipe = self._open_pipe()
+        w = pipe[1]
+        for _ in range(_MAX_PASSES):
+            try:
+                n = os.splice(self.src_fd, w, self.pipe_size, flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                if self.pending:
+                    # EAGAIN with bytes in the pipe may mean "pipe full" while
+                    # the source stays readable: stop watching it until the
+                    # destination drains, or this wakes up forever.
+                    self._watch_src(False)
+                    self._watch_dst(True)
+                return
+            except OSError as exc:
+                if exc.errno in _NO_SPLICE_ERRNOS and self.moved == 0 and self.pending == 0:
+                    log.debug("splice unsupported (%s), falling back to copy", exc)
+                    self._release()
+                    self.mode = "copy"
+                    self.relay.stats.mode = "copy"
+                    self._pump_copy()
+                    return
+                raise
+            if n == 0:
+                self._source_ended()
+                return
+            self.pending += n
+            self._drain_pipe()
+            if self.pending:
+                self._watch_dst(True)
+            if n < self.pipe_size:
+                return  # source drained (or pipe full); polling says if more comes
+
+    def _drain_pipe(self) -> None:
+        assert self._pipe is not None
+        r = self._pipe[0]
+        while self.pending:
+            try:
+                n = os.splice(r, self.dst_fd, self.pending, flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            self.pending -= n
+            self._count(n)
+
+    def _count(self, n: int) -> None:
+        self.moved += n
+        self.relay.count(self, n)
+
+
+class Relay:
+    """Relay between *a* and *b*; takes ownership of both sockets.
+
+    Use :func:`relay` unless you need to look at :attr:`stats` or
+    :attr:`buffered` while it runs.
+    """
+
+    def __init__(
+        self,
+        a: socket.socket,
+        b: socket.socket,
+        *,
+        mode: Mode = "auto",
+        buffer_size: int = COPY_BUFFER_SIZE,
+        pipe_size: int = PIPE_SIZE,
+        sndbuf: int | None = None,
+        on_done: Callable[[RelayStats], None] | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._a = a
+        self._b = b
+        self.stats = RelayStats(mode=_choose_mode(mode, a, b))
+        self._buffer_size = buffer_size
+        self._pipe_size = pipe_size
+        self._sndbuf = sndbuf
+        self._on_done = on_done
+        self._ab: _Direction | None = None
+        self._ba: _Direction | None = None
+        self._done: asyncio.Future[None] = self.loop.create_future()
+        self._closed = False
+        self._t0 = time.monotonic()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from one side and not yet written to the other."""
+        return sum(d.pending for d in (self._ab, self._ba) if d is not None)
+
+    async def run(self) -> RelayStats:
+        """Relay until both directions ended; then both sockets are closed."""
+        try:
+            a, b = self._a, self._b
+            a.setblocking(False)
+            b.setblocking(False)
+            if self._sndbuf is not None:
+                # Larger send buffers mean fewer wake-ups per byte (faster bulk
+                # transfers) at the cost of more kernel memory per connection.
+                for sock in (a, b):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+            mode = self.stats.mode
+            self._ab = _Direction(
+                self,
+                src=a,
+                dst=b,
+                mode=mode,
+                buffer_size=self._buffer_size,
+                pipe_size=self._pipe_size,
+            )
+            self._ba = _Direction(
+                self,
+                src=b,
+                dst=a,
+                mode=mode,
+                buffer_size=self._buffer_size,
+                pipe_size=self._pipe_size,
+            )
+            self._ab.start()
+            self._ba.start()
+            await self._done
+        except asyncio.CancelledError:
+            self._close("cancelled", None)
+            raise
+        except BaseException as exc:
+            self._close("error", exc)
+            raise
+        return self.stats
+
+    # -- called by the directions ----------------------------------------
+
+    def count(self, direction: _Direction, n: int) -> None:
+        if direction is self._ab:
+            self.stats.bytes_a_to_b += n
+        else:
+            self.stats.bytes_b_to_a += n
+
+    def direction_done(self) -> None:
+        if self._ab is not None and self._ba is not None and self._ab.done and self._ba.done:
+            self._close("eof", None)
+
+    def fail(self, exc: Exception) -> None:
+        reset = isinstance(exc, OSError) and exc.errno in _RESET_ERRNOS
+        ending: Ending = "reset" if reset else "error"
+        if not reset:
+            log.warning("relay failed error=%r", exc)
+        self._close(ending, exc)
+
+    def _close(self, ending: Ending, exc: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Watchers go before the sockets: a closed fd must never stay registered.
+        for d in (self._ab, self._ba):
+            if d is not None:
+                with contextlib.suppress(Exception):
+                    d.stop()
+        self._a.close()
+        self._b.close()
+        st = self.stats
+        st.ended = ending
+        st.duration = time.monotonic() - self._t0
+        if exc is not None:
+            st.error = f"{type(exc).__name__}: {exc}"
+        log.debug(
+            "relay ended ended=%s mode=%s a_to_b=%d b_to_a=%d duration=%.3f%s",
+            ending,
+            st.mode,
+            st.bytes_a_to_b,
+            st.bytes_b_to_a,
+            st.duration,
+            f" error={st.error!r}" if st.error else "",
+        )
+        if not self._done.done():
+            self._done.set_result(None)
+        if self._on_done is not None:
+            self._on_done(st)
+
+
+async def relay(
+    a: socket.socket,
+    b: socket.socket,
+    *,
+    mode: Mode = "auto",
+    buffer_size: int = COPY_BUFFER_SIZE,
+    pipe_size: int = PIPE_SIZE,
+    sndbuf: int | None = None,
+) -> RelayStats:
+    """Copy bytes both ways between *a* and *b* until both directions ended.
+
+    Takes ownership of both sockets and closes them on every path. EOF on
+    one side becomes ``shutdown(SHUT_WR)`` on the other while the opposite
+    direction keeps flowing; a reset or error on either side ends both.
+    Cancelling the task closes both sockets and re-raises. *sndbuf* sets
+    SO_SNDBUF on both sockets (None keeps the kernel default).
+    """
+    return await Relay(
+        a, b, mode=mode, buffer_size=buffer_size, pipe_size=pipe_size, sndbuf=sndbuf
+    ).run()

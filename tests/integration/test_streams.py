@@ -1,0 +1,291 @@
+"""The data-stream channel: handshake, registry hand-out, TTL, opener retries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from socketforward.streams import (
+    MAX_ID_LEN,
+    HandshakeError,
+    StreamEndpointUnavailable,
+    StreamNotFound,
+    StreamRegistry,
+    open_stream,
+)
+from socketforward.transport import UnixEndpoint, connect, listen
+
+
+@contextlib.asynccontextmanager
+async def registry_at(
+    path: Path, *, handshake_timeout: float = 10.0, ttl: float = 30.0
+) -> AsyncIterator[StreamRegistry]:
+    listener = await listen(UnixEndpoint(str(path)))
+    async with StreamRegistry(listener, handshake_timeout=handshake_timeout, ttl=ttl) as reg:
+        yield reg
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[StreamRegistry]:
+    async with registry_at(tmp_path / "streams.sock", handshake_timeout=1.0) as reg:
+        yield reg
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+async def _read_reply(sock: socket.socket) -> bytes:
+    """Read everything the registry sends until it closes; return the string in it."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    while chunk := await loop.sock_recv(sock, 4096):
+        data += chunk
+    if not data:
+        return b""
+    (size,) = struct.unpack(">I", data[:4])
+    assert len(data) == 4 + size
+    return data[4:]
+
+
+async def _raw_handshake(reg: StreamRegistry, payload: bytes, *, half_close: bool) -> bytes:
+    loop = asyncio.get_running_loop()
+    sock = await connect(reg.endpoint, timeout=5)
+    with sock:
+        await loop.sock_sendall(sock, payload)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        return await _read_reply(sock)
+
+
+async def _echo_check(a: socket.socket, b: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(a, b"to the vm")
+    assert await loop.sock_recv(b, 100) == b"to the vm"
+    await loop.sock_sendall(b, b"to the host")
+    assert await loop.sock_recv(a, 100) == b"to the host"
+
+
+async def test_open_and_claim_once(registry: StreamRegistry) -> None:
+    """An opened stream is handed out once, carries bytes, then is gone."""
+    host = await open_stream(registry.endpoint, "fwd-1-abc")
+    with host:
+        vm = registry.get("fwd-1-abc")
+        with vm:
+            await _echo_check(host, vm)
+        with pytest.raises(StreamNotFound):
+            registry.get("fwd-1-abc")
+
+
+async def test_unknown_id_is_not_found(registry: StreamRegistry) -> None:
+    """Claiming an id nobody opened raises a KeyError-style not-found naming it."""
+    with pytest.raises(StreamNotFound, match="never-opened") as info:
+        registry.get("never-opened")
+    assert isinstance(info.value, KeyError)
+
+
+async def test_huge_length_is_refused_unread(registry: StreamRegistry) -> None:
+    """A 2 GiB id length is refused with an error text before anything is allocated."""
+    reply = await _raw_handshake(registry, struct.pack(">I", 2**31), half_close=False)
+    assert b"exceeds the limit of 256" in reply
+    assert len(registry) == 0
+
+
+async def test_short_read_is_dropped(
+    registry: StreamRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An opener that hangs up mid-id is dropped and logged, not registered."""
+    caplog.set_level(logging.WARNING, logger="socketforward.streams")
+    await _raw_handshake(registry, struct.pack(">I", 10) + b"abc", half_close=True)
+    assert len(registry) == 0
+    assert "closed after 3 of 10 bytes" in caplog.text
+
+
+async def test_non_utf8_id_is_refused(registry: StreamRegistry) -> None:
+    """Garbage bytes as an id are refused with an error text."""
+    reply = await _raw_handshake(registry, _string(b"\xff\xfe\xfd\xfc"), half_close=False)
+    assert b"not valid UTF-8" in reply
+    assert len(registry) == 0
+
+
+async def test_empty_id_is_refused(registry: StreamRegistry) -> None:
+    """An empty id is refused with an error text."""
+    reply = await _raw_handshake(registry, _string(b""), half_close=False)
+    assert b"empty stream id" in reply
+
+
+async def test_silent_opener_times_out_alone(
+    registry: StreamRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that never sends its id is closed after the timeout; others get through."""
+    caplog.set_level(logging.WARNING, logger="socketforward.streams")
+    loop = asyncio.get_running_loop()
+    silent = await connect(registry.endpoint, timeout=5)
+    with silent:
+        # While the silent handshake is pending, a good one completes.
+        host = await open_stream(registry.endpoint, "fast")
+        with host, registry.get("fast"):
+            pass
+        assert await loop.sock_recv(silent, 1) == b""  # closed by the registry
+    assert "handshake timed out" in caplog.text
+
+
+async def test_duplicate_id_is_refused(registry: StreamRegistry) -> None:
+    """Opening an id that is already registered fails with the registry's text."""
+    first = await open_stream(registry.endpoint, "dup")
+    with first:
+        with pytest.raises(HandshakeError, match="already exists"):
+            await open_stream(registry.endpoint, "dup")
+        with registry.get("dup") as vm:
+            await _echo_check(first, vm)
+
+
+async def test_max_length_id_round_trips(registry: StreamRegistry) -> None:
+    """An id of exactly 256 bytes is accepted; 257 is refused by the opener."""
+    long_id = "x" * MAX_ID_LEN
+    with await open_stream(registry.endpoint, long_id), registry.get(long_id):
+        pass
+    with pytest.raises(ValueError, match=r"1\.\.256 bytes"):
+        await open_stream(registry.endpoint, long_id + "x")
+
+
+async def test_wait_for_a_stream_that_arrives_late(registry: StreamRegistry) -> None:
+    """A claimer can wait briefly for a stream the host has not opened yet."""
+    waiter = asyncio.create_task(registry.wait_for("late", 10))
+    await asyncio.sleep(0.05)
+    host = await open_stream(registry.endpoint, "late")
+    with host, await waiter as vm:
+        await _echo_check(host, vm)
+
+
+async def test_wait_for_gives_up(registry: StreamRegistry) -> None:
+    """Waiting for a stream that never comes ends with not-found."""
+    with pytest.raises(StreamNotFound, match="within"):
+        await registry.wait_for("never", 0.1)
+
+
+async def test_unclaimed_stream_is_closed_after_ttl(tmp_path: Path) -> None:
+    """A stream nobody claims is closed (the host sees EOF) and forgotten."""
+    loop = asyncio.get_running_loop()
+    async with registry_at(tmp_path / "s.sock", ttl=0.2) as reg:
+        host = await open_stream(reg.endpoint, "orphan")
+        with host:
+            assert await loop.sock_recv(host, 1) == b""
+        with pytest.raises(StreamNotFound):
+            reg.get("orphan")
+        assert len(reg) == 0
+
+
+async def test_close_drops_unclaimed_and_removes_socket(tmp_path: Path) -> None:
+    """Closing the registry closes waiting streams and removes its socket file."""
+    loop = asyncio.get_running_loop()
+    path = tmp_path / "s.sock"
+    async with registry_at(path) as reg:
+        host = await open_stream(reg.endpoint, "pending")
+        silent = await connect(reg.endpoint, timeout=5)
+        await reg.close()
+        await reg.close()  # idempotent
+        with host, silent:
+            assert await loop.sock_recv(host, 1) == b""
+            # Not yet accepted when the listener closed: reset instead of EOF.
+            with contextlib.suppress(ConnectionResetError):
+                assert await loop.sock_recv(silent, 1) == b""
+    assert not path.exists()
+
+
+async def test_opener_retries_until_endpoint_appears(tmp_path: Path) -> None:
+    """The host waits for a VM that is still booting instead of failing."""
+    path = tmp_path / "late.sock"
+    opener = asyncio.create_task(open_stream(UnixEndpoint(str(path)), "boot", retry_for=20))
+    await asyncio.sleep(0.2)
+    assert not opener.done()
+    async with registry_at(path) as reg:
+        host = await opener
+        with host, reg.get("boot") as vm:
+            await _echo_check(host, vm)
+
+
+async def test_opener_retries_while_refused(tmp_path: Path) -> None:
+    """A stale socket file (refused) is retried until a registry takes over."""
+    path = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as old:
+        old.bind(str(path))
+    opener = asyncio.create_task(open_stream(UnixEndpoint(str(path)), "boot", retry_for=20))
+    await asyncio.sleep(0.2)
+    assert not opener.done()
+    async with registry_at(path) as reg:
+        with await opener, reg.get("boot"):
+            pass
+
+
+async def test_opener_gives_up_naming_endpoint(tmp_path: Path) -> None:
+    """When the endpoint never appears the error names it."""
+    ep = UnixEndpoint(str(tmp_path / "never.sock"))
+    with pytest.raises(StreamEndpointUnavailable, match=r"never\.sock") as info:
+        await open_stream(ep, "x", retry_for=0.2)
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+@contextlib.asynccontextmanager
+async def fake_stream_server(path: Path, reply: bytes) -> AsyncIterator[UnixEndpoint]:
+    """A stream endpoint that reads one id and answers *reply* verbatim."""
+    loop = asyncio.get_running_loop()
+    listener = await listen(UnixEndpoint(str(path)))
+
+    async def serve() -> None:
+        conn = await listener.accept()
+        with conn:
+            (size,) = struct.unpack(">I", await loop.sock_recv(conn, 4))
+            await loop.sock_recv(conn, size)
+            await loop.sock_sendall(conn, reply)
+            await loop.sock_recv(conn, 1)
+
+    task = asyncio.create_task(serve())
+    try:
+        yield UnixEndpoint(str(path))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        listener.close()
+
+
+async def test_wrong_ack_is_reported(tmp_path: Path) -> None:
+    """An ack that is not our id fails the open and shows what came back."""
+    async with fake_stream_server(tmp_path / "s.sock", _string(b"someone-else")) as ep:
+        with pytest.raises(HandshakeError, match="someone-else"):
+            await open_stream(ep, "mine")
+
+
+async def test_huge_ack_length_is_refused(tmp_path: Path) -> None:
+    """A VM claiming a 4 GiB ack is refused without allocating it."""
+    async with fake_stream_server(tmp_path / "s.sock", struct.pack(">I", 2**32 - 1)) as ep:
+        with pytest.raises(HandshakeError, match="exceeds the limit"):
+            await open_stream(ep, "mine")
+
+
+async def test_silent_stream_server_times_out(tmp_path: Path) -> None:
+    """A stream endpoint that never acks gives a timeout naming the stream."""
+    async with fake_stream_server(tmp_path / "s.sock", b"") as ep:
+        with pytest.raises(TimeoutError, match="mine"):
+            await open_stream(ep, "mine", timeout=0.2)
+
+
+async def test_many_streams_at_once(registry: StreamRegistry) -> None:
+    """500 streams opened concurrently are all registered and claimable."""
+    ids = [f"s-{i}" for i in range(500)]
+    hosts = await asyncio.gather(*(open_stream(registry.endpoint, i) for i in ids))
+    try:
+        assert len(registry) == 500
+        for i in ids:
+            registry.get(i).close()
+    finally:
+        for sock in hosts:
+            sock.close()
