@@ -1,17 +1,14 @@
-# Every target sets up what it needs on a fresh machine (uv, the locked venv).
+# Every target sets up what it needs on a fresh machine: uv (from PyPI, into the
+# user's site) and the locked environment in .venv.
 UV_VERSION := 0.13.9
-UV := $(shell command -v uv 2>/dev/null)
-ifeq ($(UV),)
-UV := $(HOME)/.local/bin/uv
-endif
+PYTHON ?= python3
+UV := $(PYTHON) -m uv
 RUN := $(UV) run --locked --all-extras
 
 .PHONY: setup demo test lint proto bench clean
 
-$(UV):
-	python3 -m pip install --quiet --user "uv==$(UV_VERSION)"
-
-setup: $(UV)
+setup:
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --user "uv==$(UV_VERSION)"
 	$(UV) sync --locked --all-extras
 
 demo: setup
@@ -29,7 +26,8 @@ proto: setup
 	$(RUN) python scripts/generate_protos.py
 
 bench: setup
-	$(RUN) python -m bench
+	$(RUN) python bench/ttrpc_bench.py
+	$(RUN) python bench/relay_bench.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build

@@ -41,48 +41,48 @@ class StreamInput(enum.Enum):
 
 
 S = StreamState
-I = StreamInput  # noqa: E741
+In = StreamInput
 
 TRANSITIONS: dict[Role, dict[StreamState, dict[StreamInput, StreamState]]] = {
     Role.CLIENT: {
         S.IDLE: {
-            I.SEND_REQUEST_UNARY: S.HALF_CLOSED_LOCAL,
-            I.SEND_REQUEST_CLOSED: S.HALF_CLOSED_LOCAL,
-            I.SEND_REQUEST_OPEN: S.OPEN,
+            In.SEND_REQUEST_UNARY: S.HALF_CLOSED_LOCAL,
+            In.SEND_REQUEST_CLOSED: S.HALF_CLOSED_LOCAL,
+            In.SEND_REQUEST_OPEN: S.OPEN,
         },
         S.OPEN: {
-            I.SEND_DATA: S.OPEN,
-            I.SEND_CLOSE: S.HALF_CLOSED_LOCAL,
-            I.RECV_DATA: S.OPEN,
+            In.SEND_DATA: S.OPEN,
+            In.SEND_CLOSE: S.HALF_CLOSED_LOCAL,
+            In.RECV_DATA: S.OPEN,
             # The server may finish before the client closes its side.
-            I.RECV_CLOSE: S.CLOSED,
-            I.RECV_RESPONSE: S.CLOSED,
+            In.RECV_CLOSE: S.CLOSED,
+            In.RECV_RESPONSE: S.CLOSED,
         },
         S.HALF_CLOSED_LOCAL: {
-            I.RECV_DATA: S.HALF_CLOSED_LOCAL,
-            I.RECV_CLOSE: S.CLOSED,
-            I.RECV_RESPONSE: S.CLOSED,
+            In.RECV_DATA: S.HALF_CLOSED_LOCAL,
+            In.RECV_CLOSE: S.CLOSED,
+            In.RECV_RESPONSE: S.CLOSED,
         },
         S.HALF_CLOSED_REMOTE: {},
         S.CLOSED: {},
     },
     Role.SERVER: {
         S.IDLE: {
-            I.RECV_REQUEST_UNARY: S.HALF_CLOSED_REMOTE,
-            I.RECV_REQUEST_CLOSED: S.HALF_CLOSED_REMOTE,
-            I.RECV_REQUEST_OPEN: S.OPEN,
+            In.RECV_REQUEST_UNARY: S.HALF_CLOSED_REMOTE,
+            In.RECV_REQUEST_CLOSED: S.HALF_CLOSED_REMOTE,
+            In.RECV_REQUEST_OPEN: S.OPEN,
         },
         S.OPEN: {
-            I.RECV_DATA: S.OPEN,
-            I.RECV_CLOSE: S.HALF_CLOSED_REMOTE,
-            I.SEND_DATA: S.OPEN,
-            I.SEND_CLOSE: S.CLOSED,
-            I.SEND_RESPONSE: S.CLOSED,
+            In.RECV_DATA: S.OPEN,
+            In.RECV_CLOSE: S.HALF_CLOSED_REMOTE,
+            In.SEND_DATA: S.OPEN,
+            In.SEND_CLOSE: S.CLOSED,
+            In.SEND_RESPONSE: S.CLOSED,
         },
         S.HALF_CLOSED_REMOTE: {
-            I.SEND_DATA: S.HALF_CLOSED_REMOTE,
-            I.SEND_CLOSE: S.CLOSED,
-            I.SEND_RESPONSE: S.CLOSED,
+            In.SEND_DATA: S.HALF_CLOSED_REMOTE,
+            In.SEND_CLOSE: S.CLOSED,
+            In.SEND_RESPONSE: S.CLOSED,
         },
         S.HALF_CLOSED_LOCAL: {},
         S.CLOSED: {},

@@ -1,0 +1,44 @@
+"""The command line as a user runs it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from socketforward.ids import generate_stream_id
+
+
+def test_demo_forwards_and_checks_bytes() -> None:
+    """`socketforward demo` forwards real connections byte-exact and leaves no socket file."""
+    result = subprocess.run(
+        [sys.executable, "-m", "socketforward", "demo", "--size-mib", "8", "--connections", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "every sha256 matches" in result.stdout
+    assert "socket files left behind: 0" in result.stdout
+
+
+def test_bad_arguments_exit_nonzero_with_message() -> None:
+    """A bad option value is refused with a message naming it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "socketforward", "demo", "--connections", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--connections" in result.stderr
+
+
+def test_stream_id_format() -> None:
+    """Stream ids read `{prefix}-{unix-ns}-{6 url-safe chars}` and differ each time."""
+    ids = {generate_stream_id("fwd") for _ in range(100)}
+    assert len(ids) == 100
+    for stream_id in ids:
+        assert re.fullmatch(r"fwd-\d{19}-[A-Za-z0-9_-]{6}", stream_id), stream_id
