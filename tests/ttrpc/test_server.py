@@ -110,7 +110,7 @@ async def test_peer_credentials_checked(tmp_path: Path, caplog: pytest.LogCaptur
     ):
         path = tmp_path / f"s{admitted}.sock"
         with _listener(path) as listener:
-            server = ttrpc.Server(**requirement)  # type: ignore[arg-type]
+            server = ttrpc.Server(**requirement)
             server.register(EchoService())
             server.start(listener)
             try:
