@@ -8,6 +8,7 @@ import asyncio
 import logging
 import socket
 import struct
+import typing
 
 from socketforward.ttrpc._connection import Connection, Event
 from socketforward.ttrpc._state import Role
@@ -26,7 +27,10 @@ class Channel(asyncio.Protocol):
     def __init__(self) -> None:
         self.conn = Connection(self.role)
         self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        # uvloop calls connection_made after connect_accepted_socket returns.
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
         self._writable = asyncio.Event()
         self._writable.set()
         self._blocked: tuple[MessageQueue, int, Event] | None = None
@@ -36,8 +40,10 @@ class Channel(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = typing.cast(asyncio.Transport, transport)
+        if not self.ready.done():
+            self.ready.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data)
@@ -57,6 +63,8 @@ class Channel(asyncio.Protocol):
         if self._blocked_timer is not None:
             self._blocked_timer.cancel()
         self._blocked = None
+        if not self.ready.done():
+            self.ready.set_result(None)
         try:
             self.on_connection_lost(exc)
         finally:

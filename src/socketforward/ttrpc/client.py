@@ -150,6 +150,7 @@ class Client:
         except BaseException:
             sock.close()
             raise
+        await channel.ready
         return cls(channel)
 
     @classmethod

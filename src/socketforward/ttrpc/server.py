@@ -287,6 +287,7 @@ class Server:
         except BaseException:
             sock.close()
             raise
+        await channel.ready
         self._channels.add(channel)
         try:
             await asyncio.shield(channel.closed)
