@@ -4,6 +4,7 @@
 //
 //	peer server --listen unix:/abs/path.sock
 //	peer client --dial unix:/abs/path.sock --case NAME|all
+//	peer bench --dial unix:/abs/path.sock --kind unary|bidi --seconds N --concurrency C
 //
 // Only UNIX socket addresses are accepted.
 package main
@@ -49,6 +50,8 @@ func main() {
 		err = serverMain(os.Args[2:])
 	case "client":
 		err = clientMain(os.Args[2:])
+	case "bench":
+		err = benchMain(os.Args[2:])
 	default:
 		usage()
 	}
@@ -60,7 +63,8 @@ func main() {
 
 func usage() {
 	fmt.Fprintln(os.Stderr, "usage: peer server --listen unix:/abs/path.sock\n"+
-		"       peer client --dial unix:/abs/path.sock --case NAME|all")
+		"       peer client --dial unix:/abs/path.sock --case NAME|all\n"+
+		"       peer bench --dial unix:/abs/path.sock --kind unary|bidi --seconds N --concurrency C")
 	os.Exit(2)
 }
 
