@@ -1,13 +1,17 @@
-"""Command line: ``socketforward demo`` (``guest`` and ``host`` come with issues 9 and 10)."""
+"""Command line: one subcommand per module; each module offers
+``add_parser(subparsers)`` (which sets ``run``, a function taking the parsed
+arguments and returning the exit status)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
 from socketforward import demo
+
+# Each entry's add_parser registers one subcommand.
+SUBCOMMANDS = [demo]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,23 +21,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every event")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="forward a real host socket end to end on this machine")
-    demo.add_argument("--size-mib", type=int, default=256, help="bytes per connection (MiB)")
-    demo.add_argument("--connections", type=int, default=8, help="concurrent connections")
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.command == "demo":
-        if args.size_mib < 0 or args.connections < 1:
-            print("socketforward demo: --size-mib must be >= 0 and --connections >= 1",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        return asyncio.run(demo.run(args.size_mib << 20, args.connections))
-    return 2
+    status: int = args.run(args)
+    return status

@@ -10,12 +10,14 @@ once the client half-closes, so the demo checks bytes and half-close end to end.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import hashlib
 import logging
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -129,3 +131,20 @@ async def _client(ep: transport.Endpoint, size: int) -> bool:
         count, hexdigest = answer.decode().split()
         return int(count) == size and hexdigest == digest.hexdigest()
     return False
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="forward a real host socket end to end on this machine"
+    )
+    parser.add_argument("--size-mib", type=int, default=256, help="bytes per connection (MiB)")
+    parser.add_argument("--connections", type=int, default=8, help="concurrent connections")
+    parser.set_defaults(run=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.size_mib < 0 or args.connections < 1:
+        print("socketforward demo: --size-mib must be >= 0 and --connections >= 1",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    return asyncio.run(run(args.size_mib << 20, args.connections))
