@@ -18,7 +18,11 @@ from socketforward.ttrpc.stream import MessageQueue
 log = logging.getLogger("socketforward.ttrpc")
 
 STREAM_FULL_TIMEOUT = 1.0
-"""How long a full stream may hold up the connection before it is closed (as Go's ttrpc)."""
+"""How long a full stream may hold up the connection without its consumer taking a
+message before the stream is closed (as Go's ttrpc)."""
+
+FLUSH_THRESHOLD = 64 * 1024
+"""Frames written in one loop pass go out in one syscall, up to this many bytes."""
 
 
 class Channel(asyncio.Protocol):
@@ -36,6 +40,10 @@ class Channel(asyncio.Protocol):
         self._blocked: tuple[MessageQueue, int, Event] | None = None
         self._blocked_timer: asyncio.TimerHandle | None = None
         self._reading = True
+        self._loop = loop
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._flush_handle: asyncio.Handle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -60,6 +68,10 @@ class Channel(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._writable.set()  # wake writers; they find the connection gone
+        self._out.clear()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if self._blocked_timer is not None:
             self._blocked_timer.cancel()
         self._blocked = None
@@ -91,18 +103,23 @@ class Channel(asyncio.Protocol):
             return True
         self._blocked = (queue, stream_id, event)
         self._set_reading(False)
-        self._blocked_timer = asyncio.get_running_loop().call_later(
-            STREAM_FULL_TIMEOUT, self._stream_full
-        )
+        self._blocked_timer = self._loop.call_later(STREAM_FULL_TIMEOUT, self._stream_full)
         return False
 
     def queue_has_space(self, queue: MessageQueue) -> None:
-        """MessageQueue callback: a consumer took a message from a full queue."""
-        if self._blocked is None or self._blocked[0] is not queue:
+        """MessageQueue callback: a consumer took a message from a queue at least
+        half full. Reading resumes once the queue is down to half (not on every
+        message, which would flip reading on and off per message)."""
+        blocked = self._blocked
+        if blocked is None or blocked[0] is not queue:
             return
-        _, _, event = self._blocked
+        if not queue.below_low_water:
+            if self._blocked_timer is not None:  # progress: a fresh timeout
+                self._blocked_timer.cancel()
+            self._blocked_timer = self._loop.call_later(STREAM_FULL_TIMEOUT, self._stream_full)
+            return
         self._unblock()
-        self.handle_event(event)
+        self.handle_event(blocked[2])
         self._pump()
 
     def is_connected(self) -> bool:
@@ -113,18 +130,37 @@ class Channel(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             raise TtrpcError(Code.UNAVAILABLE, "ttrpc: connection closed")
-        transport.write(data)
+        self.write_nowait(data)
         if not self._writable.is_set():
             await self._writable.wait()
             if self.closed.done():
                 raise TtrpcError(Code.UNAVAILABLE, "ttrpc: connection closed")
 
     def write_nowait(self, data: bytes) -> None:
+        """Queue whole frames; they leave together at the end of this loop pass."""
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._out_size >= FLUSH_THRESHOLD:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        self._out_size = 0
         transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
+        if transport is None or transport.is_closing():
+            return
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self) -> None:
+        self._flush()
         if self.transport is not None:
             self.transport.close()
 

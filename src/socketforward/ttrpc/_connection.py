@@ -10,10 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from socketforward.ttrpc._frame import (
+    FLAG_NO_DATA,
+    FLAG_REMOTE_CLOSED,
+    FLAG_REMOTE_OPEN,
     MAX_DATA_LENGTH,
-    Flags,
+    TYPE_DATA,
+    TYPE_REQUEST,
+    TYPE_RESPONSE,
     FrameDecoder,
-    MessageType,
     OversizedFrame,
     encode_frame,
 )
@@ -28,7 +32,7 @@ from socketforward.ttrpc.errors import (
 MAX_STREAM_ID = 0xFFFF_FFFF
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestReceived:
     """Server side: a new stream. ``flags`` say unary, remote-open or remote-closed."""
 
@@ -38,10 +42,10 @@ class RequestReceived:
 
     @property
     def remote_open(self) -> bool:
-        return bool(self.flags & Flags.REMOTE_OPEN)
+        return bool(self.flags & FLAG_REMOTE_OPEN)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseReceived:
     """Client side: the stream's final frame (status and payload, still encoded)."""
 
@@ -49,7 +53,7 @@ class ResponseReceived:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataReceived:
     """A message on a stream (``data`` is None for a no-data close); ``end_stream``
     means the peer will send nothing more on it."""
@@ -59,7 +63,7 @@ class DataReceived:
     end_stream: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FrameRejected:
     """A frame broke a rule for its stream. A server answers the stream with this
     status (the stream is over); a client logs it. The connection stays usable."""
@@ -120,27 +124,27 @@ class Connection:
     def _server_event(self, stream_id: int, type_: int, flags: int, data: bytes) -> Event | None:
         if stream_id % 2 != 1:
             return self._reject(stream_id, "StreamID must be odd for client initiated streams")
-        if type_ == MessageType.REQUEST:
+        if type_ == TYPE_REQUEST:
             if stream_id <= self._last_stream_id:
                 return self._reject(stream_id, "StreamID cannot be re-used and must increment")
             self._last_stream_id = stream_id
             stream = StreamStateMachine(Role.SERVER, stream_id)
-            if flags & Flags.REMOTE_OPEN:
+            if flags & FLAG_REMOTE_OPEN:
                 stream.process(StreamInput.RECV_REQUEST_OPEN)
-            elif flags & Flags.REMOTE_CLOSED:
+            elif flags & FLAG_REMOTE_CLOSED:
                 stream.process(StreamInput.RECV_REQUEST_CLOSED)
             else:
                 stream.process(StreamInput.RECV_REQUEST_UNARY)
             self._streams[stream_id] = stream
             return RequestReceived(stream_id, flags, data)
-        if type_ == MessageType.DATA:
+        if type_ == TYPE_DATA:
             stream_or_none = self._streams.get(stream_id)
             if stream_or_none is None:
                 return self._reject(stream_id, "StreamID is no longer active")
-            closing = bool(flags & Flags.REMOTE_CLOSED)
+            closing = bool(flags & FLAG_REMOTE_CLOSED)
             if closing and data:
                 return self._reject(stream_id, "data close message cannot include data")
-            no_data = bool(flags & Flags.NO_DATA)
+            no_data = bool(flags & FLAG_NO_DATA)
             try:
                 self._advance(
                     stream_or_none, StreamInput.RECV_CLOSE if closing else StreamInput.RECV_DATA
@@ -151,22 +155,22 @@ class Connection:
         return None
 
     def _client_event(self, stream_id: int, type_: int, flags: int, data: bytes) -> Event | None:
-        if type_ not in (MessageType.RESPONSE, MessageType.DATA):
+        if type_ not in (TYPE_RESPONSE, TYPE_DATA):
             return None
         stream = self._streams.get(stream_id)
         if stream is None:
             return FrameRejected(
                 stream_id, Code.FAILED_PRECONDITION, "received message on inactive stream"
             )
-        if type_ == MessageType.RESPONSE:
+        if type_ == TYPE_RESPONSE:
             self._advance(stream, StreamInput.RECV_RESPONSE)
             return ResponseReceived(stream_id, data)
-        closing = bool(flags & Flags.REMOTE_CLOSED)
+        closing = bool(flags & FLAG_REMOTE_CLOSED)
         try:
             self._advance(stream, StreamInput.RECV_CLOSE if closing else StreamInput.RECV_DATA)
         except RemoteProtocolError as exc:
             return self._reject(stream_id, str(exc))
-        return DataReceived(stream_id, None if flags & Flags.NO_DATA else data, closing)
+        return DataReceived(stream_id, None if flags & FLAG_NO_DATA else data, closing)
 
     # -- sending -----------------------------------------------------------
 
@@ -180,7 +184,7 @@ class Connection:
             raise LocalProtocolError(f"stream {stream_id} is not active")
         return stream
 
-    def send_request(self, data: bytes, flags: int = Flags.NONE) -> tuple[int, bytes]:
+    def send_request(self, data: bytes, flags: int = 0) -> tuple[int, bytes]:
         """Client: open the next stream. Returns its id and the bytes to write."""
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only a client sends requests")
@@ -189,25 +193,25 @@ class Connection:
         if stream_id > MAX_STREAM_ID:
             raise TtrpcError(Code.RESOURCE_EXHAUSTED, "stream ids exhausted on this connection")
         stream = StreamStateMachine(Role.CLIENT, stream_id)
-        if flags & Flags.REMOTE_OPEN:
+        if flags & FLAG_REMOTE_OPEN:
             stream.process(StreamInput.SEND_REQUEST_OPEN)
-        elif flags & Flags.REMOTE_CLOSED:
+        elif flags & FLAG_REMOTE_CLOSED:
             stream.process(StreamInput.SEND_REQUEST_CLOSED)
         else:
             stream.process(StreamInput.SEND_REQUEST_UNARY)
         self._next_stream_id += 2
         self._streams[stream_id] = stream
-        return stream_id, encode_frame(stream_id, MessageType.REQUEST, flags, data)
+        return stream_id, encode_frame(stream_id, TYPE_REQUEST, flags, data)
 
     def send_data(self, stream_id: int, data: bytes) -> bytes:
         self._check_size(data)
         self._advance(self._stream(stream_id), StreamInput.SEND_DATA)
-        return encode_frame(stream_id, MessageType.DATA, Flags.NONE, data)
+        return encode_frame(stream_id, TYPE_DATA, 0, data)
 
     def send_close(self, stream_id: int) -> bytes:
         """End our sending side: a no-data Data frame flagged remote-closed."""
         self._advance(self._stream(stream_id), StreamInput.SEND_CLOSE)
-        return encode_frame(stream_id, MessageType.DATA, Flags.REMOTE_CLOSED | Flags.NO_DATA)
+        return encode_frame(stream_id, TYPE_DATA, FLAG_REMOTE_CLOSED | FLAG_NO_DATA)
 
     def send_response(self, stream_id: int, data: bytes) -> bytes:
         """Server: finish a stream with an encoded Response.
@@ -220,7 +224,7 @@ class Connection:
             self._advance(stream, StreamInput.SEND_RESPONSE)
         elif self.role is not Role.SERVER:
             raise LocalProtocolError("only a server sends responses")
-        return encode_frame(stream_id, MessageType.RESPONSE, Flags.NONE, data)
+        return encode_frame(stream_id, TYPE_RESPONSE, 0, data)
 
     def abandon(self, stream_id: int) -> None:
         """Forget a stream locally (a cancelled call); later frames for it are rejected."""

@@ -29,6 +29,15 @@ class Flags(enum.IntFlag):
     NO_DATA = 0x4
 
 
+# Plain ints for hot paths (IntFlag arithmetic runs Python code).
+FLAG_REMOTE_CLOSED: Final = 0x1
+FLAG_REMOTE_OPEN: Final = 0x2
+FLAG_NO_DATA: Final = 0x4
+TYPE_REQUEST: Final = 0x1
+TYPE_RESPONSE: Final = 0x2
+TYPE_DATA: Final = 0x3
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """A whole frame. ``type`` stays an int so unknown future types can be skipped."""

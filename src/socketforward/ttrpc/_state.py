@@ -16,6 +16,8 @@ class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
 
+    __hash__ = object.__hash__  # members are singletons: C-speed table lookups
+
 
 class StreamState(enum.Enum):
     IDLE = "idle"
@@ -23,6 +25,8 @@ class StreamState(enum.Enum):
     HALF_CLOSED_LOCAL = "half-closed (local)"
     HALF_CLOSED_REMOTE = "half-closed (remote)"
     CLOSED = "closed"
+
+    __hash__ = object.__hash__
 
 
 class StreamInput(enum.Enum):
@@ -38,6 +42,8 @@ class StreamInput(enum.Enum):
     RECV_DATA = "receive data"
     RECV_CLOSE = "receive close"
     RECV_RESPONSE = "receive response"
+
+    __hash__ = object.__hash__
 
 
 S = StreamState

@@ -221,8 +221,11 @@ class Client:
         channel.unary_calls[stream_id] = future
         try:
             await channel.write(frame)
-            async with asyncio.timeout(timeout):
+            if timeout is None:
                 raw = await future
+            else:
+                async with asyncio.timeout(timeout):
+                    raw = await future
         except TimeoutError:
             raise TtrpcError(Code.DEADLINE_EXCEEDED, "context deadline exceeded") from None
         finally:

@@ -132,13 +132,18 @@ class _ServerChannel(Channel):
         method = call.method
         response: bytes | None
         try:
-            async with asyncio.timeout_at(context.deadline) as scope:
-                try:
-                    response = await self._invoke(stream_id, call, context, payload)
-                except TimeoutError:
-                    if not scope.expired():
-                        raise
-                    raise TtrpcError(Code.DEADLINE_EXCEEDED, "context deadline exceeded") from None
+            if context.deadline is None:
+                response = await self._invoke(stream_id, call, context, payload)
+            else:
+                async with asyncio.timeout_at(context.deadline) as scope:
+                    try:
+                        response = await self._invoke(stream_id, call, context, payload)
+                    except TimeoutError:
+                        if not scope.expired():
+                            raise
+                        raise TtrpcError(
+                            Code.DEADLINE_EXCEEDED, "context deadline exceeded"
+                        ) from None
         except TimeoutError:
             response = _status(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
         except TtrpcError as exc:

@@ -24,14 +24,16 @@ RecvT = TypeVar("RecvT", bound=Message)
 class MessageQueue:
     """Received payloads of one stream, bounded; the end of the stream is a marker.
 
-    ``offer`` never blocks: when it returns False the connection stops reading
-    until ``on_space`` is called (a consumer took a message)."""
+    ``offer`` never blocks: when it returns False the connection stops reading;
+    ``on_space`` is called as the consumer takes messages from a queue at least
+    half full."""
 
-    __slots__ = ("_end", "_items", "_maxsize", "_on_space", "_waiter")
+    __slots__ = ("_end", "_items", "_low_water", "_maxsize", "_on_space", "_waiter")
 
     def __init__(self, maxsize: int, on_space: Callable[[MessageQueue], None]) -> None:
         self._items: collections.deque[bytes] = collections.deque()
         self._maxsize = maxsize
+        self._low_water = maxsize // 2
         self._on_space = on_space
         self._end: BaseException | bool = False
         self._waiter: asyncio.Future[None] | None = None
@@ -39,6 +41,10 @@ class MessageQueue:
     @property
     def full(self) -> bool:
         return len(self._items) >= self._maxsize
+
+    @property
+    def below_low_water(self) -> bool:
+        return len(self._items) <= self._low_water
 
     @property
     def finished(self) -> bool:
@@ -83,10 +89,9 @@ class MessageQueue:
                 await self._waiter
             finally:
                 self._waiter = None
-        was_full = len(self._items) >= self._maxsize
         item = self._items.popleft()
-        if was_full:
-            self._on_space(self)
+        if len(self._items) >= self._low_water:
+            self._on_space(self)  # the connection may be waiting for room
         return item
 
 
