@@ -42,16 +42,17 @@ def _newest_source_mtime() -> float:
     return max(p.stat().st_mtime for p in sources if p.exists())
 
 
-def build_peer() -> Path:
-    """Build the Go peer into build/interop/peer unless it is up to date."""
+def build_go_command(name: str) -> Path:
+    """Build tests/interop/go/cmd/NAME into build/interop/NAME unless it is up to date."""
     go = shutil.which("go")
     if go is None:
-        raise GoMissingError("go is not on PATH: the Go interop peer cannot be built")
-    if PEER_BIN.exists() and PEER_BIN.stat().st_mtime >= _newest_source_mtime():
-        return PEER_BIN
-    PEER_BIN.parent.mkdir(parents=True, exist_ok=True)
+        raise GoMissingError(f"go is not on PATH: the Go interop program {name} cannot be built")
+    binary = PEER_BIN.parent / name
+    if binary.exists() and binary.stat().st_mtime >= _newest_source_mtime():
+        return binary
+    binary.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [go, "build", "-o", str(PEER_BIN), "./cmd/peer"],
+        [go, "build", "-o", str(binary), f"./cmd/{name}"],
         cwd=GO_DIR,
         capture_output=True,
         text=True,
@@ -59,11 +60,18 @@ def build_peer() -> Path:
         check=False,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"go build of the interop peer failed:\n{proc.stdout}{proc.stderr}")
-    return PEER_BIN
+        raise RuntimeError(f"go build of the interop {name} failed:\n{proc.stdout}{proc.stderr}")
+    return binary
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], timeout: float) -> None:
+def build_peer() -> Path:
+    """Build the Go peer into build/interop/peer unless it is up to date."""
+    return build_go_command(PEER_BIN.name)
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes], timeout: float, what: str = "Go peer server"
+) -> None:
     """Wait until the process prints a READY line on stdout."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
@@ -72,13 +80,13 @@ def _wait_ready(proc: subprocess.Popen[bytes], timeout: float) -> None:
     while b"READY\n" not in seen:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"Go peer server not READY within {timeout}s")
+            raise TimeoutError(f"{what} not READY within {timeout}s")
         readable, _, _ = select.select([fd], [], [], left)
         if not readable:
             continue
         chunk = os.read(fd, 4096)
         if not chunk:
-            raise RuntimeError(f"Go peer server exited before READY (status {proc.wait()})")
+            raise RuntimeError(f"{what} exited before READY (status {proc.wait()})")
         seen += chunk
 
 
