@@ -1,0 +1,230 @@
+"""Test doubles for the host side: a guest played by a real ttrpc server on a
+real socket, real UNIX target services, and a misbehaving stream endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from google.protobuf import empty_pb2
+
+from socketforward import streams, transport, ttrpc
+from socketforward.api import socketforward_pb2 as pb
+from socketforward.api.socketforward_ttrpc import SocketForwardBase
+from socketforward.host import FORWARD_IDS_METADATA_KEY
+
+AcceptServerStream = ttrpc.ServerStream[pb.ConnectResult, pb.ConnectRequest]
+
+
+class AcceptCall:
+    """One Accept stream opened by the host, seen from the guest."""
+
+    def __init__(self, stream: AcceptServerStream) -> None:
+        self.stream = stream
+        self.announced = stream.context.get(FORWARD_IDS_METADATA_KEY)
+        self.results: dict[str, asyncio.Future[pb.ConnectResult]] = {}
+        self.ended = asyncio.Event()
+
+    async def request(self, stream_id: str, forward_id: str) -> asyncio.Future[pb.ConnectResult]:
+        """Send a ConnectRequest; the future resolves with the host's result."""
+        future: asyncio.Future[pb.ConnectResult] = asyncio.get_running_loop().create_future()
+        self.results[stream_id] = future
+        await self.stream.send(pb.ConnectRequest(stream_id=stream_id, forward_id=forward_id))
+        return future
+
+    async def connect(self, stream_id: str, forward_id: str) -> pb.ConnectResult:
+        future = await self.request(stream_id, forward_id)
+        async with asyncio.timeout(30):
+            return await future
+
+
+class FakeGuest(SocketForwardBase):
+    """Records Bind/Unbind; each Accept call is queued for the test to drive.
+
+    With a *registry*, a success result makes it claim the data stream at
+    once, as the real guest does: ``claimed[stream_id]`` is the VM side of the
+    data stream, or None if it was not there when the success arrived.
+    """
+
+    def __init__(
+        self, *, registry: streams.StreamRegistry | None = None, unbind: bool = True
+    ) -> None:
+        self.registry = registry
+        self.unbind_supported = unbind
+        self.binds: list[list[tuple[str, str]]] = []
+        self.unbinds: list[list[str]] = []
+        self.accepts: asyncio.Queue[AcceptCall] = asyncio.Queue()
+        self.claimed: dict[str, socket.socket | None] = {}
+
+    async def Bind(self, request: pb.BindRequest, context: ttrpc.CallContext) -> empty_pb2.Empty:
+        self.binds.append([(s.forward_id, s.socket_path) for s in request.sockets])
+        return empty_pb2.Empty()
+
+    async def Unbind(
+        self, request: pb.UnbindRequest, context: ttrpc.CallContext
+    ) -> empty_pb2.Empty:
+        if not self.unbind_supported:
+            raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method Unbind")
+        self.unbinds.append(list(request.forward_ids))
+        return empty_pb2.Empty()
+
+    async def Accept(self, stream: AcceptServerStream) -> None:
+        call = AcceptCall(stream)
+        self.accepts.put_nowait(call)
+        try:
+            async for result in stream:
+                if self.registry is not None and not result.error:
+                    try:
+                        self.claimed[result.stream_id] = self.registry.get(result.stream_id)
+                    except streams.StreamNotFound:
+                        self.claimed[result.stream_id] = None
+                future = call.results.get(result.stream_id)
+                if future is not None and not future.done():
+                    future.set_result(result)
+        finally:
+            call.ended.set()
+
+    async def next_accept(self) -> AcceptCall:
+        async with asyncio.timeout(30):
+            return await self.accepts.get()
+
+    def close_claimed(self) -> None:
+        for sock in self.claimed.values():
+            if sock is not None:
+                sock.close()
+        self.claimed.clear()
+
+
+@contextlib.asynccontextmanager
+async def guest_dialing(
+    guest: FakeGuest, rpc: transport.Endpoint
+) -> AsyncIterator[asyncio.Task[None]]:
+    """The guest dials the host's RPC endpoint and serves on that one socket.
+    Cancelling the yielded task drops the connection."""
+    server = ttrpc.Server()
+    server.register(guest)
+    sock = await transport.connect(rpc, timeout=10)
+    task = asyncio.get_running_loop().create_task(server.serve_connection(sock))
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+        await server.shutdown(grace=0)
+
+
+class UnixService:
+    """A real UNIX socket service on the host; counts the connections it accepts."""
+
+    def __init__(
+        self, listener: transport.Listener, handler: Callable[[socket.socket], Awaitable[None]]
+    ) -> None:
+        self.listener = listener
+        self.handler = handler
+        self.accepted = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _serve(self) -> None:
+        while True:
+            conn = await self.listener.accept()
+            self.accepted += 1
+            task = asyncio.get_running_loop().create_task(self._run(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            await self.handler(conn)
+
+
+@contextlib.asynccontextmanager
+async def unix_service(
+    path: Path, handler: Callable[[socket.socket], Awaitable[None]]
+) -> AsyncIterator[UnixService]:
+    service = UnixService(await transport.listen(transport.UnixEndpoint(str(path))), handler)
+    task = asyncio.get_running_loop().create_task(service._serve())
+    try:
+        yield service
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+        for t in list(service._tasks):
+            t.cancel()
+        await asyncio.gather(*service._tasks, return_exceptions=True)
+        service.listener.close()
+
+
+async def recv_all(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while chunk := await loop.sock_recv(sock, 1 << 16):
+        data += chunk
+    return bytes(data)
+
+
+async def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while len(data) < n:
+        chunk = await loop.sock_recv(sock, n - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
+
+
+async def reverse_after_eof(sock: socket.socket) -> None:
+    """Read to EOF, then answer with the bytes reversed: proves half-close and
+    byte-exact transfer both ways."""
+    data = await recv_all(sock)
+    await asyncio.get_running_loop().sock_sendall(sock, data[::-1])
+
+
+async def exchange(sock: socket.socket, payload: bytes) -> bytes:
+    """Send *payload*, half-close, read the answer to EOF (with a bound)."""
+    async with asyncio.timeout(30):
+        await asyncio.get_running_loop().sock_sendall(sock, payload)
+        sock.shutdown(socket.SHUT_WR)
+        return await recv_all(sock)
+
+
+class HugeAckEndpoint:
+    """A misbehaving guest stream endpoint: for ids starting with ``evil-`` it
+    answers with an ack length of 4 GiB - 1; other ids get a proper ack and the
+    connection is kept in ``streams``."""
+
+    def __init__(self, listener: transport.Listener) -> None:
+        self.listener = listener
+        self.streams: dict[str, socket.socket] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        while True:
+            conn = await self.listener.accept()
+            task = asyncio.get_running_loop().create_task(self._handshake(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        (size,) = struct.unpack(">I", await recv_exactly(conn, 4))
+        stream_id = (await recv_exactly(conn, size)).decode()
+        if stream_id.startswith("evil-"):
+            with conn:
+                await loop.sock_sendall(conn, struct.pack(">I", 0xFFFFFFFF) + b"x" * 16)
+                await recv_all(conn)  # hold it until the host gives up
+            return
+        await loop.sock_sendall(conn, streams.encode_string(stream_id))
+        self.streams[stream_id] = conn
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conn in self.streams.values():
+            conn.close()
+        self.listener.close()

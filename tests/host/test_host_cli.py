@@ -1,0 +1,176 @@
+"""``socketforward host`` as a user runs it: a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from socketforward import oci, streams, transport
+from tests.host.fake_guest import (
+    FakeGuest,
+    exchange,
+    guest_dialing,
+    reverse_after_eof,
+    unix_service,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="sf-cli-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _host_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "socketforward", "host", *args]
+
+
+def test_bad_arguments_exit_nonzero_naming_the_argument(short_tmp: Path) -> None:
+    """Every malformed argument makes `socketforward host` exit non-zero with a
+    message that names the argument and the problem, before anything starts."""
+    private = short_tmp / "p"
+    private.mkdir(mode=0o700)
+    rpc = f"unix:{private}/rpc.sock"
+    base = ["--rpc-listen", rpc, "--streams", f"unix:{private}/streams.sock"]
+    good = "--forward=a=/h.sock:/v.sock"
+    bad_spec = short_tmp / "bad.json"
+    bad_spec.write_text(
+        json.dumps({"mounts": [{"type": "uds", "source": "", "destination": "/x.sock"}]})
+    )
+    open_dir = short_tmp / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o755)
+    cases: dict[str, tuple[list[str], str]] = {
+        "no rpc flag": (["--streams", "unix:/s.sock", good], "--rpc-listen"),
+        "both rpc flags": ([*base, "--rpc-dial", "unix:/x.sock", good], "not allowed with"),
+        "relative rpc": (["--rpc-listen", "unix:rel.sock", "--streams", "unix:/s", good],
+                         "argument --rpc-listen"),
+        "hvsock listen": (["--rpc-listen", "hvsock:/v.sock:1025", "--streams", "unix:/s", good],
+                          "cannot listen"),
+        "bad streams": (["--rpc-listen", rpc, "--streams", "tcp://x", good], "argument --streams"),
+        "no streams": (["--rpc-listen", rpc, good], "--streams"),
+        "forward syntax": ([*base, "--forward", "noequals"], "argument --forward"),
+        "forward relative": ([*base, "--forward", "a=rel.sock:/v.sock"], "host path"),
+        "forward comma": ([*base, "--forward", "a,b=/h.sock:/v.sock"], "forward ID"),
+        "forward twice": ([*base, good, good], "given twice"),
+        "nothing": (base, "nothing to forward"),
+        "spec w/o id": ([*base, "--oci-spec", str(bad_spec)], "--oci-spec needs --container-id"),
+        "write w/o spec": ([*base, good, "--write-spec", "/tmp/x.json"], "--write-spec needs"),
+        "bad mount": ([*base, "--oci-spec", str(bad_spec), "--container-id", "c1"],
+                      "source (host path) is required"),
+        "missing spec": ([*base, "--oci-spec", "/nonexistent.json", "--container-id", "c1"],
+                         "--oci-spec /nonexistent.json"),
+        "timeout": ([*base, good, "--dial-timeout", "-1"], "argument --dial-timeout"),
+        "open dir": (["--rpc-listen", f"unix:{open_dir}/rpc.sock", "--streams", "unix:/s", good],
+                     "open to other users"),
+    }  # fmt: skip
+    procs = {
+        name: subprocess.Popen(
+            _host_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for name, (args, _) in cases.items()
+    }
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode != 0, name
+        assert cases[name][1] in stderr, (name, stderr)
+    assert not (open_dir / "rpc.sock").exists()
+    assert not (private / "rpc.sock").exists()
+
+
+async def _wait_for(path: Path, proc: asyncio.subprocess.Process) -> None:
+    async with asyncio.timeout(30):
+        while not os.path.exists(path):  # noqa: ASYNC240 (a stat of a local file)
+            assert proc.returncode is None, "host exited early"
+            await asyncio.sleep(0.02)
+
+
+async def test_host_process_forwards_and_stops_cleanly_on_sigterm(short_tmp: Path) -> None:
+    """The host process takes forwards from an OCI spec (and writes the rewritten
+    spec), serves a guest that dials in, and on SIGTERM ends its relays, removes
+    its RPC socket file and exits 0."""
+    host_dir, vm_dir = short_tmp / "host", short_tmp / "vm"
+    target_path = host_dir / "target.sock"
+    spec_path, out_path = short_tmp / "config.json", short_tmp / "out.json"
+    spec_path.write_text(
+        json.dumps(
+            {"mounts": [{"type": "uds", "source": str(target_path), "destination": "/x.sock"}]}
+        )
+    )
+    forward_id = oci.forward_id_for("ctr-1", "/x.sock")
+    rpc_path = host_dir / "rpc" / "rpc.sock"
+    streams_ep = transport.UnixEndpoint(str(vm_dir / "streams.sock"))
+    log_path = short_tmp / "host.log"
+    async with (
+        unix_service(target_path, reverse_after_eof),
+        streams.StreamRegistry(await transport.listen(streams_ep)) as registry,
+    ):
+        with log_path.open("wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *_host_cmd(
+                    "--rpc-listen",
+                    f"unix:{rpc_path}",
+                    "--streams",
+                    str(streams_ep),
+                    "--oci-spec",
+                    str(spec_path),
+                    "--container-id",
+                    "ctr-1",
+                    "--write-spec",
+                    str(out_path),
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
+        try:
+            await _wait_for(rpc_path, proc)
+            assert os.stat(rpc_path).st_mode & 0o777 == 0o600
+            assert os.stat(rpc_path.parent).st_mode & 0o777 == 0o700
+            assert json.loads(out_path.read_text())["mounts"] == [
+                {
+                    "destination": "/x.sock",
+                    "type": "bind",
+                    "source": f"/run/socketfwd/{forward_id}.sock",
+                    "options": ["bind"],
+                }
+            ]
+            guest = FakeGuest(registry=registry)
+            async with guest_dialing(guest, transport.UnixEndpoint(str(rpc_path))):
+                call = await guest.next_accept()
+                assert guest.binds == [[(forward_id, f"/run/socketfwd/{forward_id}.sock")]]
+                assert call.announced == [forward_id]
+                assert (await call.connect("s-1", forward_id)).error == ""
+                assert (await call.connect("s-2", forward_id)).error == ""
+                first, held = guest.claimed.pop("s-1"), guest.claimed.pop("s-2")
+                assert first is not None and held is not None
+                with first, held:
+                    assert await exchange(first, b"hello") == b"olleh"
+                    proc.send_signal(signal.SIGTERM)
+                    async with asyncio.timeout(30):
+                        assert await proc.wait() == 0
+                        # The relay still open when the host stopped is ended.
+                        assert await asyncio.get_running_loop().sock_recv(held, 10) == b""
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert not rpc_path.exists()
+    log = log_path.read_text()
+    assert "host stopping" in log
+    assert f"stats forward_id={forward_id} requests=2 connections=2" in log
