@@ -1,0 +1,524 @@
+"""The VM-side SocketForward service, driven by a real ttrpc client over real
+sockets, with a test host answering Accept streams as nerdbox's shim does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from socketforward import transport, ttrpc
+from socketforward.api import socketforward_pb2 as pb
+from socketforward.guest import STREAM_ID_PREFIX
+from tests.guest.harness import (
+    PATIENCE,
+    EchoService,
+    Guest,
+    HostStream,
+    bind,
+    read_to_eof,
+    roundtrip,
+    running_guest,
+    short_tmp,
+    trailer,
+    until,
+)
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    with short_tmp() as path:
+        yield path
+
+
+def _socket_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_socket()]
+
+
+async def _bind_error(guest: Guest, sockets: list[tuple[str, str]]) -> ttrpc.TtrpcError:
+    stub = await guest.connect()
+    request = pb.BindRequest(sockets=[pb.Socket(forward_id=f, socket_path=p) for f, p in sockets])
+    with pytest.raises(ttrpc.TtrpcError) as info:
+        await stub.Bind(request, timeout=PATIENCE)
+    return info.value
+
+
+# -- Bind ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        (("", "/x/b.sock"), "forward_id is empty"),
+        (("b", "relative/b.sock"), "not absolute"),
+        (("b", "/" + "x" * 120), "sun_path"),
+        (("a", "/x/b.sock"), "forward_id repeats sockets[0]"),
+        (("b", "/x/a.sock"), "socket_path repeats sockets[0]"),
+        (("b", ""), "socket_path is empty"),
+    ],
+)
+async def test_bind_rejects_bad_entry_naming_it(bad: tuple[str, str], problem: str) -> None:
+    """A bad Bind entry is refused with INVALID_ARGUMENT naming the entry, and
+    the good entry before it is not created either."""
+    async with running_guest() as guest:
+        good = str(guest.root / "vm" / "a.sock")
+        forward_id, path = bad
+        path = path.replace("/x/", str(guest.root / "vm") + "/")
+        error = await _bind_error(guest, [("a", good), (forward_id, path)])
+        assert error.code == ttrpc.Code.INVALID_ARGUMENT
+        assert "sockets[1]" in error.message and problem in error.message
+        assert not (guest.root / "vm").exists()
+        assert guest.service.bound() == {}
+
+
+async def test_bind_is_all_or_nothing_and_never_deletes_a_file() -> None:
+    """When one entry cannot be bound (a regular file is at its path), none is:
+    no socket file or new directory is left, and the user's file is intact."""
+    async with running_guest() as guest:
+        (guest.root / "data").mkdir()
+        precious = guest.root / "data" / "c.sock"
+        precious.write_text("keep me")
+        error = await _bind_error(
+            guest,
+            [
+                ("a", str(guest.root / "new" / "deep" / "a.sock")),
+                ("b", str(guest.root / "data" / "b.sock")),
+                ("c", str(precious)),
+            ],
+        )
+        assert error.code == ttrpc.Code.ALREADY_EXISTS
+        assert "sockets[2]" in error.message or str(precious) in error.message
+        assert "regular file" in error.message
+        assert precious.read_text() == "keep me"
+        assert not (guest.root / "new").exists()
+        assert _socket_files(guest.root) == [guest.root / "streams.sock"]
+        # A directory at the path is refused too, and kept.
+        (guest.root / "dir.sock").mkdir()
+        error = await _bind_error(guest, [("d", str(guest.root / "dir.sock"))])
+        assert error.code == ttrpc.Code.ALREADY_EXISTS
+        assert (guest.root / "dir.sock").is_dir()
+
+
+async def test_bind_creates_socket_files_mode_and_parents() -> None:
+    """After Bind returns, the socket file exists with mode 0666 and its new
+    parent directories are 0755, so container users of any uid can connect."""
+    async with running_guest() as guest:
+        stub = await guest.connect()
+        path = guest.root / "run" / "socketfwd" / "a.sock"
+        await bind(stub, {"a": path})
+        assert stat.S_ISSOCK(path.lstat().st_mode)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666
+        assert stat.S_IMODE((guest.root / "run").stat().st_mode) == 0o755
+        assert stat.S_IMODE((guest.root / "run" / "socketfwd").stat().st_mode) == 0o755
+        assert guest.service.bound() == {"a": str(path)}
+
+
+async def test_bind_is_idempotent_and_conflicts_are_already_exists() -> None:
+    """Binding the same forward at the same path again is a no-op (a host that
+    reconnects re-Binds); the path under another id, or the id elsewhere, is refused."""
+    async with running_guest() as guest:
+        stub = await guest.connect()
+        a, b = guest.root / "a.sock", guest.root / "b.sock"
+        await bind(stub, {"a": a})
+        inode = a.lstat().st_ino
+        await bind(stub, {"a": a, "b": b})
+        assert a.lstat().st_ino == inode  # the same listener, not a new one
+        assert guest.service.bound() == {"a": str(a), "b": str(b)}
+        for forward_id, path in (("other", a), ("a", guest.root / "c.sock")):
+            error = await _bind_error(guest, [(forward_id, str(path))])
+            assert error.code == ttrpc.Code.ALREADY_EXISTS
+            assert "sockets[0]" in error.message
+        assert not (guest.root / "c.sock").exists()
+
+
+async def test_bind_replaces_a_stale_socket_file() -> None:
+    """A socket file left by a crashed agent is replaced, not an error."""
+    async with running_guest() as guest:
+        path = guest.root / "stale.sock"
+        with socket.socket(socket.AF_UNIX) as old:
+            old.bind(str(path))
+        stub = await guest.connect()
+        await bind(stub, {"a": path})
+        sock = await transport.connect(transport.UnixEndpoint(str(path)), timeout=PATIENCE)
+        sock.close()
+
+
+async def test_unbind_removes_listener_and_file() -> None:
+    """Unbind removes the socket file and stops accepting; unknown ids are ignored."""
+    async with running_guest() as guest:
+        stub = await guest.connect()
+        path = guest.root / "a.sock"
+        await bind(stub, {"a": path, "b": guest.root / "b.sock"})
+        await stub.Unbind(pb.UnbindRequest(forward_ids=["a", "nope"]), timeout=PATIENCE)
+        assert not path.exists()
+        assert guest.service.bound() == {"b": str(guest.root / "b.sock")}
+        with pytest.raises(FileNotFoundError):
+            await transport.connect(transport.UnixEndpoint(str(path)), timeout=PATIENCE)
+        # The path is free again.
+        await bind(stub, {"a2": path})
+
+
+# -- forwarding ----------------------------------------------------------------
+
+
+async def test_one_connection_byte_exact_both_ways_with_half_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """4 MiB go to the host service and come back byte-exact; after the client
+    half-closes, the service's answer still arrives; the log names the peer."""
+    caplog.set_level(logging.INFO, logger="socketforward.guest")
+    async with running_guest() as guest:
+        echo = await EchoService.start(guest.root / "target.sock")
+        stub = await guest.connect()
+        host = await HostStream(stub, guest.streams_ep, {"fwd": echo.endpoint}).open()
+        try:
+            await bind(stub, {"fwd": guest.root / "vm.sock"})
+            payload = os.urandom(4 << 20)
+            answer = await roundtrip(guest.root / "vm.sock", payload)
+            assert answer == payload + trailer(payload)
+            assert host.received[0].forward_id == "fwd"
+            assert host.received[0].stream_id.startswith(STREAM_ID_PREFIX + "-")
+            await until(lambda: guest.service.stats()["fwd"].active == 0)
+            stats = guest.service.stats()["fwd"]
+            assert stats.accepted == 1 and stats.connected == 1 and stats.failed == {}
+            assert stats.bytes_to_host == len(payload)
+            assert stats.bytes_from_host == len(payload) + len(trailer(payload))
+            line = next(
+                r.getMessage() for r in caplog.records if "connection done" in r.getMessage()
+            )
+            assert f"pid={os.getpid()} uid={os.getuid()} gid={os.getgid()}" in line
+        finally:
+            await host.close()
+            await host.stop_relays()
+            await echo.close()
+
+
+async def test_connection_waits_until_a_host_stream_opens() -> None:
+    """A container that connects before the host opened Accept is served once it does."""
+    async with running_guest() as guest:
+        echo = await EchoService.start(guest.root / "target.sock")
+        stub = await guest.connect()
+        await bind(stub, {"fwd": guest.root / "vm.sock"})
+        client = asyncio.create_task(roundtrip(guest.root / "vm.sock", b"early bird"))
+        await until(lambda: guest.service.pending > 0)
+        host = await HostStream(stub, guest.streams_ep, {"fwd": echo.endpoint}).open()
+        try:
+            assert await client == b"early bird" + trailer(b"early bird")
+        finally:
+            await host.close()
+            await host.stop_relays()
+            await echo.close()
+
+
+async def test_data_stream_opened_after_the_success_answer_is_waited_for() -> None:
+    """A host that answers success before opening the data stream (the reverse
+    of nerdbox's order) still gets its connections relayed."""
+    async with running_guest() as guest:
+        echo = await EchoService.start(guest.root / "target.sock")
+        stub = await guest.connect()
+        await bind(stub, {"fwd": guest.root / "vm.sock"})
+        host = HostStream(stub, guest.streams_ep, {"fwd": echo.endpoint}, open_after_answer=True)
+        await host.open()
+        try:
+            answers = await asyncio.gather(
+                *(roundtrip(guest.root / "vm.sock", b"%d" % i) for i in range(20))
+            )
+            assert answers == [b"%d" % i + trailer(b"%d" % i) for i in range(20)]
+        finally:
+            await host.close()
+            await host.stop_relays()
+            await echo.close()
+
+
+async def test_host_that_never_answers_gets_connections_closed_after_timeout() -> None:
+    """With a host that never answers, the container sees its connection closed
+    (after the pending timeout), instead of hanging forever."""
+    async with running_guest(pending_timeout=0.3) as guest:
+        stub = await guest.connect()
+        host = await HostStream(stub, guest.streams_ep, {}, answer="silent").open()
+        try:
+            await bind(stub, {"fwd": guest.root / "vm.sock"})
+            sock = await transport.connect(transport.UnixEndpoint(str(guest.root / "vm.sock")))
+            with sock:
+                async with asyncio.timeout(PATIENCE):
+                    assert await read_to_eof(sock) == b""
+            assert guest.service.stats()["fwd"].failed == {"timeout": 1}
+            assert guest.service.pending == 0
+        finally:
+            await host.close()
+
+
+async def test_error_answer_closes_container_connection_promptly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """When the host cannot dial its service, the container sees EOF right away
+    (long before the 60 s pending timeout) and the reason is logged."""
+    async with running_guest(pending_timeout=60) as guest:
+        stub = await guest.connect()
+        host = await HostStream(
+            stub, guest.streams_ep, {}, answer="failed to dial host socket"
+        ).open()
+        try:
+            await bind(stub, {"fwd": guest.root / "vm.sock"})
+            sock = await transport.connect(transport.UnixEndpoint(str(guest.root / "vm.sock")))
+            with sock:
+                async with asyncio.timeout(PATIENCE):
+                    assert await read_to_eof(sock) == b""
+            assert guest.service.stats()["fwd"].failed == {"host_error": 1}
+            assert any(
+                "reason=host_error" in r.getMessage()
+                and "failed to dial host socket" in r.getMessage()
+                for r in caplog.records
+            )
+        finally:
+            await host.close()
+
+
+async def test_result_for_unknown_stream_is_ignored() -> None:
+    """A ConnectResult naming a stream the guest never announced changes nothing:
+    forwarding keeps working on the same Accept stream."""
+    async with running_guest() as guest:
+        echo = await EchoService.start(guest.root / "target.sock")
+        stub = await guest.connect()
+        await bind(stub, {"fwd": guest.root / "vm.sock"})
+        host = await HostStream(stub, guest.streams_ep, {"fwd": echo.endpoint}).open()
+        try:
+            await host.send(pb.ConnectResult(stream_id="socketfwd-1-bogus"))
+            await host.send(pb.ConnectResult(stream_id="socketfwd-2-bogus", error="x"))
+            answers = await asyncio.gather(
+                *(roundtrip(guest.root / "vm.sock", b"%d" % i) for i in range(5))
+            )
+            assert answers == [b"%d" % i + trailer(b"%d" % i) for i in range(5)]
+        finally:
+            await host.close()
+            await host.stop_relays()
+            await echo.close()
+
+
+async def test_requests_are_paced_per_stream() -> None:
+    """At most N requests are unanswered on one Accept stream (a Go host would
+    otherwise close a stream whose queue stays full); all connections are served."""
+    async with running_guest(max_unanswered_per_stream=4) as guest:
+        echo = await EchoService.start(guest.root / "target.sock")
+        stub = await guest.connect()
+        await bind(stub, {"fwd": guest.root / "vm.sock"})
+        host = HostStream(stub, guest.streams_ep, {"fwd": echo.endpoint}, answer="silent")
+        await host.open()
+        clients = [
+            asyncio.create_task(roundtrip(guest.root / "vm.sock", b"%d" % i)) for i in range(12)
+        ]
+        try:
+            await host.wait_received(4)
+            await until(lambda: guest.service.pending == 12)
+            await asyncio.sleep(0.1)  # room for a misbehaving guest to send more
+            assert len(host.received) == 4
+            await host.close()
+            host = await HostStream(stub, guest.streams_ep, {"fwd": echo.endpoint}).open()
+            answers = await asyncio.gather(*clients)
+            assert answers == [b"%d" % i + trailer(b"%d" % i) for i in range(12)]
+            assert host.max_unanswered <= 4
+        finally:
+            await host.close()
+            await host.stop_relays()
+            await echo.close()
+
+
+async def test_unanswered_requests_move_to_the_next_stream() -> None:
+    """When a host stream ends with requests unanswered, they are handed to the
+    next stream and the waiting containers are served, not dropped."""
+    async with running_guest(pending_timeout=60) as guest:
+        echo = await EchoService.start(guest.root / "target.sock")
+        stub = await guest.connect()
+        await bind(stub, {"fwd": guest.root / "vm.sock"})
+        silent = await HostStream(stub, guest.streams_ep, {}, answer="silent").open()
+        clients = [
+            asyncio.create_task(roundtrip(guest.root / "vm.sock", b"%d" % i)) for i in range(3)
+        ]
+        await silent.wait_received(3)
+        await silent.close()
+        host = await HostStream(stub, guest.streams_ep, {"fwd": echo.endpoint}).open()
+        try:
+            answers = await asyncio.gather(*clients)
+            assert answers == [b"%d" % i + trailer(b"%d" % i) for i in range(3)]
+            assert {r.stream_id for r in host.received} == {r.stream_id for r in silent.received}
+        finally:
+            await host.close()
+            await host.stop_relays()
+            await echo.close()
+
+
+async def test_queue_bound_closes_excess_connections_with_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past the pending-queue bound a connection is closed at once and logged;
+    the queued ones are failed cleanly at shutdown."""
+    async with running_guest(pending_limit=2) as guest:
+        stub = await guest.connect()
+        await bind(stub, {"fwd": guest.root / "vm.sock"})
+        ep = transport.UnixEndpoint(str(guest.root / "vm.sock"))
+        socks = [await transport.connect(ep) for _ in range(3)]
+        try:
+            async with asyncio.timeout(PATIENCE):
+                await until(lambda: guest.service.stats()["fwd"].accepted == 3)
+                assert await read_to_eof(socks[2]) == b""
+            assert guest.service.stats()["fwd"].failed == {"queue_full": 1}
+            assert any("reason=queue_full" in r.getMessage() for r in caplog.records)
+            await guest.service.shutdown()
+            async with asyncio.timeout(PATIENCE):
+                assert [await read_to_eof(s) for s in socks[:2]] == [b"", b""]
+            assert guest.service.stats()["fwd"].failed == {"queue_full": 1, "shutdown": 2}
+        finally:
+            for s in socks:
+                s.close()
+
+
+def _raise_nofile(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed <= hard or (soft < needed and hard == resource.RLIM_INFINITY):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < needed:
+        pytest.skip(f"needs {needed} file descriptors")
+
+
+async def test_two_host_streams_one_announcing_500_connections_each() -> None:
+    """Two containers' host streams on one guest (one announces its forward_ids,
+    one does not): 500 connections to each forward are all served byte-exact,
+    where the reference would fail about half of them."""
+    _raise_nofile(12000)
+    async with running_guest() as guest:
+        echo_a = await EchoService.start(guest.root / "ta.sock")
+        echo_b = await EchoService.start(guest.root / "tb.sock")
+        stub_a, stub_b = await guest.connect(), await guest.connect()
+        await bind(stub_a, {"fa": guest.root / "a.sock"})
+        await bind(stub_b, {"fb": guest.root / "b.sock"})
+        host_a = HostStream(stub_a, guest.streams_ep, {"fa": echo_a.endpoint}, announce=True)
+        host_b = HostStream(stub_b, guest.streams_ep, {"fb": echo_b.endpoint})
+        await host_a.open()
+        await host_b.open()
+        try:
+            jobs = [
+                roundtrip(guest.root / f"{name}.sock", f"{name}{i}".encode() * 10)
+                for i in range(500)
+                for name in ("a", "b")
+            ]
+            answers = await asyncio.gather(*jobs)
+            expected = [
+                f"{name}{i}".encode() * 10 + trailer(f"{name}{i}".encode() * 10)
+                for i in range(500)
+                for name in ("a", "b")
+            ]
+            assert answers == expected
+            assert {r.forward_id for r in host_a.received} == {"fa"}
+            stats = guest.service.stats()
+            assert stats["fa"].connected == 500 and stats["fa"].failed == {}
+            assert stats["fb"].connected == 500 and stats["fb"].failed == {}
+        finally:
+            for host in (host_a, host_b):
+                await host.close()
+                await host.stop_relays()
+            await echo_a.close()
+            await echo_b.close()
+
+
+async def test_unannounced_streams_are_tried_in_turn() -> None:
+    """Two hosts that announce nothing, each knowing one forward: requests that
+    one answers with `unknown forward ID` go to the other; all are served."""
+    async with running_guest() as guest:
+        echo = await EchoService.start(guest.root / "t.sock")
+        stub_a, stub_b = await guest.connect(), await guest.connect()
+        await bind(stub_a, {"fa": guest.root / "a.sock", "fb": guest.root / "b.sock"})
+        host_a = await HostStream(stub_a, guest.streams_ep, {"fa": echo.endpoint}).open()
+        host_b = await HostStream(stub_b, guest.streams_ep, {"fb": echo.endpoint}).open()
+        try:
+            jobs = [
+                roundtrip(guest.root / f"{name}.sock", f"{name}{i}".encode())
+                for i in range(50)
+                for name in ("a", "b")
+            ]
+            answers = await asyncio.gather(*jobs)
+            assert answers == [
+                f"{name}{i}".encode() + trailer(f"{name}{i}".encode())
+                for i in range(50)
+                for name in ("a", "b")
+            ]
+            stats = guest.service.stats()
+            assert stats["fa"].failed == {} and stats["fb"].failed == {}
+        finally:
+            for host in (host_a, host_b):
+                await host.close()
+                await host.stop_relays()
+            await echo.close()
+
+
+async def test_forward_no_host_knows_is_closed_with_reason() -> None:
+    """A connection to a forward that every open host stream says it does not
+    know is closed at once, with the host's reason logged."""
+    async with running_guest(pending_timeout=60) as guest:
+        stub = await guest.connect()
+        await bind(stub, {"orphan": guest.root / "o.sock"})
+        host = await HostStream(stub, guest.streams_ep, {}).open()
+        try:
+            sock = await transport.connect(transport.UnixEndpoint(str(guest.root / "o.sock")))
+            with sock:
+                async with asyncio.timeout(PATIENCE):
+                    assert await read_to_eof(sock) == b""
+            assert guest.service.stats()["orphan"].failed == {"unknown_forward": 1}
+        finally:
+            await host.close()
+
+
+async def test_shutdown_leaves_no_socket_file_fd_or_task() -> None:
+    """Shutdown removes every socket file it made, ends active relays and
+    pending connections (their clients see EOF), and leaves no task behind;
+    a second shutdown is harmless. (The fd check runs after every test.)"""
+    baseline = asyncio.all_tasks()
+    with short_tmp() as root:
+        echo = await EchoService.start(root / "target.sock")
+        async with running_guest(pending_timeout=60) as guest:
+            stub = await guest.connect()
+            await bind(stub, {"fwd": guest.root / "a.sock", "idle": guest.root / "i.sock"})
+            host = HostStream(stub, guest.streams_ep, {"fwd": echo.endpoint}, announce=True)
+            await host.open()
+            ep = transport.UnixEndpoint(str(guest.root / "a.sock"))
+            active = await transport.connect(ep)
+            waiting = await transport.connect(transport.UnixEndpoint(str(guest.root / "i.sock")))
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.sock_sendall(active, b"hello")
+                assert await loop.sock_recv(active, 5) == b"hello"
+                await until(lambda: guest.service.pending > 0)
+                await guest.service.shutdown()
+                await guest.service.shutdown()
+                async with asyncio.timeout(PATIENCE):
+                    await read_to_eof(active)
+                    assert await read_to_eof(waiting) == b""
+                assert _socket_files(guest.root) == []
+                assert guest.service.bound() == {}
+            finally:
+                active.close()
+                waiting.close()
+                await host.close()
+                await host.stop_relays()
+        await echo.close()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(0)
+    assert asyncio.all_tasks() <= baseline | {asyncio.current_task()}
+
+
+async def test_python_callers_bind_and_unbind_without_rpc() -> None:
+    """An embedding program can call bind/unbind directly, no ttrpc needed."""
+    async with running_guest() as guest:
+        path = guest.root / "direct.sock"
+        request = pb.BindRequest(sockets=[pb.Socket(forward_id="d", socket_path=str(path))])
+        await guest.service.bind(request)
+        assert path.is_socket()
+        await guest.service.unbind(pb.UnbindRequest(forward_ids=["d"]))
+        assert not path.exists()
