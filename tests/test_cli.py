@@ -10,30 +10,34 @@ from socketforward.ids import generate_stream_id
 
 
 def test_demo_forwards_and_checks_bytes() -> None:
-    """`socketforward demo` forwards real connections byte-exact and leaves no socket file."""
+    """`socketforward demo` runs host service, host and guest as processes, forwards
+    HTTP byte-exact, stops both sides cleanly and leaves no socket file."""
     result = subprocess.run(
-        [sys.executable, "-m", "socketforward", "demo", "--size-mib", "8", "--connections", "3"],
+        [sys.executable, "-m", "socketforward", "demo", "--size-mib", "8", "--burst", "20"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "every sha256 matches" in result.stdout
-    assert "socket files left behind: 0" in result.stdout
+    assert "sha256 matches" in result.stdout
+    assert "20 served" in result.stdout
+    assert "guest exited with status 0" in result.stdout
+    assert "host exited with status 0" in result.stdout
+    assert "all checks passed; socket files left behind: 0" in result.stdout
 
 
 def test_bad_arguments_exit_nonzero_with_message() -> None:
     """A bad option value is refused with a message naming it."""
     result = subprocess.run(
-        [sys.executable, "-m", "socketforward", "demo", "--connections", "0"],
+        [sys.executable, "-m", "socketforward", "demo", "--burst", "0"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert result.returncode == 2
-    assert "--connections" in result.stderr
+    assert "--burst" in result.stderr
 
 
 def test_stream_id_format() -> None:

@@ -8,10 +8,10 @@ import argparse
 import logging
 import sys
 
-from socketforward import demo
+from socketforward import demo, guest, host
 
 # Each entry's add_parser registers one subcommand.
-SUBCOMMANDS = [demo]
+SUBCOMMANDS = [demo, guest, host]
 
 
 def _parser() -> argparse.ArgumentParser:
