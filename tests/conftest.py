@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import short_tmp_dir
+
 PEER_SCRIPT = Path(__file__).parent / "integration" / "relay_peer.py"
 
 
@@ -109,3 +111,10 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A private temp dir with a short path, for socket files (sun_path holds 107 bytes)."""
+    with short_tmp_dir() as path:
+        yield path

@@ -38,7 +38,7 @@ from google.protobuf import empty_pb2
 from socketforward import relay, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
-from socketforward.ids import generate_stream_id
+from socketforward.ids import FORWARD_IDS_METADATA, UNKNOWN_FORWARD_ID, generate_stream_id
 from socketforward.streams import StreamRegistry
 
 __all__ = [
@@ -61,10 +61,6 @@ log = logging.getLogger("socketforward.guest")
 
 STREAM_ID_PREFIX: Final = "socketfwd"
 """Prefix of the stream ids the guest hands out (as nerdbox's vminitd)."""
-FORWARD_IDS_METADATA: Final = "socketforward-forward-ids"
-"""Accept-call metadata key: the forward_ids a host stream serves, comma-separated."""
-UNKNOWN_FORWARD_ID: Final = "unknown forward ID: "
-"""What nerdbox's host answers for a forward_id it does not know."""
 DEFAULT_RPC_DIAL: Final = "vsock://2:1025"
 DEFAULT_STREAMS: Final = "vsock://:1026"
 

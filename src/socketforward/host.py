@@ -28,9 +28,9 @@ from typing import Any, Final
 from socketforward import oci, relay, streams, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
+from socketforward.ids import FORWARD_IDS_METADATA, UNKNOWN_FORWARD_ID
 
 __all__ = [
-    "FORWARD_IDS_METADATA_KEY",
     "Forward",
     "ForwardStats",
     "Forwarder",
@@ -42,10 +42,8 @@ __all__ = [
 
 log = logging.getLogger("socketforward.host")
 
-FORWARD_IDS_METADATA_KEY: Final = "socketforward-forward-ids"
 MAX_FORWARD_ID_LEN: Final = 256
 # Error texts sent to the VM; they never name a host path.
-UNKNOWN_FORWARD_ERROR: Final = "unknown forward ID: {}"
 DIAL_ERROR: Final = "failed to dial host socket"
 STREAM_ERROR: Final = "failed to open data stream"
 STREAM_ID_ERROR: Final = "invalid stream ID"
@@ -420,7 +418,7 @@ class Forwarder:
             session.refresh.clear()
             announced = ",".join(sorted(self._forwards))
             try:
-                stream = await session.stub.Accept(metadata={FORWARD_IDS_METADATA_KEY: announced})
+                stream = await session.stub.Accept(metadata={FORWARD_IDS_METADATA: announced})
             except ttrpc.TtrpcError as exc:
                 if session.client.closed:
                     return
@@ -513,7 +511,7 @@ class Forwarder:
                 _short(fid),
             )
             shown = fid if len(fid) <= MAX_FORWARD_ID_LEN else fid[:MAX_FORWARD_ID_LEN] + "..."
-            await self._reply(current, stream_id, fid, UNKNOWN_FORWARD_ERROR.format(shown))
+            await self._reply(current, stream_id, fid, UNKNOWN_FORWARD_ID + shown)
             return
         stats = self._stats[fid]
         stats.requests += 1

@@ -1,10 +1,16 @@
-"""Stream identifiers, in the reference's format."""
+"""Identifiers and protocol words both sides share."""
 
 from __future__ import annotations
 
 import base64
 import os
 import time
+from typing import Final
+
+FORWARD_IDS_METADATA: Final = "socketforward-forward-ids"
+"""Accept-call metadata key: the forward_ids a host stream serves, comma-separated."""
+UNKNOWN_FORWARD_ID: Final = "unknown forward ID: "
+"""How a host answers a forward_id it does not know (nerdbox's text, then the id)."""
 
 
 def generate_stream_id(prefix: str) -> str:

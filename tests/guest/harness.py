@@ -7,30 +7,23 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
-import shutil
 import socket
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from socketforward import relay, streams, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
-from socketforward.guest import FORWARD_IDS_METADATA, Service
+from socketforward.guest import Service
+from socketforward.ids import FORWARD_IDS_METADATA
+from tests.processes import short_tmp_dir
 
 # A generous bound for things that should happen; never a measured time.
 PATIENCE = 30.0
 
 
-@contextlib.contextmanager
-def short_tmp() -> Iterator[Path]:
-    """A short temporary directory: socket paths must fit sun_path."""
-    path = Path(tempfile.mkdtemp(prefix="sfg-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+short_tmp = short_tmp_dir
 
 
 async def until(predicate: Callable[[], bool]) -> None:

@@ -15,7 +15,7 @@ from google.protobuf import empty_pb2
 from socketforward import streams, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
-from socketforward.host import FORWARD_IDS_METADATA_KEY
+from socketforward.ids import FORWARD_IDS_METADATA
 
 AcceptServerStream = ttrpc.ServerStream[pb.ConnectResult, pb.ConnectRequest]
 
@@ -25,7 +25,7 @@ class AcceptCall:
 
     def __init__(self, stream: AcceptServerStream) -> None:
         self.stream = stream
-        self.announced = stream.context.get(FORWARD_IDS_METADATA_KEY)
+        self.announced = stream.context.get(FORWARD_IDS_METADATA)
         self.results: dict[str, asyncio.Future[pb.ConnectResult]] = {}
         self.ended = asyncio.Event()
 

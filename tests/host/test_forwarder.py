@@ -7,11 +7,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,8 @@ from typing import Any
 import pytest
 
 from socketforward import streams, transport, ttrpc
-from socketforward.host import FORWARD_IDS_METADATA_KEY, Forward, Forwarder
+from socketforward.host import Forward, Forwarder
+from socketforward.ids import FORWARD_IDS_METADATA
 from tests.host.fake_guest import (
     FakeGuest,
     HugeAckEndpoint,
@@ -32,16 +31,6 @@ from tests.host.fake_guest import (
 pytestmark = pytest.mark.timeout(60)
 
 PAYLOAD = os.urandom(1 << 20) + b"tail"
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A private temp dir with a short path (sun_path holds 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="sf-host-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -385,4 +374,4 @@ async def test_forward_table_rejects_conflicting_entries(short_tmp: Path) -> Non
     assert list(forwarder.forwards) == ["fwd-a"]
     with pytest.raises(ValueError, match="forward ID"):
         Forward("a,b", "/h.sock", "/v.sock")
-    assert FORWARD_IDS_METADATA_KEY == "socketforward-forward-ids"
+    assert FORWARD_IDS_METADATA == "socketforward-forward-ids"
