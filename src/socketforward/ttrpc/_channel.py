@@ -137,12 +137,18 @@ class Channel(asyncio.Protocol):
                 raise TtrpcError(Code.UNAVAILABLE, "ttrpc: connection closed")
 
     def write_nowait(self, data: bytes) -> None:
-        """Queue whole frames; they leave together at the end of this loop pass."""
+        """Write whole frames: the first of a loop pass goes out at once (no added
+        latency), later ones are gathered and leave together at the end of the pass."""
+        if self._flush_handle is None:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
+            self._flush_handle = self._loop.call_soon(self._flush)
+            return
         self._out.append(data)
         self._out_size += len(data)
         if self._out_size >= FLUSH_THRESHOLD:
             self._flush()
-        elif self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
