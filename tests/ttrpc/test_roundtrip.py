@@ -53,3 +53,31 @@ def test_works_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(scenario()) == [1, 2, 3]
+
+
+async def test_closing_a_stream_ends_the_server_handler() -> None:
+    """Leaving `async with` on an open bidi call tells the server: its handler
+    ends (the same connection then serves new calls as before)."""
+    ended = asyncio.Event()
+
+    class Watching(EchoService):
+        async def Bidi(
+            self, stream: ttrpc.ServerStream[echo_pb2.EchoRequest, echo_pb2.EchoResponse]
+        ) -> None:
+            try:
+                await super().Bidi(stream)
+            finally:
+                ended.set()
+
+    ours, theirs = socket.socketpair()
+    server = ttrpc.Server()
+    server.register(Watching())
+    serving = asyncio.create_task(server.serve_connection(ours))
+    async with await ttrpc.Client.connect(theirs) as client:
+        stub = echo_ttrpc.EchoStub(client)
+        async with await stub.Bidi() as stream:
+            await stream.send(Req(payload=b"one"))
+            assert (await stream.recv()) is not None
+        await asyncio.wait_for(ended.wait(), timeout=10)
+        assert (await stub.Unary(Req(payload=b"next"))).payload == b"next"
+    await asyncio.wait_for(serving, timeout=5)

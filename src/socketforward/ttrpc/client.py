@@ -95,7 +95,8 @@ class _ClientChannel(Channel):
             elif call is not None:
                 call.queue.fail(error)
             else:
-                log.warning("ttrpc client: %s stream_id=%d", event.message, event.stream_id)
+                # Typically the end of a call abandoned here; nothing is waiting for it.
+                log.debug("ttrpc client: %s stream_id=%d", event.message, event.stream_id)
 
     def _finish_stream(self, call: _StreamCall, data: bytes) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -174,8 +175,14 @@ class ClientStream(Generic[SendT, RecvT]):
         return message
 
     async def aclose(self) -> None:
-        """Forget the call; frames still arriving for it are dropped."""
+        """Forget the call; frames still arriving for it are dropped. If our side
+        is still open the server is told (a close frame), so its handler sees the
+        end of the stream instead of waiting on a call nobody reads."""
         self._done = True
+        if not self._local_closed and not self._queue.finished:
+            self._local_closed = True
+            with contextlib.suppress(TtrpcError, StreamClosedError):
+                await self._send_close(self.stream_id)
         self._queue.fail(StreamClosedError(f"stream {self.stream_id}: closed locally"))
         self._abandon(self.stream_id)
 
