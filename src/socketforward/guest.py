@@ -254,6 +254,7 @@ class Service(SocketForwardBase):
         self._tasks: set[asyncio.Task[None]] = set()
         self._stats: dict[str, ForwardStats] = {}
         self._stream_numbers = itertools.count(1)
+        self._pipes = relay.PipePool()  # splice pipes shared by every relay
         self._closed = False
 
     # -- public -------------------------------------------------------------
@@ -298,6 +299,7 @@ class Service(SocketForwardBase):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._pipes.close()
         if isinstance(self._streams, _ClosableStreamManager):
             await self._streams.close()
         log.info("service stopped")
@@ -548,11 +550,14 @@ class Service(SocketForwardBase):
         finally:
             for task in (sender, receiver):
                 task.cancel()
-            await asyncio.gather(sender, receiver, return_exceptions=True)
+            # Retire before awaiting anything: a second cancellation (the RPC
+            # connection dropping right after the host closed this stream) would
+            # otherwise skip it and strand the stream's requests for good.
             self._retire(s)
             log.info("accept stream %s %s handed_back=%d", how, s, len(s.unanswered))
             s.unanswered.clear()
             self._dispatch()
+            await asyncio.gather(sender, receiver, return_exceptions=True)
 
     async def accept(self, stream: ttrpc.ServerStream[pb.ConnectResult, pb.ConnectRequest]) -> None:
         """Python spelling of :meth:`Accept`."""
@@ -675,7 +680,7 @@ class Service(SocketForwardBase):
         stats.active += 1
         log.debug("relaying %s", p.ids())
         try:
-            result = await relay.relay(conn, data)
+            result = await relay.relay(conn, data, pipes=self._pipes)
         except asyncio.CancelledError:
             log.info("connection ended by shutdown %s", p.ids())
             raise
@@ -1015,13 +1020,9 @@ async def _serve(cfg: AgentConfig) -> None:
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        asyncio.run(coro)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro)
+    # The stdlib loop, always: the agent stays light in small guests, and
+    # uvloop refuses AF_VSOCK sockets in connect_accepted_socket (its RPC).
+    asyncio.run(coro)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -234,6 +234,7 @@ class Forwarder:
         self._pending = 0
         self._relays: dict[relay.Relay, str] = {}
         self._relay_tasks: set[asyncio.Task[None]] = set()
+        self._pipes = relay.PipePool()  # splice pipes shared by every relay
         self._closed = False
 
     # -- the table ----------------------------------------------------------
@@ -608,7 +609,7 @@ class Forwarder:
         stats = self._stats[fid]
         stats.connections += 1
         stats.active_relays += 1
-        running = relay.Relay(host_sock, data_sock)
+        running = relay.Relay(host_sock, data_sock, pipes=self._pipes)
         self._relays[running] = fid
         log.debug("connection forwarded stream_id=%s forward_id=%s", stream_id, fid)
         task = asyncio.get_running_loop().create_task(self._run_relay(running, fid, stream_id))
@@ -705,6 +706,7 @@ class Forwarder:
         for task in list(self._relay_tasks):
             task.cancel()
         await asyncio.gather(*self._relay_tasks, return_exceptions=True)
+        self._pipes.close()
 
     async def __aenter__(self) -> Forwarder:
         return self
@@ -958,7 +960,13 @@ async def _run(args: argparse.Namespace, forwards: list[Forward]) -> int:
     return status
 
 
-def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def _event_loop_factory(
+    rpc: transport.Endpoint,
+) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed, unless the RPC connection is AF_VSOCK: uvloop's
+    connect_accepted_socket accepts only AF_UNIX and AF_INET[6] sockets."""
+    if isinstance(rpc, transport.VsockEndpoint):
+        return None
     try:
         import uvloop  # noqa: PLC0415
     except ImportError:
@@ -973,5 +981,7 @@ def main(args: argparse.Namespace) -> int:
     except _UsageError as exc:
         print(f"socketforward host: error: {exc}", file=sys.stderr)
         return 2
-    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+    with asyncio.Runner(
+        loop_factory=_event_loop_factory(args.rpc_listen or args.rpc_dial)
+    ) as runner:
         return runner.run(_run(args, forwards))

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-__all__ = ["COPY_BUFFER_SIZE", "PIPE_SIZE", "Relay", "RelayStats", "relay"]
+__all__ = ["COPY_BUFFER_SIZE", "PIPE_SIZE", "PipePool", "Relay", "RelayStats", "relay"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,54 @@ def _choose_mode(mode: Mode, a: socket.socket, b: socket.socket) -> Literal["spl
     return "copy"
 
 
+def _open_pipe(size: int) -> tuple[int, int]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, _F_SETPIPE_SZ, size)
+    except OSError as exc:
+        # EPERM past pipe-user-pages-soft: the default size still works.
+        if exc.errno not in (errno.EPERM, errno.EINVAL, errno.EBUSY):
+            os.close(r)
+            os.close(w)
+            raise
+    return r, w
+
+
+class PipePool:
+    """Empty splice pipes for reuse, owned by whoever runs many relays.
+
+    A direction holds a pipe only while bytes are in it and hands it back when
+    it drains, so idle connections hold no pipe and short ones open none:
+    opening and sizing a pipe costs four syscalls, closing it two more.
+    """
+
+    def __init__(self, size: int = PIPE_SIZE, limit: int = 16) -> None:
+        self.size = size
+        self._limit = limit
+        self._free: list[tuple[int, int]] = []
+        self._closed = False
+
+    def get(self) -> tuple[int, int]:
+        if self._free:
+            return self._free.pop()
+        return _open_pipe(self.size)
+
+    def put(self, pipe: tuple[int, int]) -> None:
+        """Take back an EMPTY pipe (or close it when the pool is full or closed)."""
+        if self._closed or len(self._free) >= self._limit:
+            os.close(pipe[0])
+            os.close(pipe[1])
+        else:
+            self._free.append(pipe)
+
+    def close(self) -> None:
+        self._closed = True
+        while self._free:
+            r, w = self._free.pop()
+            os.close(r)
+            os.close(w)
+
+
 class _Direction:
     """One direction src -> dst. Owns its buffer or pipe, not the sockets."""
 
@@ -78,7 +126,7 @@ class _Direction:
         dst: socket.socket,
         mode: Literal["splice", "copy"],
         buffer_size: int,
-        pipe_size: int,
+        pipes: PipePool,
     ) -> None:
         self.relay = relay
         self.loop = relay.loop
@@ -88,7 +136,8 @@ class _Direction:
         self.dst_fd = dst.fileno()
         self.mode = mode
         self.buffer_size = buffer_size
-        self.pipe_size = pipe_size
+        self.pipes = pipes
+        self.pipe_size = pipes.size
         self.moved = 0
         self.pending = 0  # bytes read from src not yet written to dst
         self.done = False
@@ -127,10 +176,12 @@ class _Direction:
 
     def _release(self) -> None:
         if self._pipe is not None:
-            r, w = self._pipe
-            self._pipe = None
-            os.close(r)
-            os.close(w)
+            pipe, self._pipe = self._pipe, None
+            if self.pending == 0:
+                self.pipes.put(pipe)
+            else:
+                os.close(pipe[0])
+                os.close(pipe[1])
         if self._view is not None:
             self._view.release()
             self._view = None
@@ -143,6 +194,7 @@ class _Direction:
         try:
             if self.mode == "splice":
                 self._pump_splice()
+                self._give_back_pipe()
             else:
                 self._pump_copy()
         except Exception as exc:
@@ -152,6 +204,7 @@ class _Direction:
         try:
             if self.mode == "splice":
                 self._drain_pipe()
+                self._give_back_pipe()
             else:
                 self._drain_buffer()
             if self.pending == 0:
@@ -226,23 +279,15 @@ class _Direction:
 
     # -- splice mode ------------------------------------------------------
 
-    def _open_pipe(self) -> tuple[int, int]:
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(w, _F_SETPIPE_SZ, self.pipe_size)
-        except OSError as exc:
-            # EPERM past pipe-user-pages-soft: the default size still works.
-            if exc.errno not in (errno.EPERM, errno.EINVAL, errno.EBUSY):
-                os.close(r)
-                os.close(w)
-                raise
-        self._pipe = (r, w)
-        return r, w
+    def _give_back_pipe(self) -> None:
+        if self._pipe is not None and self.pending == 0:
+            pipe, self._pipe = self._pipe, None
+            self.pipes.put(pipe)
 
     def _pump_splice(self) -> None:
         pipe = self._pipe
         if pipe is None:
-            pipe = self._open_pipe()
+            pipe = self._pipe = self.pipes.get()
         w = pipe[1]
         for _ in range(_MAX_PASSES):
             try:
@@ -275,6 +320,8 @@ class _Direction:
                 return  # source drained (or pipe full); polling says if more comes
 
     def _drain_pipe(self) -> None:
+        if not self.pending:
+            return  # the pipe may be back in the pool
         assert self._pipe is not None
         r = self._pipe[0]
         while self.pending:
@@ -307,13 +354,16 @@ class Relay:
         pipe_size: int = PIPE_SIZE,
         sndbuf: int | None = None,
         on_done: Callable[[RelayStats], None] | None = None,
+        pipes: PipePool | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self._a = a
         self._b = b
         self.stats = RelayStats(mode=_choose_mode(mode, a, b))
         self._buffer_size = buffer_size
-        self._pipe_size = pipe_size
+        # A relay of its own keeps its pipes (at most one each way) until it ends.
+        self._own_pipes = pipes is None
+        self._pipes = PipePool(pipe_size, limit=2) if pipes is None else pipes
         self._sndbuf = sndbuf
         self._on_done = on_done
         self._ab: _Direction | None = None
@@ -345,7 +395,7 @@ class Relay:
                 dst=b,
                 mode=mode,
                 buffer_size=self._buffer_size,
-                pipe_size=self._pipe_size,
+                pipes=self._pipes,
             )
             self._ba = _Direction(
                 self,
@@ -353,7 +403,7 @@ class Relay:
                 dst=a,
                 mode=mode,
                 buffer_size=self._buffer_size,
-                pipe_size=self._pipe_size,
+                pipes=self._pipes,
             )
             self._ab.start()
             self._ba.start()
@@ -394,6 +444,8 @@ class Relay:
             if d is not None:
                 with contextlib.suppress(Exception):
                     d.stop()
+        if self._own_pipes:
+            self._pipes.close()
         self._a.close()
         self._b.close()
         st = self.stats
@@ -424,6 +476,7 @@ async def relay(
     buffer_size: int = COPY_BUFFER_SIZE,
     pipe_size: int = PIPE_SIZE,
     sndbuf: int | None = None,
+    pipes: PipePool | None = None,
 ) -> RelayStats:
     """Copy bytes both ways between *a* and *b* until both directions ended.
 
@@ -431,8 +484,9 @@ async def relay(
     one side becomes ``shutdown(SHUT_WR)`` on the other while the opposite
     direction keeps flowing; a reset or error on either side ends both.
     Cancelling the task closes both sockets and re-raises. *sndbuf* sets
-    SO_SNDBUF on both sockets (None keeps the kernel default).
+    SO_SNDBUF on both sockets (None keeps the kernel default). *pipes* shares
+    splice pipes between relays (its size then wins over *pipe_size*).
     """
     return await Relay(
-        a, b, mode=mode, buffer_size=buffer_size, pipe_size=pipe_size, sndbuf=sndbuf
+        a, b, mode=mode, buffer_size=buffer_size, pipe_size=pipe_size, sndbuf=sndbuf, pipes=pipes
     ).run()

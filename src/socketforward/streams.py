@@ -62,7 +62,11 @@ async def _recv_exactly(sock: socket.socket, n: int, what: str) -> bytes:
     loop = asyncio.get_running_loop()
     buf = bytearray()
     while len(buf) < n:
-        chunk = await loop.sock_recv(sock, n - len(buf))
+        try:
+            # Usually already there: skips a reader registration and a loop pass.
+            chunk = sock.recv(n - len(buf))
+        except (BlockingIOError, InterruptedError):
+            chunk = await loop.sock_recv(sock, n - len(buf))
         if not chunk:
             raise HandshakeError(f"connection closed after {len(buf)} of {n} bytes of {what}")
         buf += chunk

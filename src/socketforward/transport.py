@@ -40,6 +40,7 @@ MAX_CID: Final = 2**32 - 1
 VMADDR_CID_ANY: Final = 0xFFFFFFFF
 # The hybrid-vsock reply is "OK <u32>\n": anything longer is not a reply.
 HVSOCK_REPLY_MAX: Final = 64
+_EAGER_ACCEPTS: Final = 64
 
 
 class EndpointError(ValueError):
@@ -212,6 +213,35 @@ async def _read_hvsock_reply(sock: socket.socket, ep: HvsockEndpoint) -> None:
     )
 
 
+async def connect_nonblocking(
+    sock: socket.socket, address: tuple[int, int] | tuple[str, int]
+) -> None:
+    """connect() a non-blocking socket and wait until it is done. Unlike
+    loop.sock_connect this never resolves the address: uvloop's does, and an
+    AF_VSOCK (cid, port) pair is not a host name."""
+    try:
+        sock.connect(address)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def writable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_writer(fd, writable)
+    try:
+        await done
+    finally:
+        loop.remove_writer(fd)
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
+
+
 async def _connect(ep: Endpoint) -> socket.socket:
     loop = asyncio.get_running_loop()
     if isinstance(ep, UnixEndpoint):
@@ -235,7 +265,7 @@ async def _connect(ep: Endpoint) -> socket.socket:
         raise EndpointError(f"invalid endpoint {str(ep)!r}: connecting needs a CID")
     sock = _new_socket(socket.AF_VSOCK)
     try:
-        await loop.sock_connect(sock, (ep.cid, ep.port))
+        await connect_nonblocking(sock, (ep.cid, ep.port))
     except OSError as exc:
         sock.close()
         raise _named(exc, f"connect {ep}") from None
@@ -266,6 +296,7 @@ class Listener:
         self._endpoint = endpoint
         self._inode = inode
         self._closed = False
+        self._eager = 0
 
     @property
     def sock(self) -> socket.socket:
@@ -281,6 +312,18 @@ class Listener:
 
     async def accept(self) -> socket.socket:
         """Accept one connection: a non-blocking socket owned by the caller."""
+        # Try at once, so a backlog drains without one event-loop pass per
+        # connection; every _EAGER_ACCEPTS-th waits in the loop (others' turn).
+        if self._eager < _EAGER_ACCEPTS:
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                pass
+            else:
+                self._eager += 1
+                conn.setblocking(False)
+                return conn
+        self._eager = 0
         conn, _ = await asyncio.get_running_loop().sock_accept(self._sock)
         conn.setblocking(False)
         return conn

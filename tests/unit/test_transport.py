@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from socketforward.transport import (
     MAX_UNIX_PATH,
@@ -23,6 +24,7 @@ from socketforward.transport import (
     UnixEndpoint,
     VsockEndpoint,
     connect,
+    connect_nonblocking,
     listen,
     parse_endpoint,
 )
@@ -393,3 +395,28 @@ async def test_hvsock_silent_peer_times_out(tmp_path: Path) -> None:
                 await connect(ep, timeout=0.2)
         finally:
             gate.set()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_nonblocking_connect_works_on_both_loops(loop_kind: str) -> None:
+    """The connect used for vsock (never resolving the address) connects, and
+    reports a refusal as ConnectionRefusedError, on asyncio and uvloop alike
+    (uvloop's sock_connect would try to resolve a vsock CID as a host name)."""
+
+    async def scenario() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            address = listener.getsockname()
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.setblocking(False)
+                await connect_nonblocking(sock, address)
+                assert sock.getpeername() == address
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)
+            with pytest.raises(ConnectionRefusedError):
+                await connect_nonblocking(sock, address)
+
+    factory = uvloop.new_event_loop if loop_kind == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(scenario())
