@@ -19,64 +19,21 @@ import platform
 import shutil
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+import loadgen
+from loadgen import GiB, MiB
 
 from socketforward.relay import relay
 from socketforward.transport import UnixEndpoint, connect, listen
 
-GiB = 1 << 30
-MiB = 1 << 20
-_COUNT = struct.Struct(">Q")
-
-
 # -- child processes ----------------------------------------------------------------
-
-
-def _run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    try:
-        import uvloop  # noqa: PLC0415 - optional speed-up
-    except ImportError:
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
-
-
-async def _server(path: str) -> None:
-    """First byte b"T": count bytes to EOF and reply the count; otherwise echo."""
-    loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def handle(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(ConnectionError):
-            first = await loop.sock_recv(conn, 1)
-            if first == b"T":
-                buf = memoryview(bytearray(MiB))
-                total = 0
-                while n := await loop.sock_recv_into(conn, buf):
-                    total += n
-                await loop.sock_sendall(conn, _COUNT.pack(total))
-                return
-            data = first
-            while data:
-                await loop.sock_sendall(conn, data)
-                data = await loop.sock_recv(conn, 65536)
-
-    async with await listen(UnixEndpoint(path)) as listener:
-        print("ready", flush=True)
-        while True:
-            conn = await listener.accept()
-            task = asyncio.create_task(handle(conn))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
 
 
 async def _relay(path: str, target: str, mode: str, sndbuf: int | None) -> None:
@@ -134,84 +91,24 @@ def _spawn(procs: list[subprocess.Popen[bytes]], *argv: str, wait_for: str | Non
     yield proc.pid
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        # utime, stime, and the reaped children's (socat forks per connection).
-        total += sum(int(f) for f in fields[11:15]) / tick
-    return total
-
-
-def _connect(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    return sock
-
-
 def measure_throughput(p: Path_, size: int, chunk: bytes) -> None:
-    cpu0 = _cpu_seconds(p.relay_pids)
-    t0 = time.perf_counter()
-    with _connect(p.entry) as sock:
-        sock.sendall(b"T")
-        view = memoryview(chunk)
-        left = size
-        while left:
-            n = min(left, len(view))
-            sock.sendall(view[:n])
-            left -= n
-        sock.shutdown(socket.SHUT_WR)
-        reply = b""
-        while len(reply) < _COUNT.size:
-            data = sock.recv(_COUNT.size - len(reply))
-            if not data:
-                break
-            reply += data
-    elapsed = time.perf_counter() - t0
+    cpu0 = loadgen.cpu_seconds(p.relay_pids)
+    elapsed = loadgen.upload(p.entry, size, chunk)
     time.sleep(0.1)  # let a forking relay reap its child so its CPU time is counted
-    (got,) = _COUNT.unpack(reply)
-    if got != size:
-        raise RuntimeError(f"{p.name}: server counted {got} bytes, sent {size}")
     p.mbps.append(size / elapsed / 1e6)
     if p.relay_pids:
-        p.cpu_per_gib.append((_cpu_seconds(p.relay_pids) - cpu0) / (size / GiB))
+        p.cpu_per_gib.append((loadgen.cpu_seconds(p.relay_pids) - cpu0) / (size / GiB))
 
 
 def measure_rtt(p: Path_, count: int) -> None:
-    samples = []
-    with _connect(p.entry) as sock:
-        for i in range(count + 200):
-            t0 = time.perf_counter_ns()
-            sock.sendall(b"x")
-            if sock.recv(1) != b"x":
-                raise RuntimeError(f"{p.name}: echo lost")
-            if i >= 200:  # warm-up excluded
-                samples.append((time.perf_counter_ns() - t0) / 1000)
-    samples.sort()
-    p.p50.append(samples[len(samples) // 2])
-    p.p99.append(samples[int(len(samples) * 0.99)])
+    samples = loadgen.round_trips(p.entry, count)
+    p.p50.append(loadgen.percentile(samples, 0.5))
+    p.p99.append(loadgen.percentile(samples, 0.99))
 
 
 def measure_conns(p: Path_, seconds: float, workers: int) -> None:
-    counts = [0] * workers
-    stop = time.perf_counter() + seconds
-
-    def work(i: int) -> None:
-        while time.perf_counter() < stop:
-            with _connect(p.entry) as sock:
-                sock.sendall(b"x")
-                if sock.recv(1) != b"x":
-                    raise RuntimeError(f"{p.name}: echo lost")
-            counts[i] += 1
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    p.conns.append(sum(counts) / (time.perf_counter() - t0))
+    rate, _failed = loadgen.connection_rate(p.entry, seconds, workers)
+    p.conns.append(rate)
 
 
 def _ratio(value: float, base: float) -> str:
@@ -220,11 +117,11 @@ def _ratio(value: float, base: float) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_server":
-        _run_async(lambda: _server(sys.argv[2]))
+        loadgen.run_async(lambda: loadgen.serve(sys.argv[2]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_relay":
         sndbuf = int(sys.argv[5]) if sys.argv[5] != "-" else None
-        _run_async(lambda: _relay(sys.argv[2], sys.argv[3], sys.argv[4], sndbuf))
+        loadgen.run_async(lambda: _relay(sys.argv[2], sys.argv[3], sys.argv[4], sndbuf))
         return
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -245,7 +142,7 @@ def main() -> None:
     me = [sys.executable, os.path.abspath(__file__)]
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="relaybench-") as tmp, contextlib.ExitStack() as stack:
-        stack.callback(_stop_all, procs)
+        stack.callback(loadgen.stop_all, procs)
         server = f"{tmp}/server.sock"
         stack.enter_context(_spawn(procs, *me, "_server", server, wait_for=None))
         paths = [Path_("direct", server)]
@@ -312,19 +209,6 @@ def main() -> None:
             f"| {med(p.p50):.1f} | {med(p.p99):.1f} | {_ratio(med(p.p50), med(base.p50))} "
             f"| {med(p.conns):,.0f} | {_ratio(med(p.conns), med(base.conns))} |"
         )
-
-
-def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,769 @@
+"""Forward-path benchmark: socketforward against nerdbox's Go path, socat and a direct socket.
+
+    uv run --locked --all-extras --group bench python bench/forward_bench.py [--quick]
+        [--rounds 3] [--paths DIRECT,OURS,...]
+
+Paths, all over UNIX sockets, each forwarding side its own process:
+  DIRECT   the load connects to the target service itself
+  SOCAT    two chained ``socat UNIX-LISTEN,fork UNIX-CONNECT`` relays (a forward's hop count)
+  GO       nerdbox-vm + nerdbox-host, the Go stand-ins of tests/interop (io.Copy relays)
+  OURS     ``socketforward guest`` + ``socketforward host`` (uvloop when installed)
+  OURS>GO  our guest + the Go host;  GO>OURS  the Go guest + our host
+Workloads: throughput (1 GiB up, 1 GiB down, byte counts checked), 1-byte round
+trip (p50/p99), connection rate (connect, one echo, close; 32 concurrent),
+burst (2,000 simultaneous connects: served / refused / reset / hung within a
+bound), memory (RSS of the forwarding processes with 1,000 idle forwarded
+connections, minus the idle baseline, per connection), CPU seconds per GiB
+relayed (from /proc of the forwarding processes during the throughput runs).
+
+Each round starts every path's processes afresh, then runs each workload on
+every path in turn (the path order rotates per round), so machine noise hits
+all paths alike; the report gives the median and min-max over the rounds and
+writes bench/results/forward.md and forward.png. A benchmark, not a test:
+it reports figures and never fails on a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+import loadgen
+from loadgen import GiB, MiB
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # for tests.interop.* when run as a script
+    sys.path.insert(0, str(REPO_ROOT))
+
+RESULTS_MD = REPO_ROOT / "bench" / "results" / "forward.md"
+RESULTS_PNG = REPO_ROOT / "bench" / "results" / "forward.png"
+START_TIMEOUT = 30.0
+
+ALL_PATHS = ["DIRECT", "SOCAT", "GO", "OURS", "OURS>GO", "GO>OURS"]
+PATH_HELP = {
+    "DIRECT": "load -> target service, no forwarder",
+    "SOCAT": "two chained socat relays (fork per connection, backlog=4096)",
+    "GO": "nerdbox-vm + nerdbox-host (Go stand-ins, io.Copy)",
+    "OURS": "socketforward guest + socketforward host",
+    "OURS>GO": "our guest + the Go host",
+    "GO>OURS": "the Go guest + our host",
+}
+
+# Reference figures for nerdbox on this machine (developers' guide) and our targets.
+NERDBOX_GUIDE = {
+    "throughput": "2.1 GB/s (direct 8.2 GB/s)",
+    "rtt": "85 µs p50 / 197 µs p99 (direct 6.5 µs)",
+    "conns": "4,950 conns/s",
+    "burst": "449 served, 1,551 reset of 2,000",
+    "rss": "45 KiB per idle connection",
+    "cpu": "0.54 CPU s per GiB",
+}
+
+
+# -- one path's processes ----------------------------------------------------------------
+
+
+@dataclass
+class Path_:
+    name: str
+    entry: str = ""
+    pids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Settings:
+    size: int
+    rtt_count: int
+    conn_seconds: float
+    workers: int
+    burst: int
+    burst_bound: float
+    idle: int
+
+
+class Procs:
+    """Every child process of one round, stopped (and reaped) on exit."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        with (self.tmp / log_name).open("ab") as log:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log
+            )
+        self.procs.append(proc)
+        return proc
+
+    def log(self, log_name: str) -> str:
+        path = self.tmp / log_name
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        loadgen.stop_all(self.procs)
+        self.procs.clear()
+
+
+def _ours(*args: str) -> list[str]:
+    return [sys.executable, "-m", "socketforward", *args]
+
+
+def start_path(
+    procs: Procs, name: str, target: str, go_bins: tuple[Path, Path] | None, socat: str | None
+) -> Path_:
+    """Start one path's forwarding processes; return it once a round trip works."""
+    d = procs.tmp / name.lower().replace(">", "-")
+    d.mkdir()
+    (d / "host").mkdir(mode=0o700)
+    rpc, streams, vm_path = d / "host" / "rpc.sock", d / "streams.sock", d / "vm" / "fwd.sock"
+    p = Path_(name)
+    if name == "DIRECT":
+        p.entry = target
+        return p
+    if name == "SOCAT":
+        assert socat is not None
+        s2, s1 = d / "socat2.sock", d / "socat1.sock"
+        a = procs.start(
+            [socat, f"UNIX-LISTEN:{s2},fork,backlog=4096", f"UNIX-CONNECT:{target}"], "socat2.log"
+        )
+        loadgen.wait_for_path(str(s2), START_TIMEOUT, a)
+        b = procs.start(
+            [socat, f"UNIX-LISTEN:{s1},fork,backlog=4096", f"UNIX-CONNECT:{s2}"], "socat1.log"
+        )
+        loadgen.wait_for_path(str(s1), START_TIMEOUT, b)
+        p.entry, p.pids = str(s1), [a.pid, b.pid]
+        _check(p)
+        return p
+    go_guest, go_host = name.startswith("GO"), name.endswith("GO")
+    assert go_bins is not None or not (go_guest or go_host)
+    forward = f"bench={target}:{vm_path}"
+    log_host, log_guest = f"{name}-host.log", f"{name}-guest.log"
+    if go_host:
+        assert go_bins is not None
+        argv = [str(go_bins[0]), "--rpc-listen", f"unix:{rpc}", "--streams", f"unix:{streams}"]
+        host = procs.start([*argv, "--forward", forward], log_host)
+    else:
+        host = procs.start(
+            _ours(
+                "host", "--rpc-listen", f"unix:{rpc}", "--streams", f"unix:{streams}",
+                "--forward", forward,
+            ),
+            log_host,
+        )  # fmt: skip
+    loadgen.wait_for_path(str(rpc), START_TIMEOUT, host)
+    if go_guest:
+        assert go_bins is not None
+        guest = procs.start(
+            [str(go_bins[1]), "--rpc-dial", f"unix:{rpc}", "--streams", f"unix:{streams}"],
+            log_guest,
+        )
+    else:
+        guest = procs.start(
+            _ours("guest", "--rpc-dial", f"unix:{rpc}", "--streams", f"unix:{streams}"),
+            log_guest,
+        )
+    try:
+        loadgen.wait_for_path(str(vm_path), START_TIMEOUT, host, guest)
+        p.entry, p.pids = str(vm_path), [guest.pid, host.pid]
+        _check(p)
+    except Exception as exc:
+        raise RuntimeError(
+            f"{name} did not start: {exc}\nhost log:\n{procs.log(log_host)}\n"
+            f"guest log:\n{procs.log(log_guest)}"
+        ) from exc
+    return p
+
+
+def _check(p: Path_) -> None:
+    """One echo through the path (the Accept stream may open just after Bind)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            with loadgen.connect(p.entry, timeout=5) as sock:
+                sock.sendall(loadgen.ECHO)
+                if sock.recv(1) == loadgen.ECHO:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{p.name}: no echo through {p.entry}")
+        time.sleep(0.05)
+
+
+# -- samples ------------------------------------------------------------------------
+
+
+@dataclass
+class Metric:
+    key: str
+    label: str  # table header
+    unit: str
+    higher_is_better: bool
+    fmt: str = "{:,.0f}"
+
+
+METRICS = [
+    Metric("up", "up MB/s", "MB/s", True),
+    Metric("down", "down MB/s", "MB/s", True),
+    Metric("cpu", "CPU s/GiB", "s/GiB", False, "{:.2f}"),
+    Metric("p50", "RTT p50 µs", "µs", False, "{:.1f}"),
+    Metric("p99", "RTT p99 µs", "µs", False, "{:.1f}"),
+    Metric("conns", "conns/s", "conns/s", True),
+    Metric("rss", "KiB/idle conn", "KiB", False, "{:.1f}"),
+    Metric("served", "burst served", "of burst", True),
+    Metric("refused", "burst refused", "", False),
+    Metric("reset", "burst reset", "", False),
+    Metric("hung", "burst hung", "", False),
+]
+
+
+@dataclass
+class Samples:
+    values: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, path: str, key: str, value: float) -> None:
+        self.values.setdefault((path, key), []).append(value)
+
+    def get(self, path: str, key: str) -> list[float]:
+        return self.values.get((path, key), [])
+
+    def median(self, path: str, key: str) -> float | None:
+        v = self.get(path, key)
+        return statistics.median(v) if v else None
+
+
+def w_memory(p: Path_, s: Settings, out: Samples) -> None:
+    if not p.pids:
+        return
+    time.sleep(0.3)
+    base = loadgen.rss_bytes(p.pids)
+    with loadgen.idle_connections(p.entry, s.idle, 32, bound=60) as held:
+        time.sleep(0.5)
+        rss = loadgen.rss_bytes(p.pids)
+    if held < s.idle:
+        out.notes.append(f"{p.name}: memory run held {held} of {s.idle} connections")
+    if held:
+        out.add(p.name, "rss", (rss - base) / held / 1024)
+
+
+def w_throughput(p: Path_, s: Settings, out: Samples) -> None:
+    chunk = os.urandom(MiB)
+    cpu0 = loadgen.cpu_seconds(p.pids)
+    out.add(p.name, "up", s.size / loadgen.upload(p.entry, s.size, chunk) / 1e6)
+    out.add(p.name, "down", s.size / loadgen.download(p.entry, s.size) / 1e6)
+    if p.pids:
+        time.sleep(0.2)  # a forking relay reaps its child: its CPU time then counts
+        out.add(p.name, "cpu", (loadgen.cpu_seconds(p.pids) - cpu0) / (2 * s.size / GiB))
+
+
+def w_rtt(p: Path_, s: Settings, out: Samples) -> None:
+    samples = loadgen.round_trips(p.entry, s.rtt_count)
+    out.add(p.name, "p50", loadgen.percentile(samples, 0.5))
+    out.add(p.name, "p99", loadgen.percentile(samples, 0.99))
+
+
+def w_conns(p: Path_, s: Settings, out: Samples) -> None:
+    rate, failed = loadgen.connection_rate(p.entry, s.conn_seconds, s.workers)
+    out.add(p.name, "conns", rate)
+    if failed:
+        out.notes.append(f"{p.name}: {failed} connections failed in the connection-rate run")
+
+
+def w_burst(p: Path_, s: Settings, out: Samples) -> None:
+    r = loadgen.burst(p.entry, s.burst, s.burst_bound)
+    for key in ("served", "refused", "reset", "hung"):
+        out.add(p.name, key, getattr(r, key))
+
+
+# Memory first (on fresh processes), burst last (it may break nerdbox's Accept stream).
+WORKLOADS: list[tuple[str, Callable[[Path_, Settings, Samples], None]]] = [
+    ("memory", w_memory),
+    ("throughput", w_throughput),
+    ("round trip", w_rtt),
+    ("connection rate", w_conns),
+    ("burst", w_burst),
+]
+
+
+# -- report ---------------------------------------------------------------------------
+
+
+def _fmt(metric: Metric, value: float | None) -> str:
+    return "-" if value is None else metric.fmt.format(value)
+
+
+def cell(samples: Samples, path: str, metric: Metric) -> str:
+    v = samples.get(path, metric.key)
+    if not v:
+        return "-"
+    med = _fmt(metric, statistics.median(v))
+    if len(v) == 1 or min(v) == max(v):
+        return med
+    return f"{med} <sub>{_fmt(metric, min(v))}-{_fmt(metric, max(v))}</sub>"
+
+
+def ratio(samples: Samples, a: str, b: str, key: str) -> str:
+    x, y = samples.median(a, key), samples.median(b, key)
+    if x is None or y is None or y == 0:
+        return "-"
+    return f"{x / y:.2f}"
+
+
+@dataclass
+class Target:
+    what: str
+    guide: str
+    check: Callable[[Samples], tuple[str, bool | None]]
+
+
+def _m(samples: Samples, path: str, key: str) -> float | None:
+    return samples.median(path, key)
+
+
+def _t_throughput(s: Samples) -> tuple[str, bool | None]:
+    ours = [_m(s, "OURS", k) for k in ("up", "down")]
+    direct = [_m(s, "DIRECT", k) for k in ("up", "down")]
+    if None in ours or None in direct:
+        return "-", None
+    r = [o / d for o, d in zip(ours, direct, strict=True) if o is not None and d]
+    return f"up {r[0]:.0%}, down {r[1]:.0%} of DIRECT", min(r) >= 0.5
+
+
+def _t_rtt(s: Samples) -> tuple[str, bool | None]:
+    ours, go = _m(s, "OURS", "p50"), _m(s, "GO", "p50")
+    if ours is None or go is None:
+        return "-", None
+    return f"p50 {ours:.1f} µs vs GO {go:.1f} µs ({ours / go:.2f}x)", ours <= go
+
+
+def _t_conns(s: Samples) -> tuple[str, bool | None]:
+    ours, go = _m(s, "OURS", "conns"), _m(s, "GO", "conns")
+    if ours is None or go is None:
+        return "-", None
+    return f"{ours:,.0f} vs GO {go:,.0f} ({ours / go:.2f}x)", ours >= 1.5 * go
+
+
+def _t_burst_for(total: int) -> Callable[[Samples], tuple[str, bool | None]]:
+    def check(s: Samples) -> tuple[str, bool | None]:
+        v = s.get("OURS", "served")
+        if not v:
+            return "-", None
+        return f"served {min(v):,.0f}-{max(v):,.0f} of {total:,}", min(v) == total
+
+    return check
+
+
+def _t_rss(s: Samples) -> tuple[str, bool | None]:
+    ours = _m(s, "OURS", "rss")
+    if ours is None:
+        return "-", None
+    return f"{ours:.1f} KiB per connection", ours <= 6
+
+
+def _t_cpu(s: Samples) -> tuple[str, bool | None]:
+    ours, go = _m(s, "OURS", "cpu"), _m(s, "GO", "cpu")
+    if ours is None or go is None:
+        return "-", None
+    return f"{ours:.2f} vs GO {go:.2f} s/GiB", ours <= go
+
+
+def targets(settings: Settings) -> list[Target]:
+    return [
+        Target("throughput >= 50% of DIRECT", NERDBOX_GUIDE["throughput"], _t_throughput),
+        Target("RTT p50 <= nerdbox's (GO)", NERDBOX_GUIDE["rtt"], _t_rtt),
+        Target("connection rate >= 1.5x GO", NERDBOX_GUIDE["conns"], _t_conns),
+        Target(
+            f"burst: all {settings.burst:,} served",
+            NERDBOX_GUIDE["burst"],
+            _t_burst_for(settings.burst),
+        ),
+        Target("<= 6 KiB RSS per idle connection", NERDBOX_GUIDE["rss"], _t_rss),
+        Target("CPU per GiB <= GO", NERDBOX_GUIDE["cpu"], _t_cpu),
+    ]
+
+
+def _version(argv: list[str]) -> str:
+    with contextlib.suppress(OSError):
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=10)
+        text = (proc.stdout or proc.stderr).strip().splitlines()
+        return text[1] if argv[-1] == "-V" and len(text) > 1 else (text[0] if text else "?")
+    return "not installed"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine used so far (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    # user nice system idle iowait irq softirq steal: all but idle and iowait
+    busy = sum(int(f) for i, f in enumerate(fields[:8]) if i not in (3, 4))
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """This process's CPU and that of its reaped children (all of ours by the end)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def loop_name() -> str:
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        return "asyncio (uvloop not installed)"
+    return f"uvloop {getattr(uvloop, '__version__', '?')}"
+
+
+def command_line() -> str:
+    argv = [sys.argv[0], *sys.argv[1:]]
+    with contextlib.suppress(ValueError):
+        argv[0] = str(Path(argv[0]).resolve().relative_to(Path.cwd()))
+    prefix = (
+        "uv run --locked --all-extras --group bench "
+        if os.environ.get("UV_RUN_RECURSION_DEPTH")
+        else ""
+    )
+    return prefix + shlex.join(["python", *argv])
+
+
+def report(
+    samples: Samples,
+    *,
+    paths: list[str],
+    settings: Settings,
+    rounds: int,
+    started: datetime.datetime,
+    took: float,
+    socat: str | None,
+    other_cpu: float,
+) -> str:
+    mem = total = 0.0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) / (1 << 20)
+        mem = total
+    size = f"{settings.size / GiB:g} GiB" if settings.size >= GiB else f"{settings.size // MiB} MiB"
+    out = [
+        "# Forward-path benchmark",
+        "",
+        f"Command: `{command_line()}`",
+        "",
+        f"Date: {started.strftime('%Y-%m-%d %H:%M:%S UTC')}; {rounds} interleaved rounds, "
+        f"{took:.0f} s in all.",
+        "",
+        f"- Machine: {os.cpu_count()} CPUs ({cpu_model()}), {mem:.0f} GiB RAM, "
+        f"{platform.system()} {platform.release()}; other work on the machine during the "
+        f"run: {other_cpu:.0f} CPU s of the {took * (os.cpu_count() or 1):.0f} there were "
+        f"({other_cpu / (took * (os.cpu_count() or 1)):.0%}; the benchmark's own processes "
+        "excluded)",
+        f"- Python {platform.python_version()}, {loop_name()} (our guest, host, the target "
+        f"service); {_version(['go', 'version'])}; "
+        f"{_version([socat, '-V']) if socat else 'socat not installed'}",
+        f"- Workloads: throughput {size} up then {size} down on one connection each (byte "
+        f"counts checked); {settings.rtt_count:,} 1-byte round trips after 200 warm-up; "
+        f"connection rate: {settings.workers} concurrent loops of connect, 1-byte echo, close, "
+        f"for {settings.conn_seconds:g} s; burst: {settings.burst:,} connects as fast as one "
+        f"thread can, each sends 1 byte, answers awaited {settings.burst_bound:g} s; memory: "
+        f"{settings.idle:,} connections each answered once and held open, RSS of the "
+        "forwarding processes (and their children) minus the same processes' RSS just "
+        "before; CPU: user+system seconds of the forwarding processes over both throughput "
+        "transfers.",
+        "- Load generator: this script's own process (blocking sockets for bulk and round "
+        "trips, one epoll loop for many connections); its DIRECT figures are its ceiling. "
+        "Target service: one uvloop process shared by all paths.",
+        "- Cells: median, with min-max over the rounds in small print.",
+        "",
+        "Paths:",
+        "",
+        *[f"- **{p}**: {PATH_HELP[p]}" for p in paths],
+        "",
+        "| path | " + " | ".join(m.label for m in METRICS) + " |",
+        "|---|" + "---:|" * len(METRICS),
+    ]
+    for p in paths:
+        out.append(f"| {p} | " + " | ".join(cell(samples, p, m) for m in METRICS) + " |")
+    ratio_paths = [p for p in ("OURS", "OURS>GO", "GO>OURS") if p in paths]
+    if ratio_paths:
+        out += [
+            "",
+            "Ratios of medians (for µs, s/GiB and KiB lower is better):",
+            "",
+            "| ratio | " + " | ".join(m.label for m in METRICS[:7]) + " |",
+            "|---|" + "---:|" * 7,
+        ]
+        for p in ratio_paths:
+            for base in ("GO", "DIRECT"):
+                if base in paths and not (p != "OURS" and base == "DIRECT"):
+                    row = [ratio(samples, p, base, m.key) for m in METRICS[:7]]
+                    out.append(f"| {p} / {base} | " + " | ".join(row) + " |")
+    if "OURS" in paths:
+        out += [
+            "",
+            "Targets (OURS):",
+            "",
+            "| target | nerdbox (developers' guide) | measured | met |",
+            "|---|---|---|---|",
+        ]
+        for t in targets(settings):
+            text, ok = t.check(samples)
+            mark = "-" if ok is None else ("yes" if ok else "**no**")
+            out.append(f"| {t.what} | {t.guide} | {text} | {mark} |")
+    notes = [
+        "- The Go stand-ins reproduce nerdbox's behaviour: the relay tears a connection "
+        "down at the first EOF (so no workload half-closes; each reads its answer first), "
+        "the VM side queues ConnectRequests in a 64-slot channel and closes connections "
+        "that find it full (the burst's reset column), and the host answers ConnectRequests "
+        "one at a time.",
+        "- socat forks one process per connection: its RSS is summed over the children, "
+        "shared pages counted in each.",
+        *[f"- {n}" for n in dict.fromkeys(samples.notes)],
+    ]
+    out += ["", "Notes:", "", *notes]
+    return "\n".join(out) + "\n"
+
+
+def _target_line(samples: Samples, key: str) -> float | None:
+    """Where OURS should be, in the panel's unit (the targets of issue 6)."""
+    go = samples.median("GO", key)
+    direct = samples.median("DIRECT", key)
+    if key in ("up", "down") and direct is not None:
+        return 0.5 * direct
+    if key == "p50" and go is not None:
+        return go
+    if key == "conns" and go is not None:
+        return 1.5 * go
+    if key == "rss":
+        return 6.0
+    if key == "cpu" and go is not None:
+        return go
+    return None
+
+
+def plot(samples: Samples, paths: list[str], settings: Settings, png: Path) -> bool:
+    try:
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+    except ImportError:
+        print("matplotlib not installed (uv's bench group): no PNG written", file=sys.stderr)
+        return False
+    colors = {
+        "DIRECT": "#999999",
+        "SOCAT": "#c9a227",
+        "GO": "#3b7dd8",
+        "OURS": "#2ca25f",
+        "OURS>GO": "#8fd19e",
+        "GO>OURS": "#9ecae1",
+    }
+    panels = [
+        ("Throughput up (MB/s, higher is better)", "up"),
+        ("Throughput down (MB/s, higher is better)", "down"),
+        ("1-byte round trip p50 (µs, lower is better)", "p50"),
+        ("1-byte round trip p99 (µs, lower is better)", "p99"),
+        ("Connection rate (conns/s, higher is better)", "conns"),
+        (f"Burst of {settings.burst:,}: served / refused+reset / hung", "burst"),
+        ("RSS per idle connection (KiB, lower is better)", "rss"),
+        ("CPU seconds per GiB relayed (lower is better)", "cpu"),
+    ]
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
+    for ax, (title, key) in zip(axes.flat, panels, strict=True):
+        ax.set_title(title, fontsize=10)
+        xs = list(range(len(paths)))
+        if key == "burst":
+            served = [samples.median(p, "served") or 0 for p in paths]
+            dropped = [
+                (samples.median(p, "refused") or 0) + (samples.median(p, "reset") or 0)
+                for p in paths
+            ]
+            hung = [samples.median(p, "hung") or 0 for p in paths]
+            ax.bar(xs, served, color=[colors[p] for p in paths], label="served")
+            ax.bar(xs, dropped, bottom=served, color="#d9534f", label="refused / reset")
+            bottoms = [a + b for a, b in zip(served, dropped, strict=True)]
+            ax.bar(xs, hung, bottom=bottoms, color="#333333", label="hung")
+            ax.legend(fontsize=8, loc="upper center", ncol=3, framealpha=0.9)
+            ax.set_ylim(0, settings.burst * 1.25)
+            for x, v in zip(xs, served, strict=True):
+                ax.annotate(f"{v:,.0f}", (x, v), ha="center", va="bottom", fontsize=8)
+        else:
+            meds, lo, hi = [], [], []
+            for p in paths:
+                vals = samples.get(p, key)
+                m = statistics.median(vals) if vals else 0.0
+                meds.append(m)
+                lo.append(m - min(vals) if vals else 0.0)
+                hi.append(max(vals) - m if vals else 0.0)
+            ax.bar(xs, meds, color=[colors[p] for p in paths], yerr=[lo, hi], capsize=3)
+            for x, med in zip(xs, meds, strict=True):
+                if med:
+                    label = (
+                        f"{med:,.0f}" if med >= 100 else f"{med:.1f}" if med >= 1 else f"{med:.2f}"
+                    )
+                    ax.annotate(label, (x, med), ha="center", va="bottom", fontsize=8)
+        target = _target_line(samples, key)
+        if target is not None and "OURS" in paths:
+            ax.axhline(target, color="#2ca25f", linestyle="--", linewidth=1)
+            ax.annotate("OURS target", (len(paths) - 0.5, target), ha="right", va="bottom",
+                        fontsize=7, color="#2ca25f")  # fmt: skip
+        if key == "rss":
+            ax.set_yscale("log")  # socat's forked children dwarf the rest
+        elif key != "burst":
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(paths, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(
+        "socketforward forward path vs nerdbox (Go), socat and a direct socket — "
+        "median of rounds, bars show min-max",
+        fontsize=12,
+    )
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return True
+
+
+# -- driver ---------------------------------------------------------------------------
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "_serve":
+        loadgen.run_async(lambda: loadgen.serve(sys.argv[2]))
+        return 0
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke run (1 round, small)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 5; --quick 1)")
+    parser.add_argument("--paths", help=f"comma-separated subset of {','.join(ALL_PATHS)}")
+    parser.add_argument(
+        "--workloads", help=f"comma-separated subset of {','.join(w for w, _ in WORKLOADS)}"
+    )
+    parser.add_argument("--size", type=int, help="bytes each way per throughput run")
+    parser.add_argument("--out", type=Path, help="report file (default: forward.md unless --quick)")
+    parser.add_argument("--png", type=Path, help="plot file (default: forward.png unless --quick)")
+    args = parser.parse_args()
+    quick = args.quick
+    settings = Settings(
+        size=args.size or (128 * MiB if quick else GiB),
+        rtt_count=500 if quick else 5000,
+        conn_seconds=0.5 if quick else 2.0,
+        workers=32,
+        burst=500 if quick else 2000,
+        burst_bound=5.0 if quick else 15.0,
+        idle=200 if quick else 1000,
+    )
+    rounds = args.rounds or (1 if quick else 5)
+    out_md = args.out or (None if quick else RESULTS_MD)
+    out_png = args.png or (None if quick else RESULTS_PNG)
+    paths = args.paths.split(",") if args.paths else list(ALL_PATHS)
+    workloads = [
+        (w, f) for w, f in WORKLOADS if not args.workloads or w in args.workloads.split(",")
+    ]
+    unknown = set(paths) - set(ALL_PATHS)
+    if unknown:
+        parser.error(f"unknown paths: {sorted(unknown)}")
+
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    loadgen.raise_fd_limit()
+    started = datetime.datetime.now(datetime.UTC)
+    socat = shutil.which("socat")
+    if "SOCAT" in paths and socat is None:
+        print("socat is not installed (make bench installs it): SOCAT row skipped", file=sys.stderr)
+        paths.remove("SOCAT")
+    go_bins: tuple[Path, Path] | None = None
+    if any("GO" in p for p in paths):
+        from tests.interop.nerdbox_peers import (  # noqa: PLC0415 (imports pytest)
+            build_nerdbox_host,
+            build_nerdbox_vm,
+        )
+
+        try:
+            go_bins = (build_nerdbox_host(), build_nerdbox_vm())
+        except RuntimeError as exc:
+            print(f"Go stand-ins unavailable ({exc}): Go paths skipped", file=sys.stderr)
+            paths = [p for p in paths if "GO" not in p]
+
+    samples = Samples()
+    busy0, own0 = machine_busy_seconds(), own_cpu_seconds()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fwdbench-", dir="/tmp") as tmp_name:
+        tmp = Path(tmp_name)
+        target = str(tmp / "target.sock")
+        service = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "_serve", target],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            loadgen.wait_ready_line(service, "target service")
+            for r in range(rounds):
+                order = paths[r % len(paths) :] + paths[: r % len(paths)]
+                round_dir = tmp / f"round{r}"
+                round_dir.mkdir()
+                procs = Procs(round_dir)
+                try:
+                    running = [start_path(procs, n, target, go_bins, socat) for n in order]
+                    for wname, workload in workloads:
+                        for p in running:
+                            t = time.perf_counter()
+                            workload(p, settings, samples)
+                            print(
+                                f"round {r + 1}/{rounds} {wname:<16} {p.name:<8} "
+                                f"{time.perf_counter() - t:5.1f} s",
+                                file=sys.stderr,
+                            )
+                finally:
+                    procs.stop()
+        finally:
+            loadgen.stop_all([service])
+    took = time.perf_counter() - t0
+    other_cpu = max(0.0, (machine_busy_seconds() - busy0) - (own_cpu_seconds() - own0))
+    text = report(
+        samples,
+        paths=paths,
+        settings=settings,
+        rounds=rounds,
+        started=started,
+        took=took,
+        socat=socat,
+        other_cpu=other_cpu,
+    )
+    print(text)
+    if out_md is not None:
+        out_md.parent.mkdir(parents=True, exist_ok=True)
+        out_md.write_text(text)
+        print(f"written to {out_md}", file=sys.stderr)
+    if out_png is not None and plot(samples, paths, settings, out_png):
+        print(f"written to {out_png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
