@@ -1,0 +1,1 @@
+"""The guest agent in a real VM (QEMU + vhost-device-vsock), forwarding over real vsock."""
