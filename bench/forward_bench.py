@@ -19,7 +19,7 @@ relayed (from /proc of the forwarding processes during the throughput runs).
 Each round starts every path's processes afresh, then runs each workload on
 every path in turn (the path order rotates per round), so machine noise hits
 all paths alike; the report gives the median and min-max over the rounds and
-writes bench/results/forward.md and forward.png. A benchmark, not a test:
+writes bench/results/latest.md and latest.png. A benchmark, not a test:
 it reports figures and never fails on a time.
 """
 
@@ -50,8 +50,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # for tests.interop.* when run as a script
     sys.path.insert(0, str(REPO_ROOT))
 
-RESULTS_MD = REPO_ROOT / "bench" / "results" / "forward.md"
-RESULTS_PNG = REPO_ROOT / "bench" / "results" / "forward.png"
+RESULTS_MD = REPO_ROOT / "bench" / "results" / "latest.md"
+RESULTS_PNG = REPO_ROOT / "bench" / "results" / "latest.png"
 START_TIMEOUT = 30.0
 
 ALL_PATHS = ["DIRECT", "SOCAT", "GO", "OURS", "OURS>GO", "GO>OURS"]
@@ -666,8 +666,8 @@ def main() -> int:
         "--workloads", help=f"comma-separated subset of {','.join(w for w, _ in WORKLOADS)}"
     )
     parser.add_argument("--size", type=int, help="bytes each way per throughput run")
-    parser.add_argument("--out", type=Path, help="report file (default: forward.md unless --quick)")
-    parser.add_argument("--png", type=Path, help="plot file (default: forward.png unless --quick)")
+    parser.add_argument("--out", type=Path, help="report file (default: latest.md unless --quick)")
+    parser.add_argument("--png", type=Path, help="plot file (default: latest.png unless --quick)")
     args = parser.parse_args()
     quick = args.quick
     settings = Settings(
