@@ -1,8 +1,8 @@
 #!/bin/busybox sh
 # /init of the test guest's initramfs (tests/vm/vm.py fills in @MODULES@).
 # Loads the virtio, vsock and 9p modules, mounts the host's / read-only over
-# virtio-9p, the run's share (writable, at the same path as on the host) and
-# tmpfs on /tmp and /run, then runs $sfshare/guest.sh chrooted there and powers
+# virtio-9p, tmpfs on /tmp and /run, the checkout read-only and the run's share
+# (writable), each at the same path as on the host, then runs $sfshare/guest.sh chrooted there and powers
 # off. The kernel passes sfshare=... from its command line as an environment
 # variable.
 B=/bin/busybox
@@ -22,6 +22,10 @@ $B mount -t sysfs sysfs /newroot/sys
 $B mount -t devtmpfs devtmpfs /newroot/dev
 $B mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 $B mount -t tmpfs -o mode=755 tmpfs /newroot/run
+if [ -n "${sfrepo:-}" ]; then
+    $B mkdir -p "/newroot$sfrepo"
+    $B mount -t 9p -o "$O,ro" repo "/newroot$sfrepo" || fail "mount repo"
+fi
 [ -n "${sfshare:-}" ] || fail "no sfshare= on the kernel command line"
 $B mkdir -p "/newroot$sfshare"
 $B mount -t 9p -o "$O,rw" work "/newroot$sfshare" || fail "mount share"

@@ -339,11 +339,15 @@ def _start(vm: Vm, tools: VmTools, initramfs: Path) -> None:
         "-nic", "none",
         "-serial", f"file:{vm.console_path}", "-monitor", "none",
         "-kernel", tools.kernel, "-initrd", str(initramfs),
-        "-append", f"console=ttyS0 panic=-1 rdinit=/init quiet sfshare={vm.share}",
+        "-append", f"console=ttyS0 panic=-1 rdinit=/init quiet sfshare={vm.share} sfrepo={REPO}",
         "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
         "-fsdev", f"local,id=work,path={vm.share},security_model=none,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=work,mount_tag=work",
+        # The checkout (with .venv) at its own path: under /tmp or /run the
+        # guest's tmpfs would hide it (CI may clone there).
+        "-fsdev", f"local,id=repo,path={REPO},security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=repo,mount_tag=repo",
         "-chardev", f"socket,id=vsock0,path={vhost_sock}",
         "-device", "vhost-user-vsock-pci,chardev=vsock0",
     ]  # fmt: skip
