@@ -22,7 +22,6 @@ import errno
 import itertools
 import logging
 import os
-import random
 import signal
 import socket
 import stat
@@ -735,16 +734,6 @@ def _make_parents(directory: str) -> list[str]:
 # -- the agent -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Backoff:
-    initial: float = 0.05
-    maximum: float = 5.0
-
-    def delay(self, attempt: int) -> float:
-        capped = min(self.maximum, self.initial * float(1 << min(attempt, 30)))
-        return capped * random.uniform(0.5, 1.0)
-
-
 # Dial errors that retrying cannot fix.
 _FATAL_DIAL_ERRNOS: Final = frozenset(
     {errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EINVAL}
@@ -775,7 +764,7 @@ class Agent:
         self.service = service
         self._dial = rpc_dial
         self._listen = rpc_listen
-        self._backoff = _Backoff(backoff_initial, backoff_max)
+        self._backoff = transport.Backoff(backoff_initial, backoff_max)
         self._connect_timeout = connect_timeout
         self._server = ttrpc.Server()
         service.register(self._server)
@@ -797,7 +786,7 @@ class Agent:
             except (OSError, TimeoutError) as exc:
                 if first and isinstance(exc, OSError) and exc.errno in _FATAL_DIAL_ERRNOS:
                     raise
-                delay = self._backoff.delay(attempt)
+                delay = self._backoff.next()
                 attempt += 1
                 log.warning(
                     "rpc dial failed endpoint=%s attempt=%d error=%r retry_in=%.2fs",
@@ -815,7 +804,8 @@ class Agent:
             # A connection that lived long enough resets the backoff.
             if time.monotonic() - started >= self._backoff.maximum:
                 attempt = 0
-            delay = self._backoff.delay(attempt)
+                self._backoff.reset()
+            delay = self._backoff.next()
             attempt += 1
             log.warning("rpc connection lost endpoint=%s redial_in=%.2fs", ep, delay)
             await asyncio.sleep(delay)

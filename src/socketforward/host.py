@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import signal
 import socket
 import stat
@@ -414,7 +413,7 @@ class Forwarder:
     async def _accept_streams(self, session: _Session) -> None:
         """Keep one Accept stream open announcing the current table; reopen it
         when the guest ends it, and replace it when the table changes."""
-        delay = _BACKOFF_MIN
+        backoff = transport.Backoff(_BACKOFF_MIN, 5.0)
         while not session.client.closed:
             session.refresh.clear()
             announced = ",".join(sorted(self._forwards))
@@ -424,8 +423,7 @@ class Forwarder:
                 if session.client.closed:
                     return
                 log.warning("accept open failed error=%r", str(exc))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(backoff.next())
                 continue
             current = _AcceptStream(stream, len(self._forwards))
             log.info("accept stream opened announced=%d", current.announced)
@@ -442,17 +440,16 @@ class Forwarder:
                 refresh.cancel()
             if not reader.done():
                 session.spawn(self._retire(current, reader))
-                delay = _BACKOFF_MIN
+                backoff.reset()
                 continue
             await stream.aclose()
             if session.client.closed:
                 return
             self._ready.clear()
             if reader.result():
-                delay = _BACKOFF_MIN
+                backoff.reset()
             log.warning("accept stream ended by the guest; reopening")
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 5.0)
+            await asyncio.sleep(backoff.next())
 
     async def _read_accept(self, session: _Session, current: _AcceptStream) -> int:
         """Hand each ConnectRequest to its own task at once (the stream's receive
@@ -666,7 +663,7 @@ class Forwarder:
     ) -> None:
         """Dial the guest's RPC endpoint and serve it; when the connection drops
         or cannot be made, dial again with jittered backoff capped at *backoff_max*."""
-        delay = _BACKOFF_MIN
+        backoff = transport.Backoff(_BACKOFF_MIN, backoff_max)
         failures = 0
         while True:
             try:
@@ -686,9 +683,8 @@ class Forwarder:
                 before = self.sessions
                 await self._serve_logged(sock)
                 if self.sessions != before:
-                    delay = _BACKOFF_MIN
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, backoff_max)
+                    backoff.reset()
+            await asyncio.sleep(backoff.next())
 
     async def _serve_logged(self, sock: socket.socket) -> None:
         try:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import struct
 import time
 from types import TracebackType
 from typing import Final
 
-from socketforward.transport import Endpoint, Listener, connect
+from socketforward.transport import Backoff, Endpoint, Listener, connect
 
 __all__ = [
     "MAX_ID_LEN",
@@ -300,7 +299,7 @@ async def open_stream(
     if not raw or len(raw) > MAX_ID_LEN:
         raise ValueError(f"stream id must be 1..{MAX_ID_LEN} bytes, got {len(raw)}")
     deadline = time.monotonic() + retry_for
-    delay = 0.01
+    backoff = Backoff(0.01, 1.0)
     attempt = 0
     while True:
         attempt += 1
@@ -316,8 +315,7 @@ async def open_stream(
             log.debug(
                 "stream endpoint not ready stream_id=%s endpoint=%s error=%r", stream_id, ep, exc
             )
-            await asyncio.sleep(min(remaining, delay * random.uniform(0.5, 1.0)))
-            delay = min(delay * 2, 1.0)
+            await asyncio.sleep(min(remaining, backoff.next()))
             continue
         try:
             async with asyncio.timeout(timeout):

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import random
 import socket
 import stat
 from dataclasses import dataclass
@@ -41,6 +42,26 @@ VMADDR_CID_ANY: Final = 0xFFFFFFFF
 # The hybrid-vsock reply is "OK <u32>\n": anything longer is not a reply.
 HVSOCK_REPLY_MAX: Final = 64
 _EAGER_ACCEPTS: Final = 64
+
+
+class Backoff:
+    """Capped exponential backoff with jitter, for re-dialing: each wait is drawn
+    from [d/2, d], d doubling from *initial* up to *maximum*; reset() starts over."""
+
+    __slots__ = ("_delay", "initial", "maximum")
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self._delay = initial
+
+    def next(self) -> float:
+        delay = self._delay
+        self._delay = min(delay * 2, self.maximum)
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self._delay = self.initial
 
 
 class EndpointError(ValueError):

@@ -15,6 +15,7 @@ import uvloop
 
 from socketforward.transport import (
     MAX_UNIX_PATH,
+    Backoff,
     EndpointError,
     EndpointInUseError,
     HvsockConnectError,
@@ -420,3 +421,13 @@ def test_nonblocking_connect_works_on_both_loops(loop_kind: str) -> None:
     factory = uvloop.new_event_loop if loop_kind == "uvloop" else None
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(scenario())
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets() -> None:
+    """Re-dial waits grow (jittered in [d/2, d]) to the cap, and start small again after reset."""
+    backoff = Backoff(0.1, 0.8)
+    caps = [0.1, 0.2, 0.4, 0.8, 0.8, 0.8]
+    for cap in caps:
+        assert cap / 2 <= backoff.next() <= cap
+    backoff.reset()
+    assert 0.05 <= backoff.next() <= 0.1
