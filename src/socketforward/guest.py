@@ -154,7 +154,8 @@ class _Pending:
         self.conn: socket.socket | None = conn
         self.peer = peer
         self.stream: _AcceptStream | None = None
-        self.tried: set[_AcceptStream] = set()
+        # Streams that said they do not know this forward; rarely any, so shared empty.
+        self.tried: frozenset[_AcceptStream] = frozenset()
         self.timer: asyncio.TimerHandle | None = None
 
     def ids(self) -> str:
@@ -624,7 +625,7 @@ class Service(SocketForwardBase):
             self._start_relay(p, None)
             return
         if result.error.startswith(UNKNOWN_FORWARD_ID) and not s.serves(p.forward_id):
-            p.tried.add(s)
+            p.tried = p.tried | {s}
             if self._candidates(p) and p.conn is not None:
                 log.info("host stream does not know forward, trying another %s %s", s, p.ids())
                 self._queue[p.stream_id] = p
@@ -679,7 +680,7 @@ class Service(SocketForwardBase):
         stats.active += 1
         log.debug("relaying %s", p.ids())
         try:
-            result = await relay.relay(conn, data, pipes=self._pipes)
+            result = await relay.Relay(conn, data, pipes=self._pipes).run()
         except asyncio.CancelledError:
             log.info("connection ended by shutdown %s", p.ids())
             raise

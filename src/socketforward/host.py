@@ -232,7 +232,6 @@ class Forwarder:
         self._lock = asyncio.Lock()
         self._pending = 0
         self._relays: dict[relay.Relay, str] = {}
-        self._relay_tasks: set[asyncio.Task[None]] = set()
         self._pipes = relay.PipePool()  # splice pipes shared by every relay
         self._closed = False
 
@@ -606,30 +605,26 @@ class Forwarder:
         stats = self._stats[fid]
         stats.connections += 1
         stats.active_relays += 1
-        running = relay.Relay(host_sock, data_sock, pipes=self._pipes)
-        self._relays[running] = fid
-        log.debug("connection forwarded stream_id=%s forward_id=%s", stream_id, fid)
-        task = asyncio.get_running_loop().create_task(self._run_relay(running, fid, stream_id))
-        self._relay_tasks.add(task)
-        task.add_done_callback(self._relay_tasks.discard)
 
-    async def _run_relay(self, running: relay.Relay, fid: str, stream_id: str) -> None:
-        stats = self._stats[fid]
-        try:
-            await running.run()
-        finally:
+        def done(result: relay.RelayStats) -> None:
             del self._relays[running]
             stats.active_relays -= 1
-            stats.bytes_to_vm += running.stats.bytes_a_to_b
-            stats.bytes_to_host += running.stats.bytes_b_to_a
+            stats.bytes_to_vm += result.bytes_a_to_b
+            stats.bytes_to_host += result.bytes_b_to_a
             log.debug(
                 "relay ended stream_id=%s forward_id=%s ended=%s to_host=%d to_vm=%d",
                 stream_id,
                 fid,
-                running.stats.ended,
-                running.stats.bytes_b_to_a,
-                running.stats.bytes_a_to_b,
+                result.ended,
+                result.bytes_b_to_a,
+                result.bytes_a_to_b,
             )
+
+        # No task per relay: an idle forwarded connection costs only its relay.
+        running = relay.Relay(host_sock, data_sock, pipes=self._pipes, on_done=done)
+        self._relays[running] = fid
+        log.debug("connection forwarded stream_id=%s forward_id=%s", stream_id, fid)
+        running.start()
 
     # -- getting connections --------------------------------------------------------
 
@@ -699,9 +694,8 @@ class Forwarder:
         self._ready.clear()
         if session is not None:
             await session.close()
-        for task in list(self._relay_tasks):
-            task.cancel()
-        await asyncio.gather(*self._relay_tasks, return_exceptions=True)
+        for running in list(self._relays):
+            running.close()
         self._pipes.close()
 
     async def __aenter__(self) -> Forwarder:

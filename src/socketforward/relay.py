@@ -43,7 +43,7 @@ _RESET_ERRNOS: Final = frozenset(
 _NO_SPLICE_ERRNOS: Final = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
-@dataclass
+@dataclass(slots=True)
 class RelayStats:
     """What one relay did: bytes each way, how long, how it ended."""
 
@@ -117,6 +117,13 @@ class PipePool:
 
 class _Direction:
     """One direction src -> dst. Owns its buffer or pipe, not the sockets."""
+
+    # Slots: two of these live as long as every idle forwarded connection.
+    __slots__ = (
+        "_buf", "_pipe", "_start", "_view", "buffer_size", "done", "dst", "dst_fd", "loop",
+        "mode", "moved", "pending", "pipe_size", "pipes", "reading", "relay", "src",
+        "src_eof", "src_fd", "writing",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -344,6 +351,11 @@ class Relay:
     :attr:`buffered` while it runs.
     """
 
+    __slots__ = (
+        "_a", "_ab", "_b", "_ba", "_buffer_size", "_closed", "_done", "_on_done", "_own_pipes",
+        "_pipes", "_sndbuf", "_t0", "loop", "stats",
+    )  # fmt: skip
+
     def __init__(
         self,
         a: socket.socket,
@@ -368,7 +380,7 @@ class Relay:
         self._on_done = on_done
         self._ab: _Direction | None = None
         self._ba: _Direction | None = None
-        self._done: asyncio.Future[None] = self.loop.create_future()
+        self._done: asyncio.Future[None] | None = None  # made by run() only
         self._closed = False
         self._t0 = time.monotonic()
 
@@ -379,6 +391,21 @@ class Relay:
 
     async def run(self) -> RelayStats:
         """Relay until both directions ended; then both sockets are closed."""
+        self._done = self.loop.create_future()
+        try:
+            self.start()
+            await self._done
+        except asyncio.CancelledError:
+            self._close("cancelled", None)
+            raise
+        except BaseException as exc:
+            self._close("error", exc)
+            raise
+        return self.stats
+
+    def start(self) -> None:
+        """Start relaying without a task of its own (``on_done`` reports the end;
+        :meth:`close` ends it early): what many idle connections want."""
         try:
             a, b = self._a, self._b
             a.setblocking(False)
@@ -407,14 +434,13 @@ class Relay:
             )
             self._ab.start()
             self._ba.start()
-            await self._done
-        except asyncio.CancelledError:
-            self._close("cancelled", None)
-            raise
         except BaseException as exc:
             self._close("error", exc)
             raise
-        return self.stats
+
+    def close(self) -> None:
+        """End the relay now (both sockets closed); ``on_done`` sees "cancelled"."""
+        self._close("cancelled", None)
 
     # -- called by the directions ----------------------------------------
 
@@ -462,7 +488,7 @@ class Relay:
             st.duration,
             f" error={st.error!r}" if st.error else "",
         )
-        if not self._done.done():
+        if self._done is not None and not self._done.done():
             self._done.set_result(None)
         if self._on_done is not None:
             self._on_done(st)

@@ -408,3 +408,26 @@ async def test_splice_works_when_pipes_cannot_grow(monkeypatch: pytest.MonkeyPat
     assert refused
     assert stats.mode == "splice"
     assert stats.ended == "eof"
+
+
+async def test_started_relay_reports_through_on_done_and_closes_on_request() -> None:
+    """A relay started without a task of its own carries bytes both ways, tells
+    on_done how it ended, and close() ends it at once with both sockets closed."""
+    loop = asyncio.get_running_loop()
+    outer_a, inner_a = socket.socketpair()
+    inner_b, outer_b = socket.socketpair()
+    ended: list[RelayStats] = []
+    with outer_a, outer_b:
+        for sock in (outer_a, outer_b):
+            sock.setblocking(False)
+        running = Relay(inner_a, inner_b, on_done=ended.append)
+        running.start()
+        await loop.sock_sendall(outer_a, b"ping")
+        assert await loop.sock_recv(outer_b, 4) == b"ping"
+        await loop.sock_sendall(outer_b, b"pong!")
+        assert await loop.sock_recv(outer_a, 5) == b"pong!"
+        assert ended == []
+        running.close()
+        assert [(s.ended, s.bytes_a_to_b, s.bytes_b_to_a) for s in ended] == [("cancelled", 4, 5)]
+        assert inner_a.fileno() == -1 and inner_b.fileno() == -1
+        assert await loop.sock_recv(outer_a, 1) == b""  # the peer sees the close
