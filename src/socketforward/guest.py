@@ -252,6 +252,7 @@ class Service(SocketForwardBase):
         self._queue: collections.OrderedDict[str, _Pending] = collections.OrderedDict()
         self._timed_out: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._relays: set[relay.Relay] = set()
         self._stats: dict[str, ForwardStats] = {}
         self._stream_numbers = itertools.count(1)
         self._pipes = relay.PipePool()  # splice pipes shared by every relay
@@ -299,6 +300,8 @@ class Service(SocketForwardBase):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for running in list(self._relays):
+            running.close()
         self._pipes.close()
         if isinstance(self._streams, _ClosableStreamManager):
             await self._streams.close()
@@ -648,7 +651,10 @@ class Service(SocketForwardBase):
             if data is not None:
                 data.close()
             return
-        task = asyncio.get_running_loop().create_task(self._relay(p, conn, data))
+        if data is not None:
+            self._begin_relay(p, conn, data)
+            return
+        task = asyncio.get_running_loop().create_task(self._claim_and_relay(p, conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -660,11 +666,10 @@ class Service(SocketForwardBase):
                 raise
         return await self._streams.wait_for(stream_id, self._stream_wait)
 
-    async def _relay(self, p: _Pending, conn: socket.socket, data: socket.socket | None) -> None:
+    async def _claim_and_relay(self, p: _Pending, conn: socket.socket) -> None:
         stats = self._stats.setdefault(p.forward_id, ForwardStats())
         try:
-            if data is None:
-                data = await self._claim(p.stream_id)
+            data = await self._claim(p.stream_id)
         except Exception as exc:
             # LookupError: the host said success but no data stream came.
             conn.close()
@@ -676,30 +681,37 @@ class Service(SocketForwardBase):
             stats.failed["shutdown"] = stats.failed.get("shutdown", 0) + 1
             log.warning("connection closed %s reason=shutdown", p.ids())
             raise
+        self._begin_relay(p, conn, data)
+
+    def _begin_relay(self, p: _Pending, conn: socket.socket, data: socket.socket) -> None:
+        """Relay on callbacks, no task: an idle connection costs only its relay."""
+        stats = self._stats.setdefault(p.forward_id, ForwardStats())
         stats.connected += 1
         stats.active += 1
         log.debug("relaying %s", p.ids())
-        try:
-            result = await relay.Relay(conn, data, pipes=self._pipes).run()
-        except asyncio.CancelledError:
-            log.info("connection ended by shutdown %s", p.ids())
-            raise
-        except Exception as exc:  # relay closed both sockets already
-            log.error("relay failed %s error=%r", p.ids(), exc)
-            return
-        finally:
+
+        def done(result: relay.RelayStats) -> None:
+            self._relays.discard(running)
             stats.active -= 1
-        stats.bytes_to_host += result.bytes_a_to_b
-        stats.bytes_from_host += result.bytes_b_to_a
-        log.info(
-            "connection done %s ended=%s to_host=%d from_host=%d duration=%.3f%s",
-            p.ids(),
-            result.ended,
-            result.bytes_a_to_b,
-            result.bytes_b_to_a,
-            result.duration,
-            f" error={result.error!r}" if result.error else "",
-        )
+            stats.bytes_to_host += result.bytes_a_to_b
+            stats.bytes_from_host += result.bytes_b_to_a
+            if result.ended == "cancelled":
+                log.info("connection ended by shutdown %s", p.ids())
+                return
+            log.info(
+                "connection done %s ended=%s to_host=%d from_host=%d duration=%.3f%s",
+                p.ids(),
+                result.ended,
+                result.bytes_a_to_b,
+                result.bytes_b_to_a,
+                result.duration,
+                f" error={result.error!r}" if result.error else "",
+            )
+
+        running = relay.Relay(conn, data, pipes=self._pipes, on_done=done)
+        self._relays.add(running)
+        with contextlib.suppress(Exception):  # on_done has logged it; sockets are closed
+            running.start()
 
 
 def _announced(context: ttrpc.CallContext) -> frozenset[str] | None:
