@@ -46,3 +46,15 @@ def test_stream_id_format() -> None:
     assert len(ids) == 100
     for stream_id in ids:
         assert re.fullmatch(r"fwd-\d{19}-[A-Za-z0-9_-]{6}", stream_id), stream_id
+
+
+def test_duration_options_refuse_non_positive_or_infinite_values() -> None:
+    """Timeouts on either side take a positive, finite number of seconds, and say so."""
+    for value in ("0", "-1", "inf", "nan", "soon"):
+        result = subprocess.run(
+            [sys.executable, "-m", "socketforward", "guest", "--rpc-dial", "unix:/nonexistent",
+             "--streams", "unix:/nonexistent-streams", "--pending-timeout", value],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 2, (value, result.stderr)
+        assert "not a positive number of seconds" in result.stderr

@@ -37,6 +37,7 @@ from google.protobuf import empty_pb2
 from socketforward import relay, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
+from socketforward.argtypes import positive_seconds
 from socketforward.ids import FORWARD_IDS_METADATA, UNKNOWN_FORWARD_ID, generate_stream_id
 from socketforward.streams import StreamRegistry
 
@@ -860,16 +861,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
-
-
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "guest",
@@ -913,7 +904,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument(
         "--pending-timeout",
-        type=_positive_float,
+        type=positive_seconds,
         default=30.0,
         metavar="SECONDS",
         help="close a connection the host has not answered within this (default 30)",

@@ -27,6 +27,7 @@ from typing import Any, Final
 from socketforward import oci, relay, streams, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
+from socketforward.argtypes import positive_seconds
 from socketforward.ids import FORWARD_IDS_METADATA, UNKNOWN_FORWARD_ID
 
 __all__ = [
@@ -737,16 +738,6 @@ def _forward_arg(text: str) -> Forward:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _seconds_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
-
-
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "host",
@@ -793,21 +784,21 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--dial-timeout",
         metavar="SECONDS",
-        type=_seconds_arg,
+        type=positive_seconds,
         default=5.0,
         help="bound on dialing a host socket (default 5)",
     )
     parser.add_argument(
         "--stream-timeout",
         metavar="SECONDS",
-        type=_seconds_arg,
+        type=positive_seconds,
         default=10.0,
         help="bound on each data-stream handshake (default 10)",
     )
     parser.add_argument(
         "--stream-retry-for",
         metavar="SECONDS",
-        type=_seconds_arg,
+        type=positive_seconds,
         default=30.0,
         help="keep retrying a missing stream endpoint this long (VM booting; default 30)",
     )

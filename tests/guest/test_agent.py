@@ -23,16 +23,9 @@ from tests.guest.harness import (
     HostStream,
     bind,
     roundtrip,
-    short_tmp,
     trailer,
     until,
 )
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    with short_tmp() as path:
-        yield path
 
 
 @contextlib.contextmanager

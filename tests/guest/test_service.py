@@ -10,7 +10,6 @@ import os
 import resource
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,12 +30,6 @@ from tests.guest.harness import (
     trailer,
     until,
 )
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    with short_tmp() as path:
-        yield path
 
 
 def _socket_files(root: Path) -> list[Path]:

@@ -122,6 +122,16 @@ class Channel(asyncio.Protocol):
         self.handle_event(blocked[2])
         self._pump()
 
+    async def attach(self, sock: socket.socket) -> None:
+        """Run this channel on ``sock`` (connected, dialed or accepted); owns it from here."""
+        sock.setblocking(False)
+        try:
+            await self._loop.connect_accepted_socket(lambda: self, sock)
+        except BaseException:
+            sock.close()
+            raise
+        await self.ready
+
     def is_connected(self) -> bool:
         return self.transport is not None and not self.closed.done()
 

@@ -143,15 +143,8 @@ class Client:
     @classmethod
     async def connect(cls, sock: socket.socket) -> Client:
         """Run a client on ``sock``, a connected stream socket."""
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
         channel = _ClientChannel()
-        try:
-            await loop.connect_accepted_socket(lambda: channel, sock)
-        except BaseException:
-            sock.close()
-            raise
-        await channel.ready
+        await channel.attach(sock)
         return cls(channel)
 
     @classmethod

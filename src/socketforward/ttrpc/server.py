@@ -284,15 +284,8 @@ class Server:
         except OSError:
             sock.close()
             raise
-        sock.setblocking(False)
         channel = _ServerChannel(self, peer)
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.connect_accepted_socket(lambda: channel, sock)
-        except BaseException:
-            sock.close()
-            raise
-        await channel.ready
+        await channel.attach(sock)
         self._channels.add(channel)
         try:
             await asyncio.shield(channel.closed)
