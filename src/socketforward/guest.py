@@ -171,7 +171,6 @@ class _Forward:
     forward_id: str
     path: str
     listener: transport.Listener
-    task: asyncio.Task[None] | None = None
 
 
 def _path_key(path: str) -> str:
@@ -287,7 +286,7 @@ class Service(SocketForwardBase):
         log.info("service shutting down forwards=%d", len(self._forwards))
         async with self._bind_lock:
             for fwd in list(self._forwards.values()):
-                await self._close_forward(fwd)
+                fwd.listener.close()  # stops accepting, removes the file
             self._forwards.clear()
             self._paths.clear()
         for s in list(self._accept_streams):
@@ -340,7 +339,7 @@ class Service(SocketForwardBase):
                 self._forwards[fwd.forward_id] = fwd
                 self._paths[_path_key(fwd.path)] = fwd.forward_id
                 self._stats.setdefault(fwd.forward_id, ForwardStats())
-                fwd.task = asyncio.get_running_loop().create_task(self._accept_loop(fwd))
+                self._start_accepting(fwd)
                 log.info(
                     "listening forward_id=%s socket_path=%s mode=%o",
                     fwd.forward_id,
@@ -387,7 +386,7 @@ class Service(SocketForwardBase):
                     log.info("unbind: not bound forward_id=%s", forward_id)
                     continue
                 self._paths.pop(_path_key(fwd.path), None)
-                await self._close_forward(fwd)
+                fwd.listener.close()  # stops accepting, removes the file
                 log.info("unbound forward_id=%s socket_path=%s", forward_id, fwd.path)
         return empty_pb2.Empty()
 
@@ -405,29 +404,19 @@ class Service(SocketForwardBase):
             request, context or ttrpc.CallContext(SocketForwardBase.SERVICE_NAME, "Unbind")
         )
 
-    async def _close_forward(self, fwd: _Forward) -> None:
-        # The accept task goes first: the fd must not close under a watcher.
-        if fwd.task is not None:
-            fwd.task.cancel()
-            await asyncio.gather(fwd.task, return_exceptions=True)
-        fwd.listener.close()
-
     # -- container connections ------------------------------------------------
 
-    async def _accept_loop(self, fwd: _Forward) -> None:
-        while True:
-            try:
-                conn = await fwd.listener.accept()
-            except OSError as exc:
-                log.warning(
-                    "accept failed forward_id=%s socket_path=%s error=%r",
-                    fwd.forward_id,
-                    fwd.path,
-                    exc,
-                )
-                await asyncio.sleep(_ACCEPT_BACKOFF)
-                continue
-            self._on_connection(fwd.forward_id, conn)
+    def _start_accepting(self, fwd: _Forward) -> None:
+        forward_id = fwd.forward_id
+
+        def failed(exc: OSError) -> None:
+            log.warning(
+                "accept failed forward_id=%s socket_path=%s error=%r", forward_id, fwd.path, exc
+            )
+
+        fwd.listener.start_accepting(
+            lambda conn: self._on_connection(forward_id, conn), failed, backoff=_ACCEPT_BACKOFF
+        )
 
     def _on_connection(self, forward_id: str, conn: socket.socket) -> None:
         p = _Pending(generate_stream_id(STREAM_ID_PREFIX), forward_id, conn, _peer_of(conn))
@@ -652,6 +641,11 @@ class Service(SocketForwardBase):
             if data is not None:
                 data.close()
             return
+        if data is None:
+            # The host opens the data stream before answering, so it is
+            # usually registered already: no task needed to wait for it.
+            with contextlib.suppress(LookupError):
+                data = self._streams.get(p.stream_id)
         if data is not None:
             self._begin_relay(p, conn, data)
             return

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from socketforward.transport import family_of, type_of
+
 __all__ = ["COPY_BUFFER_SIZE", "PIPE_SIZE", "PipePool", "Relay", "RelayStats", "relay"]
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,14 @@ class RelayStats:
 
 
 def _can_splice(sock: socket.socket) -> bool:
-    return sock.family in (socket.AF_UNIX, socket.AF_VSOCK) and sock.type == socket.SOCK_STREAM
+    family = family_of(sock)
+    return family in (socket.AF_UNIX, socket.AF_VSOCK) and type_of(sock) == socket.SOCK_STREAM
+
+
+def _set_nonblocking(sock: socket.socket) -> None:
+    # Accepted and dialed sockets usually are already: skip the syscall.
+    if sock.gettimeout() != 0.0:
+        sock.setblocking(False)
 
 
 def _choose_mode(mode: Mode, a: socket.socket, b: socket.socket) -> Literal["splice", "copy"]:
@@ -408,8 +417,8 @@ class Relay:
         :meth:`close` ends it early): what many idle connections want."""
         try:
             a, b = self._a, self._b
-            a.setblocking(False)
-            b.setblocking(False)
+            _set_nonblocking(a)
+            _set_nonblocking(b)
             if self._sndbuf is not None:
                 # Larger send buffers mean fewer wake-ups per byte (faster bulk
                 # transfers) at the cost of more kernel memory per connection.

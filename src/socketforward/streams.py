@@ -19,6 +19,7 @@ import time
 from types import TracebackType
 from typing import Final
 
+from socketforward.deadlines import Deadlines
 from socketforward.transport import Backoff, Endpoint, Listener, connect
 
 __all__ = [
@@ -89,12 +90,30 @@ def _decode_id(raw: bytes) -> str:
         raise HandshakeError(f"stream id is not valid UTF-8: {raw[:64]!r}") from None
 
 
+class _Handshake:
+    """One data-stream connection between accept and registration."""
+
+    __slots__ = ("conn", "fd", "got", "out", "reading", "size", "stream_id", "writing")
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.got = bytearray()
+        self.size = -1  # the id's length, once its 4 bytes are in
+        self.stream_id: str | None = None  # set once the id is read and acceptable
+        self.out = b""  # what is left to write: the ack, or an error text
+        self.reading = False
+        self.writing = False
+
+
 class StreamRegistry:
     """Accepts data streams on a listener and hands each out exactly once.
 
-    Each connection is handshaken in its own task with its own timeout, so a
-    silent peer stalls nobody else. Unclaimed connections are closed after
-    *ttl* seconds. Takes ownership of *listener*.
+    Handshakes run on callbacks, each under its own timeout, so a silent peer
+    stalls nobody else and a prompt one costs no task: usually the id is
+    already there when the connection is accepted, and the ack fits the
+    empty send buffer. Unclaimed connections are closed after *ttl*
+    seconds. Takes ownership of *listener*.
     """
 
     def __init__(
@@ -107,11 +126,14 @@ class StreamRegistry:
         self._listener = listener
         self._handshake_timeout = handshake_timeout
         self._ttl = ttl
-        self._streams: dict[str, tuple[socket.socket, asyncio.TimerHandle]] = {}
+        self._streams: dict[str, socket.socket] = {}
+        self._unclaimed: Deadlines[str] = Deadlines(ttl, self._expire)
+        self._handshakes: Deadlines[_Handshake] = Deadlines(
+            handshake_timeout, self._handshake_timed_out
+        )
         self._reserved: set[str] = set()  # ids whose ack is being written
         self._arrivals: dict[str, list[asyncio.Future[None]]] = {}
-        self._handshakes: set[asyncio.Task[None]] = set()
-        self._accept_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     @property
@@ -126,8 +148,9 @@ class StreamRegistry:
         """Start accepting (idempotent); needs a running loop."""
         if self._closed:
             raise RuntimeError("StreamRegistry is closed")
-        if self._accept_task is None:
-            self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._listener.start_accepting(self._on_connection, self._on_accept_error)
 
     async def __aenter__(self) -> StreamRegistry:
         self.start()
@@ -142,31 +165,26 @@ class StreamRegistry:
         await self.close()
 
     async def close(self) -> None:
-        """Stop accepting, cancel handshakes, close unclaimed connections. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            tasks = list(self._handshakes)
-            if self._accept_task is not None:
-                tasks.append(self._accept_task)
-            for task in tasks:
-                task.cancel()
-            for sock, timer in self._streams.values():
-                timer.cancel()
-                sock.close()
-            self._streams.clear()
-            for stream_id in list(self._arrivals):
-                self._wake(stream_id)  # waiters re-check and find nothing
-            await asyncio.gather(*tasks, return_exceptions=True)
-        # The accept task may never have run, so close the listener here.
+        """Stop accepting, drop handshakes, close unclaimed connections. Idempotent."""
         self._listener.close()
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._handshakes.drain():
+            self._drop(h)
+        for sock in self._streams.values():
+            sock.close()
+        self._streams.clear()
+        self._unclaimed.drain()
+        for stream_id in list(self._arrivals):
+            self._wake(stream_id)  # waiters re-check and find nothing
 
     def get(self, stream_id: str) -> socket.socket:
         """Hand out the connection registered as *stream_id*; the caller owns it."""
-        entry = self._streams.pop(stream_id, None)
-        if entry is None:
+        sock = self._streams.pop(stream_id, None)
+        if sock is None:
             raise StreamNotFound(f"stream {stream_id!r} not found")
-        sock, timer = entry
-        timer.cancel()
+        self._unclaimed.discard(stream_id)
         log.debug("stream claimed stream_id=%s", stream_id)
         return sock
 
@@ -199,70 +217,128 @@ class StreamRegistry:
             if not arrived.done():
                 arrived.set_result(None)
 
-    # -- internals ----------------------------------------------------------
+    # -- handshakes, on callbacks --------------------------------------------
 
-    async def _accept_loop(self) -> None:
+    def _on_accept_error(self, exc: OSError) -> None:
+        # EMFILE and friends: the listener backs off instead of spinning.
+        log.warning("stream accept failed endpoint=%s error=%r", self.endpoint, exc)
+
+    def _on_connection(self, conn: socket.socket) -> None:
+        h = _Handshake(conn)
+        self._handshakes.add(h)
+        self._read(h)
+
+    def _read(self, h: _Handshake) -> None:
+        """Read the id: exactly its bytes, never past them (raw bytes follow)."""
         try:
             while True:
+                want = (_LEN.size if h.size < 0 else _LEN.size + h.size) - len(h.got)
+                if want == 0:
+                    break
                 try:
-                    conn = await self._listener.accept()
-                except OSError as exc:
-                    # EMFILE and friends: back off instead of spinning.
-                    log.warning("stream accept failed endpoint=%s error=%r", self.endpoint, exc)
-                    await asyncio.sleep(0.1)
-                    continue
-                task = asyncio.get_running_loop().create_task(self._handshake(conn))
-                self._handshakes.add(task)
-                task.add_done_callback(self._handshakes.discard)
-        finally:
-            self._listener.close()
-
-    async def _handshake(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        stream_id: str | None = None
-        registered = False
-        try:
-            async with asyncio.timeout(self._handshake_timeout):
-                try:
-                    stream_id = _decode_id(await _read_string(conn, "stream id"))
-                except HandshakeError as exc:
-                    log.warning("stream handshake rejected error=%r", str(exc))
-                    with contextlib.suppress(OSError):
-                        await loop.sock_sendall(conn, encode_string(str(exc)))
+                    chunk = h.conn.recv(want)
+                except (BlockingIOError, InterruptedError):
+                    self._watch(h, read=True)
                     return
-                if stream_id in self._streams or stream_id in self._reserved:
-                    log.warning("stream handshake rejected stream_id=%s error=duplicate", stream_id)
-                    with contextlib.suppress(OSError):
-                        await loop.sock_sendall(
-                            conn, encode_string(f"stream {stream_id!r} already exists")
+                if not chunk:
+                    what = "stream id length" if h.size < 0 else "stream id"
+                    need = _LEN.size if h.size < 0 else h.size
+                    have = len(h.got) if h.size < 0 else len(h.got) - _LEN.size
+                    raise HandshakeError(
+                        f"connection closed after {have} of {need} bytes of {what}"
+                    )
+                h.got += chunk
+                if h.size < 0 and len(h.got) == _LEN.size:
+                    (h.size,) = _LEN.unpack(h.got)
+                    if h.size > MAX_ID_LEN:
+                        raise HandshakeError(
+                            f"stream id length {h.size} exceeds the limit of {MAX_ID_LEN} bytes"
                         )
-                    return
-                self._reserved.add(stream_id)
-                try:
-                    await loop.sock_sendall(conn, encode_string(stream_id))
-                finally:
-                    self._reserved.discard(stream_id)
-            timer = loop.call_later(self._ttl, self._expire, stream_id)
-            self._streams[stream_id] = (conn, timer)
-            registered = True
-            log.debug("stream registered stream_id=%s", stream_id)
-            self._wake(stream_id)
-        except TimeoutError:
-            log.warning(
-                "stream handshake timed out stream_id=%s timeout=%s",
-                stream_id,
-                self._handshake_timeout,
-            )
+            stream_id = _decode_id(bytes(h.got[_LEN.size :]))
+        except HandshakeError as exc:
+            log.warning("stream handshake rejected error=%r", str(exc))
+            self._reply(h, str(exc))
+            return
         except OSError as exc:
-            log.warning("stream handshake failed stream_id=%s error=%r", stream_id, exc)
-        finally:
-            if not registered:
-                conn.close()
+            log.warning("stream handshake failed stream_id=None error=%r", exc)
+            self._drop(h)
+            return
+        if stream_id in self._streams or stream_id in self._reserved:
+            log.warning("stream handshake rejected stream_id=%s error=duplicate", stream_id)
+            self._reply(h, f"stream {stream_id!r} already exists")
+            return
+        h.stream_id = stream_id
+        self._reserved.add(stream_id)
+        self._reply(h, stream_id)
+
+    def _reply(self, h: _Handshake, text: str) -> None:
+        """Write the ack (the id itself) or an error text; then register or close."""
+        self._watch(h, read=False)
+        h.out = encode_string(text)
+        self._write(h)
+
+    def _write(self, h: _Handshake) -> None:
+        try:
+            while h.out:
+                try:
+                    sent = h.conn.send(h.out)
+                except (BlockingIOError, InterruptedError):
+                    self._watch(h, write=True)
+                    return
+                h.out = h.out[sent:]
+        except OSError as exc:
+            if h.stream_id is not None:
+                log.warning("stream handshake failed stream_id=%s error=%r", h.stream_id, exc)
+            self._drop(h)
+            return
+        stream_id = h.stream_id
+        if stream_id is None:  # an error text went out: done with this one
+            self._drop(h)
+            return
+        self._watch(h, write=False)
+        self._handshakes.discard(h)
+        self._reserved.discard(stream_id)
+        self._streams[stream_id] = h.conn
+        self._unclaimed.add(stream_id)
+        log.debug("stream registered stream_id=%s", stream_id)
+        self._wake(stream_id)
+
+    def _watch(self, h: _Handshake, *, read: bool | None = None, write: bool | None = None) -> None:
+        loop = self._loop
+        assert loop is not None
+        if read is not None and read != h.reading:
+            h.reading = read
+            if read:
+                loop.add_reader(h.fd, self._read, h)
+            else:
+                loop.remove_reader(h.fd)
+        if write is not None and write != h.writing:
+            h.writing = write
+            if write:
+                loop.add_writer(h.fd, self._write, h)
+            else:
+                loop.remove_writer(h.fd)
+
+    def _handshake_timed_out(self, h: _Handshake) -> None:
+        log.warning(
+            "stream handshake timed out stream_id=%s timeout=%s",
+            h.stream_id,
+            self._handshake_timeout,
+        )
+        self._drop(h)
+
+    def _drop(self, h: _Handshake) -> None:
+        """Close a connection that will not be registered (watchers go first)."""
+        self._watch(h, read=False, write=False)
+        self._handshakes.discard(h)
+        if h.stream_id is not None:
+            self._reserved.discard(h.stream_id)
+        h.conn.close()
 
     def _expire(self, stream_id: str) -> None:
-        entry = self._streams.pop(stream_id, None)
-        if entry is not None:
-            entry[0].close()
+        sock = self._streams.pop(stream_id, None)
+        if sock is not None:
+            sock.close()
             log.warning("stream never claimed, closed stream_id=%s ttl=%s", stream_id, self._ttl)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -431,3 +432,83 @@ def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets() -> None:
         assert cap / 2 <= backoff.next() <= cap
     backoff.reset()
     assert 0.05 <= backoff.next() <= 0.1
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_callback_accepting_hands_over_a_burst_once_each(tmp_path: Path, loop_kind: str) -> None:
+    """start_accepting: 500 queued connects each reach the callback exactly once,
+    non-blocking, on asyncio's loop and on uvloop; after stop_accepting no more."""
+
+    async def main() -> None:
+        ep = UnixEndpoint(str(tmp_path / "s.sock"))
+        got: list[socket.socket] = []
+        all_in = asyncio.Event()
+
+        def on_connection(conn: socket.socket) -> None:
+            got.append(conn)
+            if len(got) == 500:
+                all_in.set()
+
+        clients: list[socket.socket] = []
+        async with await listen(ep) as listener:
+            try:
+                clients = [await connect(ep, timeout=30) for _ in range(500)]
+                listener.start_accepting(on_connection, pytest.fail)
+                await asyncio.wait_for(all_in.wait(), 30)
+                listener.stop_accepting()
+                late = await connect(ep, timeout=30)
+                clients.append(late)
+                await asyncio.sleep(0.05)
+                assert len(got) == 500  # the late one waits in the backlog
+                assert all(conn.gettimeout() == 0.0 for conn in got)
+                for conn, client in zip(got, clients, strict=False):
+                    conn.send(b"x")
+                    assert client.recv(1) == b"x"
+            finally:
+                for sock in got + clients:
+                    sock.close()
+
+    if loop_kind == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+async def test_callback_accepting_backs_off_on_emfile_and_resumes(tmp_path: Path) -> None:
+    """Out of fds, accepting reports the error, pauses instead of spinning, and
+    serves the waiting connection once fds are free again."""
+    import resource  # noqa: PLC0415
+
+    ep = UnixEndpoint(str(tmp_path / "s.sock"))
+    errors: list[OSError] = []
+    got: list[socket.socket] = []
+    arrived = asyncio.Event()
+
+    def on_connection(conn: socket.socket) -> None:
+        got.append(conn)
+        arrived.set()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    async with await listen(ep) as listener:
+        client = await connect(ep, timeout=5)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+            with contextlib.suppress(OSError):
+                while True:  # take every fd the lowered limit leaves
+                    fillers.append(os.dup(0))
+            listener.start_accepting(on_connection, errors.append, backoff=0.05)
+            await asyncio.sleep(0.2)
+            assert errors and all(e.errno == errno.EMFILE for e in errors)
+            assert len(errors) <= 6  # paused between tries: no busy loop
+            assert not got
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        try:
+            await asyncio.wait_for(arrived.wait(), 5)
+            assert len(got) == 1
+        finally:
+            for sock in [*got, client]:
+                sock.close()
