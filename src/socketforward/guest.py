@@ -38,6 +38,7 @@ from socketforward import relay, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
 from socketforward.argtypes import positive_seconds
+from socketforward.deadlines import Deadlines
 from socketforward.ids import FORWARD_IDS_METADATA, UNKNOWN_FORWARD_ID, generate_stream_id
 from socketforward.streams import StreamRegistry
 
@@ -127,9 +128,12 @@ class _AcceptStream:
         self.stream = stream
         self.announced = announced
         self.unanswered: dict[str, _Pending] = {}
-        self.outbox: collections.deque[_Pending] = collections.deque()
-        self.wake = asyncio.Event()
-        self.ended = asyncio.get_running_loop().create_future()
+        # Done when the stream must end: None for shutdown, else why it failed.
+        self.ended: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def end(self, why: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(why)
 
     def serves(self, forward_id: str) -> bool:
         return self.announced is not None and forward_id in self.announced
@@ -141,7 +145,7 @@ class _AcceptStream:
 class _Pending:
     """A container connection waiting for its host's ConnectResult."""
 
-    __slots__ = ("conn", "forward_id", "peer", "stream", "stream_id", "timer", "tried")
+    __slots__ = ("conn", "forward_id", "peer", "stream", "stream_id", "tried")
 
     def __init__(
         self,
@@ -157,7 +161,6 @@ class _Pending:
         self.stream: _AcceptStream | None = None
         # Streams that said they do not know this forward; rarely any, so shared empty.
         self.tried: frozenset[_AcceptStream] = frozenset()
-        self.timer: asyncio.TimerHandle | None = None
 
     def ids(self) -> str:
         ids = f"stream_id={self.stream_id} forward_id={self.forward_id}"
@@ -250,6 +253,7 @@ class Service(SocketForwardBase):
         self._bind_lock = asyncio.Lock()
         self._accept_streams: list[_AcceptStream] = []
         self._queue: collections.OrderedDict[str, _Pending] = collections.OrderedDict()
+        self._deadlines: Deadlines[_Pending] = Deadlines(pending_timeout, self._on_timeout)
         self._timed_out: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._relays: set[relay.Relay] = set()
@@ -292,8 +296,7 @@ class Service(SocketForwardBase):
         for s in list(self._accept_streams):
             for p in list(s.unanswered.values()):
                 self._fail(p, "shutdown", "service shutting down")
-            if not s.ended.done():
-                s.ended.set_result(None)
+            s.end(None)
         for p in list(self._queue.values()):
             self._fail(p, "shutdown", "service shutting down")
         tasks = list(self._tasks)
@@ -431,10 +434,9 @@ class Service(SocketForwardBase):
             # No stream took it and the waiting room is full.
             self._fail(p, "queue_full", f"pending queue full limit={self._pending_limit}")
             return
-        p.timer = asyncio.get_running_loop().call_later(self._pending_timeout, self._on_timeout, p)
+        self._deadlines.add(p)
 
     def _on_timeout(self, p: _Pending) -> None:
-        p.timer = None
         where = "queued" if p.stream is None else f"sent on {p.stream}"
         if p.stream is not None:
             # Remember it, so a late answer is recognised (and its stream closed).
@@ -450,9 +452,7 @@ class Service(SocketForwardBase):
         """Close a connection that will not be relayed; one log line says why."""
         if p.conn is None:
             return
-        if p.timer is not None:
-            p.timer.cancel()
-            p.timer = None
+        self._deadlines.discard(p)
         self._queue.pop(p.stream_id, None)
         if p.stream is not None:
             p.stream.unanswered.pop(p.stream_id, None)
@@ -468,10 +468,11 @@ class Service(SocketForwardBase):
     def _candidates(self, p: _Pending) -> list[_AcceptStream]:
         """Streams that may serve *p*: those announcing its forward_id, else the
         un-announced ones that have not yet said they do not know it."""
-        announcing = [s for s in self._accept_streams if s.serves(p.forward_id)]
+        live = [s for s in self._accept_streams if not s.ended.done()]
+        announcing = [s for s in live if s.serves(p.forward_id)]
         if announcing:
             return announcing
-        return [s for s in self._accept_streams if s.announced is None and s not in p.tried]
+        return [s for s in live if s.announced is None and s not in p.tried]
 
     def _dispatch(self) -> None:
         """Hand queued requests, oldest first, to streams with room."""
@@ -503,8 +504,18 @@ class Service(SocketForwardBase):
             del self._queue[p.stream_id]
             p.stream = s
             s.unanswered[p.stream_id] = p
-            s.outbox.append(p)
-            s.wake.set()
+            if s.ended.done():
+                continue  # failed earlier in this pass: retiring it requeues p
+            # No task per stream: the window of unanswered requests bounds
+            # what can pile up in the transport.
+            try:
+                s.stream.send_nowait(
+                    pb.ConnectRequest(stream_id=p.stream_id, forward_id=p.forward_id)
+                )
+            except (ttrpc.TtrpcError, ttrpc.StreamClosedError) as exc:
+                s.end(exc)
+                continue
+            log.debug("connect request sent %s %s", s, p.ids())
 
     # -- Accept -----------------------------------------------------------------
 
@@ -522,27 +533,25 @@ class Service(SocketForwardBase):
         )
         self._accept_streams.append(s)
         loop = asyncio.get_running_loop()
-        sender = loop.create_task(self._send_loop(s))
         receiver = loop.create_task(self._recv_loop(s))
         how = "ended"
         try:
             self._dispatch()
-            done, _ = await asyncio.wait(
-                {sender, receiver, s.ended}, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in (sender, receiver):
-                if task in done and task.exception() is not None:
-                    how = f"failed error={task.exception()!r}"
-            if receiver in done and how == "ended":
+            waiting: set[asyncio.Future[Any]] = {receiver, s.ended}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if receiver in done and receiver.exception() is not None:
+                how = f"failed error={receiver.exception()!r}"
+            elif receiver in done:
                 how = "closed by the host"
-            elif s.ended in done:
+            elif s.ended.result() is not None:
+                how = f"failed error={s.ended.result()!r}"
+            else:
                 how = "ended by shutdown"
         except asyncio.CancelledError:
             how = "cancelled (rpc connection lost)"
             raise
         finally:
-            for task in (sender, receiver):
-                task.cancel()
+            receiver.cancel()
             # Retire before awaiting anything: a second cancellation (the RPC
             # connection dropping right after the host closed this stream) would
             # otherwise skip it and strand the stream's requests for good.
@@ -550,7 +559,7 @@ class Service(SocketForwardBase):
             log.info("accept stream %s %s handed_back=%d", how, s, len(s.unanswered))
             s.unanswered.clear()
             self._dispatch()
-            await asyncio.gather(sender, receiver, return_exceptions=True)
+            await asyncio.gather(receiver, return_exceptions=True)
 
     async def accept(self, stream: ttrpc.ServerStream[pb.ConnectResult, pb.ConnectRequest]) -> None:
         """Python spelling of :meth:`Accept`."""
@@ -580,17 +589,6 @@ class Service(SocketForwardBase):
             return False
         self._start_relay(p, data)
         return True
-
-    async def _send_loop(self, s: _AcceptStream) -> None:
-        while True:
-            while not s.outbox:
-                s.wake.clear()
-                await s.wake.wait()
-            p = s.outbox.popleft()
-            if p.stream is not s or p.conn is None:
-                continue  # timed out or failed meanwhile
-            await s.stream.send(pb.ConnectRequest(stream_id=p.stream_id, forward_id=p.forward_id))
-            log.debug("connect request sent %s %s", s, p.ids())
 
     async def _recv_loop(self, s: _AcceptStream) -> None:
         async for result in s.stream:
@@ -633,9 +631,7 @@ class Service(SocketForwardBase):
     # -- relaying ----------------------------------------------------------------
 
     def _start_relay(self, p: _Pending, data: socket.socket | None) -> None:
-        if p.timer is not None:
-            p.timer.cancel()
-            p.timer = None
+        self._deadlines.discard(p)
         conn, p.conn = p.conn, None
         if conn is None:
             if data is not None:

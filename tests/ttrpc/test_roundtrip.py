@@ -81,3 +81,32 @@ async def test_closing_a_stream_ends_the_server_handler() -> None:
         await asyncio.wait_for(ended.wait(), timeout=10)
         assert (await stub.Unary(Req(payload=b"next"))).payload == b"next"
     await asyncio.wait_for(serving, timeout=5)
+
+
+async def test_send_nowait_delivers_in_order_both_ways() -> None:
+    """send_nowait (no await, as the guest sends ConnectRequests) delivers every
+    message in order, from the client and from a server handler; after the
+    connection is gone it raises instead of dropping silently."""
+
+    class NowaitEcho(EchoService):
+        async def Bidi(
+            self, stream: ttrpc.ServerStream[echo_pb2.EchoRequest, echo_pb2.EchoResponse]
+        ) -> None:
+            async for req in stream:
+                stream.send_nowait(echo_pb2.EchoResponse(payload=req.payload))
+
+    ours, theirs = socket.socketpair()
+    server = ttrpc.Server()
+    server.register(NowaitEcho())
+    serving = asyncio.create_task(server.serve_connection(ours))
+    async with await ttrpc.Client.connect(theirs) as client:
+        stub = echo_ttrpc.EchoStub(client)
+        async with await stub.Bidi() as stream:
+            for i in range(200):
+                stream.send_nowait(Req(payload=b"%d" % i))
+            got = [(await stream.recv()) for _ in range(200)]
+            assert [m.payload for m in got if m is not None] == [b"%d" % i for i in range(200)]
+            await client.close()
+            with pytest.raises((ttrpc.TtrpcError, ttrpc.StreamClosedError)):
+                stream.send_nowait(Req(payload=b"late"))
+    await asyncio.wait_for(serving, timeout=5)

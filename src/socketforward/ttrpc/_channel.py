@@ -135,11 +135,15 @@ class Channel(asyncio.Protocol):
     def is_connected(self) -> bool:
         return self.transport is not None and not self.closed.done()
 
-    async def write(self, data: bytes) -> None:
-        """Write one or more whole frames, then wait while the peer is not reading."""
+    def check_open(self) -> None:
+        """Raise UNAVAILABLE when the connection can no longer be written."""
         transport = self.transport
         if transport is None or transport.is_closing():
             raise TtrpcError(Code.UNAVAILABLE, "ttrpc: connection closed")
+
+    async def write(self, data: bytes) -> None:
+        """Write one or more whole frames, then wait while the peer is not reading."""
+        self.check_open()
         self.write_nowait(data)
         if not self._writable.is_set():
             await self._writable.wait()

@@ -269,19 +269,25 @@ class Client:
             client_streaming=client_streaming,
             server_streaming=server_streaming,
             send_data=self._send_data,
+            send_data_nowait=self._send_data_nowait,
             send_close=self._send_close,
             abandon=self._abandon,
         )
 
-    async def _send_data(self, stream_id: int, data: bytes) -> None:
+    def _data_frame(self, stream_id: int, data: bytes) -> bytes:
         self._check_open()
         try:
-            frame = self._channel.conn.send_data(stream_id, data)
+            return self._channel.conn.send_data(stream_id, data)
         except TtrpcError:
             raise
         except Exception as exc:
             raise StreamClosedError(f"stream {stream_id}: {exc}") from exc
-        await self._channel.write(frame)
+
+    async def _send_data(self, stream_id: int, data: bytes) -> None:
+        await self._channel.write(self._data_frame(stream_id, data))
+
+    def _send_data_nowait(self, stream_id: int, data: bytes) -> None:
+        self._channel.write_nowait(self._data_frame(stream_id, data))
 
     async def _send_close(self, stream_id: int) -> None:
         self._check_open()

@@ -179,15 +179,21 @@ class _ServerChannel(Channel):
             return ttrpc_pb2.Response(payload=result.SerializeToString()).SerializeToString()
         queue = call.queue or MessageQueue(1, self.queue_has_space)
 
-        async def send(data: bytes) -> None:
+        def frame(data: bytes) -> bytes:
             try:
-                frame = self.conn.send_data(stream_id, data)
+                return self.conn.send_data(stream_id, data)
             except LocalProtocolError as exc:
                 raise StreamClosedError(f"stream {stream_id}: {exc}") from exc
-            await self.write(frame)
+
+        async def send(data: bytes) -> None:
+            await self.write(frame(data))
+
+        def send_nowait(data: bytes) -> None:
+            self.check_open()
+            self.write_nowait(frame(data))
 
         stream: ServerStream[Message, Message] = ServerStream(
-            context, queue, method.request_type, send
+            context, queue, method.request_type, send, send_nowait
         )
         if not method.client_streaming:
             await method.handler(decode(method.request_type, payload), stream)

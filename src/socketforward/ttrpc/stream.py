@@ -121,6 +121,7 @@ class ClientStream(Generic[SendT, RecvT]):
         client_streaming: bool,
         server_streaming: bool,
         send_data: Callable[[int, bytes], Awaitable[None]],
+        send_data_nowait: Callable[[int, bytes], None],
         send_close: Callable[[int], Awaitable[None]],
         abandon: Callable[[int], None],
     ) -> None:
@@ -130,18 +131,29 @@ class ClientStream(Generic[SendT, RecvT]):
         self.client_streaming = client_streaming
         self.server_streaming = server_streaming
         self._send_data = send_data
+        self._send_data_nowait = send_data_nowait
         self._send_close = send_close
         self._abandon = abandon
         self._local_closed = not client_streaming
         self._done = False
 
-    async def send(self, message: SendT) -> None:
+    def _check_sendable(self) -> None:
         if self._local_closed:
             raise StreamClosedError(f"stream {self.stream_id}: sending side is closed")
         if self._queue.finished:
             # The server has finished the call; what it said is in the queue.
             raise StreamClosedError(f"stream {self.stream_id}: the server ended the call")
+
+    async def send(self, message: SendT) -> None:
+        self._check_sendable()
         await self._send_data(self.stream_id, message.SerializeToString())
+
+    def send_nowait(self, message: SendT) -> None:
+        """Send without waiting while the peer is slow to read: the transport
+        buffers what it cannot write yet. For callers that bound by other means
+        how much they send (a window of unanswered requests, say)."""
+        self._check_sendable()
+        self._send_data_nowait(self.stream_id, message.SerializeToString())
 
     async def close_send(self) -> None:
         """End our side; the server sees end of stream. A no-op when already closed."""
@@ -203,11 +215,13 @@ class ServerStream(Generic[RecvT, SendT]):
         queue: MessageQueue,
         request_type: type[RecvT],
         send_data: Callable[[bytes], Awaitable[None]],
+        send_data_nowait: Callable[[bytes], None],
     ) -> None:
         self.context = context
         self._queue = queue
         self._request_type = request_type
         self._send_data = send_data
+        self._send_data_nowait = send_data_nowait
 
     async def recv(self) -> RecvT | None:
         """The client's next message, or None when it closed its side."""
@@ -225,3 +239,8 @@ class ServerStream(Generic[RecvT, SendT]):
 
     async def send(self, message: SendT) -> None:
         await self._send_data(message.SerializeToString())
+
+    def send_nowait(self, message: SendT) -> None:
+        """Send without waiting while the client is slow to read (the transport
+        buffers the rest): for handlers that bound what they send by other means."""
+        self._send_data_nowait(message.SerializeToString())
