@@ -4,8 +4,10 @@ The forward table (``forward_id -> host socket path``) comes from host
 configuration only (``--forward`` or OCI ``uds`` mounts); the VM names a
 forward by its id and nothing else. On each RPC connection the Forwarder
 Binds every forward, then holds an ``Accept`` stream announcing its
-forward_ids, and serves each ConnectRequest in its own task: dial the host
-socket, open the data stream (bounded ack, own timeout), answer, relay.
+forward_ids, and serves each ConnectRequest: dial the host socket, open the
+data stream (bounded ack, own timeout), answer, relay. When both connects
+succeed at once (UNIX sockets, the usual case) that runs on callbacks; else in
+a task of its own that waits, retries and names what failed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from socketforward import oci, relay, streams, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
 from socketforward.argtypes import positive_seconds
+from socketforward.deadlines import Deadlines
 from socketforward.ids import FORWARD_IDS_METADATA, UNKNOWN_FORWARD_ID
 
 __all__ = [
@@ -170,15 +173,32 @@ class _AcceptStream:
             self.idle.set()
 
 
+@dataclass(slots=True, eq=False)  # eq=False: hashed by identity (a Deadlines key)
+class _Opening:
+    """A ConnectRequest on the fast path: both sockets connected, the stream id
+    written, the ack awaited on a readiness callback (no task)."""
+
+    session: _Session
+    current: _AcceptStream
+    fid: str
+    host_sock: socket.socket
+    data_sock: socket.socket
+    ack: streams.AckReader
+
+
 class _Session:
     """One RPC connection to the guest and the tasks that live only as long as it."""
 
-    def __init__(self, client: ttrpc.Client) -> None:
+    def __init__(
+        self, client: ttrpc.Client, ack_timeout: float, on_ack_timeout: Callable[[_Opening], None]
+    ) -> None:
         self.client = client
         self.stub = SocketForwardStub(client)
         self.refresh = asyncio.Event()
         self.ready = False
         self.tasks: set[asyncio.Task[Any]] = set()
+        # Fast-path openings waiting for their ack.
+        self.acks: Deadlines[_Opening] = Deadlines(ack_timeout, on_ack_timeout)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -351,7 +371,7 @@ class Forwarder:
         except OSError as exc:
             log.warning("rpc connection failed error=%r", exc)
             return
-        session = _Session(client)
+        session = _Session(client, self.stream_timeout, self._ack_timed_out)
         previous, self._session = self._session, session
         try:
             if previous is not None:
@@ -372,7 +392,7 @@ class Forwarder:
             if self._session is session:
                 self._session = None
                 self._ready.clear()
-            await session.close()
+            await self._close_session(session)
             log.info("rpc connection closed")
 
     async def _bind_call(self, session: _Session, forwards: list[Forward]) -> None:
@@ -489,6 +509,8 @@ class Forwarder:
             return
         current.begin()
         self._pending += 1
+        if self._open_now(session, current, request):
+            return
         task = session.spawn(self._handle(current, request))
         task.add_done_callback(lambda _: self._handled(current))
 
@@ -497,6 +519,105 @@ class Forwarder:
         self._pending -= 1
 
     # -- one ConnectRequest ------------------------------------------------------
+    # The fast path, on callbacks: when both connects succeed at once (UNIX
+    # sockets, the usual case) only the ack is waited for, by a readiness
+    # callback whose reader the relay then takes over. Everything else (errors
+    # to report, backlogs to wait out, a VM still booting, vsock) takes the
+    # task below, which starts over and names what failed.
+
+    def _open_now(
+        self, session: _Session, current: _AcceptStream, request: pb.ConnectRequest
+    ) -> bool:
+        stream_id, fid = request.stream_id, request.forward_id
+        forward = self._forwards.get(fid)
+        if (
+            forward is None
+            or self._pending > self.max_pending
+            or len(stream_id.encode()) not in range(1, streams.MAX_ID_LEN + 1)
+        ):
+            return False
+        host_sock = transport.connect_unix_now(forward.host_path)
+        if host_sock is None:
+            return False
+        data_sock = streams.open_stream_now(self.streams_endpoint, stream_id)
+        if data_sock is None:
+            host_sock.close()
+            return False
+        self._stats[fid].requests += 1
+        ack = streams.AckReader(self.streams_endpoint, stream_id)
+        opening = _Opening(session, current, fid, host_sock, data_sock, ack)
+        session.acks.add(opening)
+        asyncio.get_running_loop().add_reader(data_sock.fileno(), self._on_ack, opening)
+        return True
+
+    def _on_ack(self, opening: _Opening) -> None:
+        try:
+            if not opening.ack.read(opening.data_sock):
+                return
+        except (OSError, streams.HandshakeError) as exc:
+            self._open_failed(opening, STREAM_FAILED, str(exc))
+            return
+        stream_id, fid = opening.ack.stream_id, opening.fid
+        if not self._reply_now(opening.current, stream_id, fid, ""):
+            self._open_failed(opening, REPLY_FAILED, None)
+            return
+        opening.session.acks.discard(opening)
+        self._handled(opening.current)
+        # The data socket's reader stays registered: the relay replaces its
+        # callback instead of a remove and an add (uvloop: seven syscalls).
+        fd = opening.data_sock.fileno()
+        try:
+            self._start_relay(fid, stream_id, opening.host_sock, opening.data_sock)
+        except BaseException:
+            # The relay closed both sockets; no watcher may outlive the fd.
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(fd)
+            raise
+
+    def _ack_timed_out(self, opening: _Opening) -> None:
+        error = f"stream {opening.ack.stream_id!r} at {self.streams_endpoint}: no ack within "
+        self._open_failed(opening, STREAM_FAILED, error + f"{self.stream_timeout}s")
+
+    def _open_failed(self, opening: _Opening, reason: str, error: str | None) -> None:
+        """Undo a fast-path opening; *error* (logged, and STREAM_ERROR to the VM)
+        is None when there is nobody left to tell."""
+        opening.session.acks.discard(opening)
+        asyncio.get_running_loop().remove_reader(opening.data_sock.fileno())
+        opening.data_sock.close()
+        opening.host_sock.close()
+        self._stats[opening.fid].fail(reason)
+        stream_id = opening.ack.stream_id
+        if error is not None:
+            log.warning(
+                "data stream open failed stream_id=%s forward_id=%s streams=%s error=%r",
+                stream_id,
+                opening.fid,
+                self.streams_endpoint,
+                error,
+            )
+            self._reply_now(opening.current, stream_id, opening.fid, STREAM_ERROR)
+        self._handled(opening.current)
+
+    def _reply_now(self, current: _AcceptStream, stream_id: str, fid: str, error: str) -> bool:
+        # The guest's window of unanswered requests bounds these writes.
+        try:
+            current.stream.send_nowait(pb.ConnectResult(stream_id=stream_id, error=error))
+        except (ttrpc.TtrpcError, ttrpc.ProtocolError) as exc:
+            log.warning(
+                "connect result not delivered stream_id=%s forward_id=%s error=%r",
+                _short(stream_id),
+                _short(fid),
+                str(exc),
+            )
+            return False
+        return True
+
+    async def _close_session(self, session: _Session) -> None:
+        for opening in session.acks.drain():
+            self._open_failed(opening, RPC_LOST, None)
+        await session.close()
+
+    # -- the task path ---------------------------------------------------------------
 
     async def _handle(self, current: _AcceptStream, request: pb.ConnectRequest) -> None:
         stream_id, fid = request.stream_id, request.forward_id
@@ -694,7 +815,7 @@ class Forwarder:
         session, self._session = self._session, None
         self._ready.clear()
         if session is not None:
-            await session.close()
+            await self._close_session(session)
         for running in list(self._relays):
             running.close()
         self._pipes.close()

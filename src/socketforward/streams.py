@@ -20,15 +20,25 @@ from types import TracebackType
 from typing import Final
 
 from socketforward.deadlines import Deadlines
-from socketforward.transport import Backoff, Endpoint, Listener, connect
+from socketforward.transport import (
+    Backoff,
+    Endpoint,
+    Listener,
+    UnixEndpoint,
+    connect,
+    connect_unix_now,
+)
 
 __all__ = [
     "MAX_ID_LEN",
+    "AckReader",
     "HandshakeError",
     "StreamEndpointUnavailable",
     "StreamNotFound",
     "StreamRegistry",
+    "StringReader",
     "open_stream",
+    "open_stream_now",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,27 +68,43 @@ def encode_string(text: str) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
-async def _recv_exactly(sock: socket.socket, n: int, what: str) -> bytes:
-    loop = asyncio.get_running_loop()
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            # Usually already there: skips a reader registration and a loop pass.
-            chunk = sock.recv(n - len(buf))
-        except (BlockingIOError, InterruptedError):
-            chunk = await loop.sock_recv(sock, n - len(buf))
-        if not chunk:
-            raise HandshakeError(f"connection closed after {len(buf)} of {n} bytes of {what}")
-        buf += chunk
-    return bytes(buf)
+class StringReader:
+    """Reads one length-prefixed string from a non-blocking socket as its bytes
+    arrive (call :meth:`read` from a readiness callback or after a wait): exactly
+    its bytes, never past them (raw data may follow), and a claimed length over
+    MAX_ID_LEN is refused before anything is allocated for it."""
 
+    __slots__ = ("_got", "_size", "what")
 
-async def _read_string(sock: socket.socket, what: str) -> bytes:
-    """Read a length-prefixed string, refusing lengths over MAX_ID_LEN unread."""
-    (size,) = _LEN.unpack(await _recv_exactly(sock, _LEN.size, f"{what} length"))
-    if size > MAX_ID_LEN:
-        raise HandshakeError(f"{what} length {size} exceeds the limit of {MAX_ID_LEN} bytes")
-    return await _recv_exactly(sock, size, what)
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._got = bytearray()
+        self._size = -1  # known once its 4 bytes are in
+
+    def read(self, sock: socket.socket) -> bytes | None:
+        """The string once it is complete, None while more must come. Raises
+        HandshakeError (cut off, too long) and OSError (from recv)."""
+        while True:
+            header = self._size < 0
+            want = (_LEN.size if header else _LEN.size + self._size) - len(self._got)
+            if want == 0:
+                return bytes(self._got[_LEN.size :])
+            try:
+                chunk = sock.recv(want)
+            except (BlockingIOError, InterruptedError):
+                return None
+            if not chunk:
+                need = _LEN.size if header else self._size
+                have = len(self._got) - (0 if header else _LEN.size)
+                what = f"{self.what} length" if header else self.what
+                raise HandshakeError(f"connection closed after {have} of {need} bytes of {what}")
+            self._got += chunk
+            if header and len(self._got) == _LEN.size:
+                (self._size,) = _LEN.unpack(self._got)
+                if self._size > MAX_ID_LEN:
+                    raise HandshakeError(
+                        f"{self.what} length {self._size} exceeds the limit of {MAX_ID_LEN} bytes"
+                    )
 
 
 def _decode_id(raw: bytes) -> str:
@@ -93,13 +119,12 @@ def _decode_id(raw: bytes) -> str:
 class _Handshake:
     """One data-stream connection between accept and registration."""
 
-    __slots__ = ("conn", "fd", "got", "out", "reading", "size", "stream_id", "writing")
+    __slots__ = ("conn", "fd", "out", "reader", "reading", "stream_id", "writing")
 
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
         self.fd = conn.fileno()
-        self.got = bytearray()
-        self.size = -1  # the id's length, once its 4 bytes are in
+        self.reader = StringReader("stream id")
         self.stream_id: str | None = None  # set once the id is read and acceptable
         self.out = b""  # what is left to write: the ack, or an error text
         self.reading = False
@@ -229,32 +254,12 @@ class StreamRegistry:
         self._read(h)
 
     def _read(self, h: _Handshake) -> None:
-        """Read the id: exactly its bytes, never past them (raw bytes follow)."""
         try:
-            while True:
-                want = (_LEN.size if h.size < 0 else _LEN.size + h.size) - len(h.got)
-                if want == 0:
-                    break
-                try:
-                    chunk = h.conn.recv(want)
-                except (BlockingIOError, InterruptedError):
-                    self._watch(h, read=True)
-                    return
-                if not chunk:
-                    what = "stream id length" if h.size < 0 else "stream id"
-                    need = _LEN.size if h.size < 0 else h.size
-                    have = len(h.got) if h.size < 0 else len(h.got) - _LEN.size
-                    raise HandshakeError(
-                        f"connection closed after {have} of {need} bytes of {what}"
-                    )
-                h.got += chunk
-                if h.size < 0 and len(h.got) == _LEN.size:
-                    (h.size,) = _LEN.unpack(h.got)
-                    if h.size > MAX_ID_LEN:
-                        raise HandshakeError(
-                            f"stream id length {h.size} exceeds the limit of {MAX_ID_LEN} bytes"
-                        )
-            stream_id = _decode_id(bytes(h.got[_LEN.size :]))
+            raw = h.reader.read(h.conn)
+            if raw is None:
+                self._watch(h, read=True)
+                return
+            stream_id = _decode_id(raw)
         except HandshakeError as exc:
             log.warning("stream handshake rejected error=%r", str(exc))
             self._reply(h, str(exc))
@@ -342,20 +347,78 @@ class StreamRegistry:
             log.warning("stream never claimed, closed stream_id=%s ttl=%s", stream_id, self._ttl)
 
 
+def open_stream_now(ep: Endpoint, stream_id: str) -> socket.socket | None:
+    """Connect to a ``unix:`` stream endpoint and write the id, if neither has to
+    wait: the socket, whose ack is then read with :class:`AckReader`; None
+    otherwise (use :func:`open_stream`, which waits, retries and names errors)."""
+    if not isinstance(ep, UnixEndpoint):
+        return None
+    sock = connect_unix_now(ep.path)
+    if sock is None:
+        return None
+    data = encode_string(stream_id)
+    try:
+        # A fresh socket's send buffer takes a few hundred bytes whole.
+        if sock.send(data) == len(data):
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None
+
+
+class AckReader:
+    """Reads and checks the ack of one data stream as it arrives, from a
+    readiness callback (see :class:`StringReader`)."""
+
+    __slots__ = ("_endpoint", "_reader", "stream_id")
+
+    def __init__(self, endpoint: Endpoint, stream_id: str) -> None:
+        self._endpoint = endpoint
+        self.stream_id = stream_id
+        self._reader = StringReader("ack")
+
+    def read(self, sock: socket.socket) -> bool:
+        """Read what is there: True once the whole ack is in and matches. Raises
+        HandshakeError for a wrong, oversized or cut-off ack, OSError from recv."""
+        where = f"stream {self.stream_id!r} at {self._endpoint}"
+        try:
+            raw = self._reader.read(sock)
+        except HandshakeError as exc:
+            raise HandshakeError(f"{where}: {exc}") from None
+        if raw is None:
+            return False
+        if raw != self.stream_id.encode():
+            text = raw.decode(errors="replace")
+            raise HandshakeError(f"stream {self.stream_id!r} rejected by {self._endpoint}: {text}")
+        return True
+
+
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
 # Errors that mean "not there yet" while the VM boots.
 _RETRYABLE = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError)
 
 
 async def _handshake_opener(sock: socket.socket, ep: Endpoint, stream_id: str) -> None:
-    loop = asyncio.get_running_loop()
-    await loop.sock_sendall(sock, encode_string(stream_id))
-    try:
-        raw = await _read_string(sock, "ack")
-    except HandshakeError as exc:
-        raise HandshakeError(f"stream {stream_id!r} at {ep}: {exc}") from None
-    if raw != stream_id.encode():
-        text = raw.decode(errors="replace")
-        raise HandshakeError(f"stream {stream_id!r} rejected by {ep}: {text}")
+    await asyncio.get_running_loop().sock_sendall(sock, encode_string(stream_id))
+    ack = AckReader(ep, stream_id)
+    while not ack.read(sock):
+        await _readable(sock)
 
 
 async def open_stream(

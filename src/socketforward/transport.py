@@ -32,6 +32,7 @@ __all__ = [
     "UnixEndpoint",
     "VsockEndpoint",
     "connect",
+    "connect_unix_now",
     "listen",
     "parse_endpoint",
 ]
@@ -188,6 +189,19 @@ def _named(exc: OSError, what: str) -> OSError:
     if exc.errno is None:
         return exc
     return OSError(exc.errno, f"{exc.strerror or os.strerror(exc.errno)}: {what}")
+
+
+def connect_unix_now(path: str) -> socket.socket | None:
+    """Connect to a UNIX socket if that needs no waiting: the socket, or None when
+    the listener's backlog is full or the connect fails (:func:`connect` then
+    waits, retries or names the error). A fast path for per-connection dials."""
+    sock = _new_socket(socket.AF_UNIX)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 async def _connect_unix(path: str, what: str) -> socket.socket:

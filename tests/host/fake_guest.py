@@ -194,12 +194,15 @@ async def exchange(sock: socket.socket, payload: bytes) -> bytes:
 
 class HugeAckEndpoint:
     """A misbehaving guest stream endpoint: for ids starting with ``evil-`` it
-    answers with an ack length of 4 GiB - 1; other ids get a proper ack and the
-    connection is kept in ``streams``."""
+    answers with an ack length of 4 GiB - 1, for ``silent-`` nothing at all
+    (``silent`` counts them, ``silent_closed`` those the host hung up on since);
+    other ids get a proper ack and the connection is kept in ``streams``."""
 
     def __init__(self, listener: transport.Listener) -> None:
         self.listener = listener
         self.streams: dict[str, socket.socket] = {}
+        self.silent = 0
+        self.silent_closed = 0  # ... and closed by the host since
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
@@ -213,6 +216,12 @@ class HugeAckEndpoint:
         loop = asyncio.get_running_loop()
         (size,) = struct.unpack(">I", await recv_exactly(conn, 4))
         stream_id = (await recv_exactly(conn, size)).decode()
+        if stream_id.startswith("silent-"):
+            self.silent += 1
+            with conn:
+                await recv_all(conn)  # until the host gives up
+            self.silent_closed += 1
+            return
         if stream_id.startswith("evil-"):
             with conn:
                 await loop.sock_sendall(conn, struct.pack(">I", 0xFFFFFFFF) + b"x" * 16)

@@ -24,6 +24,7 @@ from tests.host.fake_guest import (
     HugeAckEndpoint,
     exchange,
     guest_dialing,
+    recv_all,
     reverse_after_eof,
     unix_service,
 )
@@ -245,6 +246,76 @@ async def test_huge_ack_length_fails_one_connection_without_allocating_it(
         serving.cancel()
         await asyncio.wait({serving})
         await evil.close()
+
+
+@contextlib.asynccontextmanager
+async def misbehaving_streams(tmp: Path) -> AsyncIterator[HugeAckEndpoint]:
+    evil = HugeAckEndpoint(
+        await transport.listen(transport.UnixEndpoint(str(tmp / "vm" / "evil.sock")))
+    )
+    serving = asyncio.get_running_loop().create_task(evil.serve())
+    try:
+        yield evil
+    finally:
+        serving.cancel()
+        await asyncio.wait({serving})
+        await evil.close()
+
+
+async def test_silent_stream_endpoint_fails_that_connection_after_the_timeout(
+    short_tmp: Path,
+) -> None:
+    """A data stream that is never acked fails its connection after the stream
+    timeout (error to the VM, host socket closed, counted), and does not hold up
+    the connections opened meanwhile."""
+    forward = fwd(short_tmp, "a")
+    async with (
+        misbehaving_streams(short_tmp) as evil,
+        unix_service(Path(forward.host_path), reverse_after_eof) as target,
+        running_host(
+            short_tmp, [forward], streams=evil.listener.endpoint, stream_timeout=0.5
+        ) as env,
+    ):
+        guest = FakeGuest()
+        async with guest_dialing(guest, env.rpc):
+            call = await guest.next_accept()
+            silent = await call.request("silent-1", "fwd-a")
+            good = await call.connect("good-1", "fwd-a")
+            assert good.error == "" and not silent.done()
+            assert await exchange(evil.streams["good-1"], b"ping") == b"gnip"
+            async with asyncio.timeout(10):
+                result = await silent
+            assert result.error == "failed to open data stream"
+            assert env.forwarder.stats()["fwd-a"].failures == {"stream": 1}
+            assert target.accepted == 2
+            await wait_until(lambda: evil.silent_closed == 1)  # the host hung up on it
+
+
+async def test_rpc_loss_while_an_ack_is_awaited_closes_both_sockets(short_tmp: Path) -> None:
+    """When the RPC connection drops while a data stream's ack is awaited, both
+    of that connection's sockets are closed (the host service sees EOF) and the
+    loss is counted; nothing is left open."""
+    forward = fwd(short_tmp, "a")
+    saw_eof = asyncio.Event()
+
+    async def wait_for_eof(sock: socket.socket) -> None:
+        await recv_all(sock)
+        saw_eof.set()
+
+    async with (
+        misbehaving_streams(short_tmp) as evil,
+        unix_service(Path(forward.host_path), wait_for_eof),
+        running_host(short_tmp, [forward], streams=evil.listener.endpoint) as env,
+    ):
+        guest = FakeGuest()
+        async with guest_dialing(guest, env.rpc) as serving:
+            call = await guest.next_accept()
+            await call.request("silent-1", "fwd-a")
+            await wait_until(lambda: evil.silent == 1)
+            serving.cancel()
+        async with asyncio.timeout(10):
+            await saw_eof.wait()
+        await wait_until(lambda: env.forwarder.stats()["fwd-a"].failures == {"rpc_lost": 1})
 
 
 async def test_guest_reconnect_rebinds_and_running_relays_continue(short_tmp: Path) -> None:

@@ -32,7 +32,13 @@ async def test_keys_expire_once_in_order_and_discarded_ones_never() -> None:
 async def test_a_key_added_by_the_expiry_callback_expires_too() -> None:
     """A retry scheduled from on_expire gets its own full timeout."""
     expired: list[int] = []
-    d: Deadlines[int] = Deadlines(TIMEOUT, lambda k: (expired.append(k), k < 3 and d.add(k + 1)))
+
+    def on_expire(key: int) -> None:
+        expired.append(key)
+        if key < 3:
+            d.add(key + 1)
+
+    d: Deadlines[int] = Deadlines(TIMEOUT, on_expire)
     d.add(1)
     await asyncio.sleep(TIMEOUT * 5)
     assert expired == [1, 2, 3]

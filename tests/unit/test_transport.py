@@ -453,7 +453,7 @@ def test_callback_accepting_hands_over_a_burst_once_each(tmp_path: Path, loop_ki
         async with await listen(ep) as listener:
             try:
                 clients = [await connect(ep, timeout=30) for _ in range(500)]
-                listener.start_accepting(on_connection, pytest.fail)
+                listener.start_accepting(on_connection, lambda exc: pytest.fail(repr(exc)))
                 await asyncio.wait_for(all_in.wait(), 30)
                 listener.stop_accepting()
                 late = await connect(ep, timeout=30)
