@@ -162,7 +162,8 @@ class _Pending:
         # Streams that said they do not know this forward; rarely any, so shared empty.
         self.tried: frozenset[_AcceptStream] = frozenset()
 
-    def ids(self) -> str:
+    def __str__(self) -> str:
+        # Logged as "%s" % pending: formatted only when the line is emitted.
         ids = f"stream_id={self.stream_id} forward_id={self.forward_id}"
         if self.peer is None:
             return ids
@@ -424,7 +425,7 @@ class Service(SocketForwardBase):
     def _on_connection(self, forward_id: str, conn: socket.socket) -> None:
         p = _Pending(generate_stream_id(STREAM_ID_PREFIX), forward_id, conn, _peer_of(conn))
         self._stats[forward_id].accepted += 1
-        log.debug("connection accepted %s", p.ids())
+        log.debug("connection accepted %s", p)
         if self._closed:
             self._fail(p, "shutdown", "service shutting down")
             return
@@ -461,7 +462,7 @@ class Service(SocketForwardBase):
         p.conn = None
         stats = self._stats.setdefault(p.forward_id, ForwardStats())
         stats.failed[reason] = stats.failed.get(reason, 0) + 1
-        log.warning("connection closed %s reason=%s detail=%r", p.ids(), reason, detail)
+        log.warning("connection closed %s reason=%s detail=%r", p, reason, detail)
 
     # -- routing ----------------------------------------------------------------
 
@@ -515,7 +516,7 @@ class Service(SocketForwardBase):
             except (ttrpc.TtrpcError, ttrpc.StreamClosedError) as exc:
                 s.end(exc)
                 continue
-            log.debug("connect request sent %s %s", s, p.ids())
+            log.debug("connect request sent %s %s", s, p)
 
     # -- Accept -----------------------------------------------------------------
 
@@ -618,7 +619,7 @@ class Service(SocketForwardBase):
         if result.error.startswith(UNKNOWN_FORWARD_ID) and not s.serves(p.forward_id):
             p.tried = p.tried | {s}
             if self._candidates(p) and p.conn is not None:
-                log.info("host stream does not know forward, trying another %s %s", s, p.ids())
+                log.info("host stream does not know forward, trying another %s %s", s, p)
                 self._queue[p.stream_id] = p
                 self._queue.move_to_end(p.stream_id, last=False)
                 self._dispatch()
@@ -665,12 +666,12 @@ class Service(SocketForwardBase):
             # LookupError: the host said success but no data stream came.
             conn.close()
             stats.failed["no_stream"] = stats.failed.get("no_stream", 0) + 1
-            log.warning("connection closed %s reason=no_stream detail=%r", p.ids(), str(exc))
+            log.warning("connection closed %s reason=no_stream detail=%r", p, str(exc))
             return
         except BaseException:
             conn.close()
             stats.failed["shutdown"] = stats.failed.get("shutdown", 0) + 1
-            log.warning("connection closed %s reason=shutdown", p.ids())
+            log.warning("connection closed %s reason=shutdown", p)
             raise
         self._begin_relay(p, conn, data)
 
@@ -679,7 +680,7 @@ class Service(SocketForwardBase):
         stats = self._stats.setdefault(p.forward_id, ForwardStats())
         stats.connected += 1
         stats.active += 1
-        log.debug("relaying %s", p.ids())
+        log.debug("relaying %s", p)
 
         def done(result: relay.RelayStats) -> None:
             self._relays.discard(running)
@@ -687,11 +688,11 @@ class Service(SocketForwardBase):
             stats.bytes_to_host += result.bytes_a_to_b
             stats.bytes_from_host += result.bytes_b_to_a
             if result.ended == "cancelled":
-                log.info("connection ended by shutdown %s", p.ids())
+                log.info("connection ended by shutdown %s", p)
                 return
             log.info(
                 "connection done %s ended=%s to_host=%d from_host=%d duration=%.3f%s",
-                p.ids(),
+                p,
                 result.ended,
                 result.bytes_a_to_b,
                 result.bytes_b_to_a,

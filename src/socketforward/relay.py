@@ -247,6 +247,11 @@ class _Direction:
         """Source at EOF and everything written: pass the EOF on (half-close)."""
         self.stop()
         self.done = True
+        if self.relay.both_done():
+            # Both sides are read to EOF and both sockets close next: close()
+            # tells the peer the same as shutdown() would, one wake-up fewer.
+            self.relay.direction_done()
+            return
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -459,8 +464,11 @@ class Relay:
         else:
             self.stats.bytes_b_to_a += n
 
+    def both_done(self) -> bool:
+        return self._ab is not None and self._ba is not None and self._ab.done and self._ba.done
+
     def direction_done(self) -> None:
-        if self._ab is not None and self._ba is not None and self._ab.done and self._ba.done:
+        if self.both_done():
             self._close("eof", None)
 
     def fail(self, exc: Exception) -> None:
