@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from socketforward import runner
+
 GiB = 1 << 30
 MiB = 1 << 20
 COUNT = struct.Struct(">Q")
@@ -40,13 +42,8 @@ ECHO = b"x"
 
 
 def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run ``main`` on uvloop when importable, else on asyncio's loop."""
-    try:
-        import uvloop  # noqa: PLC0415 - optional speed-up
-    except ImportError:
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+    """Run ``main`` on the loop socketforward's own processes use (uvloop when installed)."""
+    runner.run(main())
 
 
 class _Target(asyncio.BufferedProtocol):

@@ -28,13 +28,12 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Protocol, runtime_checkable
 
 from google.protobuf import empty_pb2
 
-from socketforward import relay, transport, ttrpc
+from socketforward import relay, runner, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
 from socketforward.argtypes import positive_seconds
@@ -1004,12 +1003,6 @@ async def _serve(cfg: AgentConfig) -> None:
             loop.remove_signal_handler(sig)
 
 
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    # The stdlib loop, always: the agent stays light in small guests, and
-    # uvloop refuses AF_VSOCK sockets in connect_accepted_socket (its RPC).
-    asyncio.run(coro)
-
-
 def main(args: argparse.Namespace) -> int:
     """``socketforward guest``: 0 after a clean shutdown, 2 for bad arguments,
     1 for an endpoint it cannot use."""
@@ -1020,7 +1013,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     _raise_fd_limit()
     try:
-        _run(_serve(cfg))
+        runner.run(_serve(cfg))
     except _Fatal as exc:
         print(f"socketforward guest: {exc}", file=sys.stderr)
         return 1

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Final
 
-from socketforward import oci, relay, streams, transport, ttrpc
+from socketforward import oci, relay, runner, streams, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
 from socketforward.argtypes import positive_seconds
@@ -1062,28 +1062,10 @@ async def _run(args: argparse.Namespace, forwards: list[Forward]) -> int:
     return status
 
 
-def _event_loop_factory(
-    rpc: transport.Endpoint,
-) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when installed, unless the RPC connection is AF_VSOCK: uvloop's
-    connect_accepted_socket accepts only AF_UNIX and AF_INET[6] sockets."""
-    if isinstance(rpc, transport.VsockEndpoint):
-        return None
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
 def main(args: argparse.Namespace) -> int:
     try:
         forwards = _forwards_from_args(args)
     except _UsageError as exc:
         print(f"socketforward host: error: {exc}", file=sys.stderr)
         return 2
-    with asyncio.Runner(
-        loop_factory=_event_loop_factory(args.rpc_listen or args.rpc_dial)
-    ) as runner:
-        return runner.run(_run(args, forwards))
+    return runner.run(_run(args, forwards))

@@ -11,6 +11,7 @@ import struct
 import typing
 
 from socketforward.ttrpc._connection import Connection, Event
+from socketforward.ttrpc._fd_transport import FdTransport
 from socketforward.ttrpc._state import Role
 from socketforward.ttrpc.errors import Code, TtrpcError
 from socketforward.ttrpc.stream import MessageQueue
@@ -20,6 +21,9 @@ log = logging.getLogger("socketforward.ttrpc")
 STREAM_FULL_TIMEOUT = 1.0
 """How long a full stream may hold up the connection without its consumer taking a
 message before the stream is closed (as Go's ttrpc)."""
+
+# Socket families every event loop's own transports take.
+_LOOP_FAMILIES = frozenset({socket.AF_UNIX, socket.AF_INET, socket.AF_INET6})
 
 FLUSH_THRESHOLD = 64 * 1024
 """Frames written in one loop pass go out in one syscall, up to this many bytes."""
@@ -126,7 +130,11 @@ class Channel(asyncio.Protocol):
         """Run this channel on ``sock`` (connected, dialed or accepted); owns it from here."""
         sock.setblocking(False)
         try:
-            await self._loop.connect_accepted_socket(lambda: self, sock)
+            if sock.family in _LOOP_FAMILIES:
+                await self._loop.connect_accepted_socket(lambda: self, sock)
+            else:
+                # AF_VSOCK: uvloop's transports refuse it; this one works on any loop.
+                FdTransport(self._loop, sock, self)
         except BaseException:
             sock.close()
             raise
