@@ -23,7 +23,15 @@ from typing import Final, Literal
 
 from socketforward.transport import family_of, type_of
 
-__all__ = ["COPY_BUFFER_SIZE", "PIPE_SIZE", "PipePool", "Relay", "RelayStats", "relay"]
+__all__ = [
+    "BULK_SNDBUF",
+    "COPY_BUFFER_SIZE",
+    "PIPE_SIZE",
+    "PipePool",
+    "Relay",
+    "RelayStats",
+    "relay",
+]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,8 @@ Ending = Literal["eof", "reset", "error", "cancelled"]
 
 COPY_BUFFER_SIZE: Final = 256 * 1024
 PIPE_SIZE: Final = 1 << 20
+BULK_SNDBUF: Final = 4 << 20
+"""SO_SNDBUF a socket gets once it fills up (see :class:`Relay`)."""
 # Passes per wake-up before yielding to other callbacks (fairness).
 _MAX_PASSES: Final = 16
 _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -129,8 +139,8 @@ class _Direction:
 
     # Slots: two of these live as long as every idle forwarded connection.
     __slots__ = (
-        "_buf", "_pipe", "_start", "_view", "buffer_size", "done", "dst", "dst_fd", "loop",
-        "mode", "moved", "pending", "pipe_size", "pipes", "reading", "relay", "src",
+        "_buf", "_pipe", "_start", "_view", "buffer_size", "done", "dst", "dst_fd", "grow_to",
+        "loop", "mode", "moved", "pending", "pipe_size", "pipes", "reading", "relay", "src",
         "src_eof", "src_fd", "writing",
     )  # fmt: skip
 
@@ -143,8 +153,10 @@ class _Direction:
         mode: Literal["splice", "copy"],
         buffer_size: int,
         pipes: PipePool,
+        sndbuf: int | None,
     ) -> None:
         self.relay = relay
+        self.grow_to = sndbuf  # None once applied (or never wanted)
         self.loop = relay.loop
         self.src = src
         self.dst = dst
@@ -243,6 +255,16 @@ class _Direction:
         else:
             self._watch_dst(True)
 
+    def _dst_full(self) -> None:
+        """The destination took less than we had: wait for room, and if this is
+        the first time, let its send buffer grow (a bulk transfer is on)."""
+        if self.grow_to is not None:
+            grow, self.grow_to = self.grow_to, None
+            with contextlib.suppress(OSError):
+                if self.dst.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < grow:
+                    self.dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, grow)
+        self._watch_dst(True)
+
     def _finish(self) -> None:
         """Source at EOF and everything written: pass the EOF on (half-close)."""
         self.stop()
@@ -281,7 +303,7 @@ class _Direction:
             if self.pending:
                 # Destination full: stop reading until it drains.
                 self._watch_src(False)
-                self._watch_dst(True)
+                self._dst_full()
                 return
             if n < len(view):
                 return  # source drained; level-triggered polling says if more comes
@@ -336,7 +358,7 @@ class _Direction:
             self.pending += n
             self._drain_pipe()
             if self.pending:
-                self._watch_dst(True)
+                self._dst_full()
             if n < self.pipe_size:
                 return  # source drained (or pipe full); polling says if more comes
 
@@ -362,7 +384,7 @@ class Relay:
     """Relay between *a* and *b*; takes ownership of both sockets.
 
     Use :func:`relay` unless you need to look at :attr:`stats` or
-    :attr:`buffered` while it runs.
+    :attr:`buffered` while it runs; the arguments are :func:`relay`'s.
     """
 
     __slots__ = (
@@ -378,7 +400,7 @@ class Relay:
         mode: Mode = "auto",
         buffer_size: int = COPY_BUFFER_SIZE,
         pipe_size: int = PIPE_SIZE,
-        sndbuf: int | None = None,
+        sndbuf: int | None = BULK_SNDBUF,
         on_done: Callable[[RelayStats], None] | None = None,
         pipes: PipePool | None = None,
     ) -> None:
@@ -424,11 +446,6 @@ class Relay:
             a, b = self._a, self._b
             _set_nonblocking(a)
             _set_nonblocking(b)
-            if self._sndbuf is not None:
-                # Larger send buffers mean fewer wake-ups per byte (faster bulk
-                # transfers) at the cost of more kernel memory per connection.
-                for sock in (a, b):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
             mode = self.stats.mode
             self._ab = _Direction(
                 self,
@@ -437,6 +454,7 @@ class Relay:
                 mode=mode,
                 buffer_size=self._buffer_size,
                 pipes=self._pipes,
+                sndbuf=self._sndbuf,
             )
             self._ba = _Direction(
                 self,
@@ -445,6 +463,7 @@ class Relay:
                 mode=mode,
                 buffer_size=self._buffer_size,
                 pipes=self._pipes,
+                sndbuf=self._sndbuf,
             )
             self._ab.start()
             self._ba.start()
@@ -518,7 +537,7 @@ async def relay(
     mode: Mode = "auto",
     buffer_size: int = COPY_BUFFER_SIZE,
     pipe_size: int = PIPE_SIZE,
-    sndbuf: int | None = None,
+    sndbuf: int | None = BULK_SNDBUF,
     pipes: PipePool | None = None,
 ) -> RelayStats:
     """Copy bytes both ways between *a* and *b* until both directions ended.
@@ -526,9 +545,12 @@ async def relay(
     Takes ownership of both sockets and closes them on every path. EOF on
     one side becomes ``shutdown(SHUT_WR)`` on the other while the opposite
     direction keeps flowing; a reset or error on either side ends both.
-    Cancelling the task closes both sockets and re-raises. *sndbuf* sets
-    SO_SNDBUF on both sockets (None keeps the kernel default). *pipes* shares
-    splice pipes between relays (its size then wins over *pipe_size*).
+    Cancelling the task closes both sockets and re-raises. *sndbuf*: a
+    socket's SO_SNDBUF is raised to this the first time it fills up, so bulk
+    transfers take fewer wake-ups per byte while short and idle connections
+    keep the kernel default (None: always the default; the kernel caps it at
+    net.core.wmem_max). *pipes* shares splice pipes between relays (its size
+    then wins over *pipe_size*).
     """
     return await Relay(
         a, b, mode=mode, buffer_size=buffer_size, pipe_size=pipe_size, sndbuf=sndbuf, pipes=pipes

@@ -431,3 +431,42 @@ async def test_started_relay_reports_through_on_done_and_closes_on_request() -> 
         assert [(s.ended, s.bytes_a_to_b, s.bytes_b_to_a) for s in ended] == [("cancelled", 4, 5)]
         assert inner_a.fileno() == -1 and inner_b.fileno() == -1
         assert await loop.sock_recv(outer_a, 1) == b""  # the peer sees the close
+
+
+WMEM_MAX = int(Path("/proc/sys/net/core/wmem_max").read_text())
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_send_buffer_grows_for_bulk_transfers_only(mode: str) -> None:
+    """A socket the relay writes into gets a bigger send buffer once it fills up
+    (a bulk transfer: fewer wake-ups per byte); a short exchange leaves the
+    kernel default. Either way every byte arrives."""
+    client, ra = socket.socketpair()
+    rb, server = socket.socketpair()
+    default = rb.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    for s in (client, server):
+        s.setblocking(False)
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(Relay(ra, rb, mode=mode, sndbuf=4 * MiB).run())  # type: ignore[arg-type]
+    try:
+        await loop.sock_sendall(client, b"ping")
+        assert await loop.sock_recv(server, 4) == b"ping"
+        await loop.sock_sendall(server, b"pong")
+        assert await loop.sock_recv(client, 4) == b"pong"
+        assert rb.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == default
+        assert ra.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == default
+        sender = asyncio.create_task(send_all(client, 64 * MiB, seed=3))
+        await asyncio.sleep(0.2)  # the server reads nothing yet: rb fills up
+        # The kernel doubles what it is given and caps it at wmem_max.
+        assert rb.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * min(4 * MiB, WMEM_MAX)
+        assert await recv_all(server) == (64 * MiB, _digest(64 * MiB, seed=3))
+        await sender
+        assert ra.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == default  # never full
+        server.shutdown(socket.SHUT_WR)
+        assert (await task).ended == "eof"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await task
+        client.close()
+        server.close()
