@@ -558,7 +558,7 @@ class Forwarder:
             self._open_failed(opening, STREAM_FAILED, str(exc))
             return
         stream_id, fid = opening.ack.stream_id, opening.fid
-        if not self._reply_now(opening.current, stream_id, fid, ""):
+        if not self._reply(opening.current, stream_id, fid, ""):
             self._open_failed(opening, REPLY_FAILED, None)
             return
         opening.session.acks.discard(opening)
@@ -595,10 +595,10 @@ class Forwarder:
                 self.streams_endpoint,
                 error,
             )
-            self._reply_now(opening.current, stream_id, opening.fid, STREAM_ERROR)
+            self._reply(opening.current, stream_id, opening.fid, STREAM_ERROR)
         self._handled(opening.current)
 
-    def _reply_now(self, current: _AcceptStream, stream_id: str, fid: str, error: str) -> bool:
+    def _reply(self, current: _AcceptStream, stream_id: str, fid: str, error: str) -> bool:
         # The guest's window of unanswered requests bounds these writes.
         try:
             current.stream.send_nowait(pb.ConnectResult(stream_id=stream_id, error=error))
@@ -630,7 +630,7 @@ class Forwarder:
                 _short(fid),
             )
             shown = fid if len(fid) <= MAX_FORWARD_ID_LEN else fid[:MAX_FORWARD_ID_LEN] + "..."
-            await self._reply(current, stream_id, fid, UNKNOWN_FORWARD_ID + shown)
+            self._reply(current, stream_id, fid, UNKNOWN_FORWARD_ID + shown)
             return
         stats = self._stats[fid]
         stats.requests += 1
@@ -639,9 +639,9 @@ class Forwarder:
             error, reason = await self._open(forward, stream_id, sockets)
             if reason is not None:
                 stats.fail(reason)
-                await self._reply(current, stream_id, fid, error)
+                self._reply(current, stream_id, fid, error)
                 return
-            if not await self._reply(current, stream_id, fid, ""):
+            if not self._reply(current, stream_id, fid, ""):
                 stats.fail(REPLY_FAILED)
                 return
             host_sock, data_sock = sockets
@@ -707,19 +707,6 @@ class Forwarder:
             )
             return STREAM_ERROR, STREAM_FAILED
         return "", None
-
-    async def _reply(self, current: _AcceptStream, stream_id: str, fid: str, error: str) -> bool:
-        try:
-            await current.stream.send(pb.ConnectResult(stream_id=stream_id, error=error))
-        except (ttrpc.TtrpcError, ttrpc.ProtocolError) as exc:
-            log.warning(
-                "connect result not delivered stream_id=%s forward_id=%s error=%r",
-                _short(stream_id),
-                _short(fid),
-                str(exc),
-            )
-            return False
-        return True
 
     def _start_relay(
         self, fid: str, stream_id: str, host_sock: socket.socket, data_sock: socket.socket

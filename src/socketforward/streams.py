@@ -27,6 +27,7 @@ from socketforward.transport import (
     UnixEndpoint,
     connect,
     connect_unix_now,
+    wait_ready,
 )
 
 __all__ = [
@@ -394,22 +395,6 @@ class AckReader:
         return True
 
 
-async def _readable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-
-
 # Errors that mean "not there yet" while the VM boots.
 _RETRYABLE = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError)
 
@@ -418,7 +403,7 @@ async def _handshake_opener(sock: socket.socket, ep: Endpoint, stream_id: str) -
     await asyncio.get_running_loop().sock_sendall(sock, encode_string(stream_id))
     ack = AckReader(ep, stream_id)
     while not ack.read(sock):
-        await _readable(sock)
+        await wait_ready(sock)
 
 
 async def open_stream(

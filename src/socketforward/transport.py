@@ -35,6 +35,7 @@ __all__ = [
     "connect_unix_now",
     "listen",
     "parse_endpoint",
+    "wait_ready",
 ]
 
 # sun_path is 108 bytes on Linux; one is kept for the terminating NUL.
@@ -255,6 +256,24 @@ async def _read_hvsock_reply(sock: socket.socket, ep: HvsockEndpoint) -> None:
     )
 
 
+async def wait_ready(sock: socket.socket, *, write: bool = False) -> None:
+    """Wait until *sock* is readable (or writable): for the rare waits of code
+    that otherwise works on non-blocking sockets directly."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, wake)
+    try:
+        await ready
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
 async def connect_nonblocking(
     sock: socket.socket, address: tuple[int, int] | tuple[str, int]
 ) -> None:
@@ -266,19 +285,7 @@ async def connect_nonblocking(
         return
     except (BlockingIOError, InterruptedError):
         pass
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def writable() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_writer(fd, writable)
-    try:
-        await done
-    finally:
-        loop.remove_writer(fd)
+    await wait_ready(sock, write=True)
     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))
