@@ -110,3 +110,21 @@ async def test_send_nowait_delivers_in_order_both_ways() -> None:
             with pytest.raises((ttrpc.TtrpcError, ttrpc.StreamClosedError)):
                 stream.send_nowait(Req(payload=b"late"))
     await asyncio.wait_for(serving, timeout=5)
+
+
+async def test_close_cuts_a_peer_that_stopped_reading() -> None:
+    """A server that stopped reading (a frozen VM) cannot hold the client's close
+    up: after the close timeout the connection is cut, and the calls still
+    waiting fail with UNAVAILABLE instead of hanging."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        client = await ttrpc.Client.connect(ours)
+        stub = echo_ttrpc.EchoStub(client)
+        calls = [asyncio.create_task(stub.Unary(Req(payload=bytes(1 << 20)))) for _ in range(8)]
+        await asyncio.sleep(0.1)  # 8 MiB written, the peer reads none of it
+        assert not any(call.done() for call in calls)
+        await asyncio.wait_for(client.close(timeout=0.2), 10)
+        for call in calls:
+            with pytest.raises(ttrpc.TtrpcError) as info:
+                await call
+            assert info.value.code == ttrpc.Code.UNAVAILABLE

@@ -18,6 +18,9 @@ from socketforward.ttrpc.stream import MessageQueue
 
 log = logging.getLogger("socketforward.ttrpc")
 
+CLOSE_TIMEOUT = 5.0
+"""How long closing waits for the peer to take what is still buffered."""
+
 STREAM_FULL_TIMEOUT = 1.0
 """How long a full stream may hold up the connection without its consumer taking a
 message before the stream is closed (as Go's ttrpc)."""
@@ -48,6 +51,7 @@ class Channel(asyncio.Protocol):
         self._out: list[bytes] = []
         self._out_size = 0
         self._flush_handle: asyncio.Handle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -78,6 +82,9 @@ class Channel(asyncio.Protocol):
             self._flush_handle = None
         if self._blocked_timer is not None:
             self._blocked_timer.cancel()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
         self._blocked = None
         if not self.ready.done():
             self.ready.set_result(None)
@@ -187,10 +194,22 @@ class Channel(asyncio.Protocol):
             return
         transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close once the frames already written are sent, or abort after
+        *timeout* seconds: a peer that stopped reading (a frozen VM) must not
+        hold a shutdown up for good."""
         self._flush()
-        if self.transport is not None:
-            self.transport.close()
+        if self.transport is None or self.closed.done():
+            return
+        self.transport.close()
+        if self._abort_timer is None and not self.closed.done():
+            self._abort_timer = self._loop.call_later(timeout, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_timer = None
+        if self.transport is not None and not self.closed.done():
+            log.warning("ttrpc: peer not reading, connection aborted after close timeout")
+            self.transport.abort()
 
     # -- internals ---------------------------------------------------------
 

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from socketforward.ttrpc._channel import Channel, log
+from socketforward.ttrpc._channel import CLOSE_TIMEOUT, Channel, log
 from socketforward.ttrpc._connection import (
     DataReceived,
     Event,
@@ -166,8 +166,10 @@ class Client:
         """Returns when the connection is gone (closed by either side)."""
         await asyncio.shield(self._channel.closed)
 
-    async def close(self) -> None:
-        self._channel.close()
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close the connection; what is already written is sent first, for up
+        to *timeout* seconds while the server does not read, then it is cut."""
+        self._channel.close(timeout)
         await self.wait_closed()
 
     async def __aenter__(self) -> Client:
