@@ -472,8 +472,8 @@ class Forwarder:
             await asyncio.sleep(backoff.next())
 
     async def _read_accept(self, session: _Session, current: _AcceptStream) -> int:
-        """Hand each ConnectRequest to its own task at once (the stream's receive
-        queue must never stall); returns how many were read."""
+        """Start each ConnectRequest at once, never waiting on one (the stream's
+        receive queue must never stall); returns how many were read."""
         count = 0
         try:
             async for request in current.stream:
