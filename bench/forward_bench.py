@@ -51,6 +51,9 @@ if str(REPO_ROOT) not in sys.path:  # for tests.interop.* when run as a script
     sys.path.insert(0, str(REPO_ROOT))
 
 RESULTS_MD = REPO_ROOT / "bench" / "results" / "latest.md"
+README = REPO_ROOT / "README.md"
+README_BEGIN = "<!-- forward_bench.py writes this table; do not edit -->"
+README_END = "<!-- end of forward_bench.py's table -->"
 RESULTS_PNG = REPO_ROOT / "bench" / "results" / "latest.png"
 START_TIMEOUT = 30.0
 
@@ -546,6 +549,46 @@ def report(
     return "\n".join(out) + "\n"
 
 
+def readme_table(samples: Samples, rounds: int) -> str:
+    """The README's summary: direct, nerdbox's path and ours, medians only."""
+    cols = [("DIRECT", "direct"), ("GO", "nerdbox (Go)"), ("OURS", "socketforward")]
+
+    def pair(path: str, a: str, b: str, fmt: str) -> str:
+        x, y = samples.median(path, a), samples.median(path, b)
+        return "-" if x is None or y is None else f"{fmt.format(x)} / {fmt.format(y)}"
+
+    def one(path: str, key: str, fmt: str) -> str:
+        x = samples.median(path, key)
+        return "-" if x is None else fmt.format(x)
+
+    rows: list[tuple[str, Callable[[str], str]]] = [
+        ("throughput up / down, MB/s", lambda p: pair(p, "up", "down", "{:,.0f}")),
+        ("CPU seconds per GiB relayed", lambda p: one(p, "cpu", "{:.2f}")),
+        ("1-byte round trip p50 / p99, µs", lambda p: pair(p, "p50", "p99", "{:.0f}")),
+        ("new connections per second", lambda p: one(p, "conns", "{:,.0f}")),
+        ("burst of 2,000 connects served", lambda p: one(p, "served", "{:,.0f}")),
+        ("memory per idle connection, KiB", lambda p: one(p, "rss", "{:.1f}")),
+    ]
+    lines = [
+        f"Median of {rounds} interleaved rounds, {datetime.date.today().isoformat()}:",
+        "",
+        "| | " + " | ".join(title for _, title in cols) + " |",
+        "|---|" + "--:|" * len(cols),
+    ]
+    lines += [f"| {label} | " + " | ".join(f(p) for p, _ in cols) + " |" for label, f in rows]
+    return "\n".join(lines)
+
+
+def update_readme(table: str) -> bool:
+    """Replace the table between the README's markers; False if they are missing."""
+    text = README.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        return False
+    README.write_text(text[: begin + len(README_BEGIN)] + "\n" + table + "\n" + text[end:])
+    return True
+
+
 def _target_line(samples: Samples, key: str) -> float | None:
     """Where OURS should be, in the panel's unit (the targets of issue 6)."""
     go = samples.median("GO", key)
@@ -762,6 +805,10 @@ def main() -> int:
         print(f"written to {out_md}", file=sys.stderr)
     if out_png is not None and plot(samples, paths, settings, out_png):
         print(f"written to {out_png}", file=sys.stderr)
+    # A full default run also refreshes the README's summary (never typed by hand).
+    full = out_md == RESULTS_MD and {"DIRECT", "GO", "OURS"} <= set(paths)
+    if full and len(workloads) == len(WORKLOADS) and update_readme(readme_table(samples, rounds)):
+        print(f"updated the table in {README}", file=sys.stderr)
     return 0
 
 
