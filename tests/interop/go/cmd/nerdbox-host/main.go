@@ -37,7 +37,6 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -46,15 +45,13 @@ import (
 	"github.com/containerd/ttrpc"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/socketforward/socketforward/tests/interop/go/internal/standin"
 	"github.com/socketforward/socketforward/tests/interop/go/sfpb"
 )
 
-const (
-	serviceName = "nerdbox.services.socketforward.v1.SocketForward"
-	// announceKey is OUR metadata extension (SPEC section 5); nerdbox's shim
-	// never sends it. Only with --announce.
-	announceKey = "socketforward-forward-ids"
-)
+// announceKey is OUR metadata extension (SPEC section 5); nerdbox's shim
+// never sends it. Only with --announce.
+const announceKey = "socketforward-forward-ids"
 
 // forward is the shim's socketForwardEntry minus the container path.
 type forward struct {
@@ -79,23 +76,7 @@ func (f *forwardFlags) Set(v string) error {
 	return nil
 }
 
-// unixPath parses "unix:/abs/path" and refuses anything else.
-func unixPath(addr string) (string, error) {
-	p, ok := strings.CutPrefix(addr, "unix:")
-	if !ok || !filepath.IsAbs(p) {
-		return "", fmt.Errorf("address %q: want unix:/absolute/path", addr)
-	}
-	return p, nil
-}
-
-func main() {
-	log.SetPrefix("nerdbox-host: ")
-	log.SetFlags(log.Ltime | log.Lmicroseconds)
-	if err := run(); err != nil {
-		fmt.Fprintln(os.Stderr, "nerdbox-host:", err)
-		os.Exit(1)
-	}
-}
+func main() { standin.Main("nerdbox-host", run) }
 
 func run() error {
 	var forwards forwardFlags
@@ -109,11 +90,11 @@ func run() error {
 	if flag.NArg() != 0 {
 		return fmt.Errorf("unexpected arguments: %q", flag.Args())
 	}
-	rpcPath, err := unixPath(*rpcListen)
+	rpcPath, err := standin.UnixPath(*rpcListen)
 	if err != nil {
 		return fmt.Errorf("--rpc-listen: %w", err)
 	}
-	streamPath, err := unixPath(*streams)
+	streamPath, err := standin.UnixPath(*streams)
 	if err != nil {
 		return fmt.Errorf("--streams: %w", err)
 	}
@@ -448,7 +429,7 @@ func (c *announceConn) rewrite(frame []byte) ([]byte, bool) {
 	if err := proto.Unmarshal(frame[frameHeaderLen:], &req); err != nil {
 		return frame, false
 	}
-	if req.Service != serviceName || req.Method != "Accept" {
+	if req.Service != standin.ServiceName || req.Method != "Accept" {
 		return frame, false
 	}
 	req.Metadata = append(req.Metadata, &ttrpc.KeyValue{Key: announceKey, Value: c.value})

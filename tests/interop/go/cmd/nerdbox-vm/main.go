@@ -40,7 +40,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -48,28 +47,11 @@ import (
 	"github.com/containerd/ttrpc"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/socketforward/socketforward/tests/interop/go/internal/standin"
 	"github.com/socketforward/socketforward/tests/interop/go/sfpb"
 )
 
-const serviceName = "nerdbox.services.socketforward.v1.SocketForward"
-
-// unixPath parses "unix:/abs/path" and refuses anything else.
-func unixPath(addr string) (string, error) {
-	p, ok := strings.CutPrefix(addr, "unix:")
-	if !ok || !filepath.IsAbs(p) {
-		return "", fmt.Errorf("address %q: want unix:/absolute/path", addr)
-	}
-	return p, nil
-}
-
-func main() {
-	log.SetPrefix("nerdbox-vm: ")
-	log.SetFlags(log.Ltime | log.Lmicroseconds)
-	if err := run(); err != nil {
-		fmt.Fprintln(os.Stderr, "nerdbox-vm:", err)
-		os.Exit(1)
-	}
-}
+func main() { standin.Main("nerdbox-vm", run) }
 
 func run() error {
 	rpcDial := flag.String("rpc-dial", "", "unix:/abs/rpc.sock the host listens on (dialed once)")
@@ -78,11 +60,11 @@ func run() error {
 	if flag.NArg() != 0 {
 		return fmt.Errorf("unexpected arguments: %q", flag.Args())
 	}
-	rpcPath, err := unixPath(*rpcDial)
+	rpcPath, err := standin.UnixPath(*rpcDial)
 	if err != nil {
 		return fmt.Errorf("--rpc-dial: %w", err)
 	}
-	streamPath, err := unixPath(*streams)
+	streamPath, err := standin.UnixPath(*streams)
 	if err != nil {
 		return fmt.Errorf("--streams: %w", err)
 	}
@@ -303,7 +285,7 @@ func newService(streams *streamRegistry) *service {
 // register serves Bind and Accept only, so Unbind gets ttrpc's own
 // UNIMPLEMENTED ("method Unbind"), exactly as a server without it.
 func (s *service) register(srv *ttrpc.Server) {
-	srv.RegisterService(serviceName, &ttrpc.ServiceDesc{
+	srv.RegisterService(standin.ServiceName, &ttrpc.ServiceDesc{
 		Methods: map[string]ttrpc.Method{
 			"Bind": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req sfpb.BindRequest

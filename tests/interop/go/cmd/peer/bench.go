@@ -34,6 +34,7 @@ import (
 	"github.com/containerd/ttrpc"
 
 	"github.com/socketforward/socketforward/tests/interop/go/echopb"
+	"github.com/socketforward/socketforward/tests/interop/go/internal/standin"
 )
 
 const (
@@ -63,7 +64,7 @@ func benchMain(args []string) error {
 	seconds := fs.Float64("seconds", 3, "length of the measured window")
 	concurrency := fs.Int("concurrency", 1, "unary workers sharing the connection")
 	_ = fs.Parse(args)
-	path, err := unixPath(*dial)
+	path, err := standin.UnixPath(*dial)
 	if err != nil {
 		return err
 	}

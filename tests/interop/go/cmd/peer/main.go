@@ -19,7 +19,6 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -32,6 +31,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/socketforward/socketforward/tests/interop/go/echopb"
+	"github.com/socketforward/socketforward/tests/interop/go/internal/standin"
 )
 
 const (
@@ -68,22 +68,13 @@ func usage() {
 	os.Exit(2)
 }
 
-// unixPath parses "unix:/abs/path" and refuses anything else.
-func unixPath(addr string) (string, error) {
-	p, ok := strings.CutPrefix(addr, "unix:")
-	if !ok || !filepath.IsAbs(p) {
-		return "", fmt.Errorf("address %q: want unix:/absolute/path", addr)
-	}
-	return p, nil
-}
-
 // ---------------------------------------------------------------- server
 
 func serverMain(args []string) error {
 	fs := flag.NewFlagSet("server", flag.ExitOnError)
 	listen := fs.String("listen", "", "unix:/abs/path.sock to listen on")
 	_ = fs.Parse(args)
-	path, err := unixPath(*listen)
+	path, err := standin.UnixPath(*listen)
 	if err != nil {
 		return err
 	}
@@ -262,7 +253,7 @@ func clientMain(args []string) error {
 	dial := fs.String("dial", "", "unix:/abs/path.sock to connect to")
 	name := fs.String("case", "all", "case to run, or all")
 	_ = fs.Parse(args)
-	path, err := unixPath(*dial)
+	path, err := standin.UnixPath(*dial)
 	if err != nil {
 		return err
 	}
