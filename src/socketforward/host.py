@@ -41,6 +41,7 @@ __all__ = [
     "forwards_from_oci_spec",
     "main",
     "parse_forward",
+    "read_forwards_file",
 ]
 
 log = logging.getLogger("socketforward.host")
@@ -116,6 +117,29 @@ def parse_forward(text: str) -> Forward:
         return Forward(fid, paths[:cut], paths[cut + 1 :])
     except ValueError as exc:
         raise ValueError(f"{text!r}: {exc}") from None
+
+
+def read_forwards_file(path: str) -> list[Forward]:
+    """Forwards from a file: one ``FORWARD_ID=HOST_PATH:VM_PATH`` per line, blank
+    lines and ``#`` comments skipped. A ValueError names the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    forwards: dict[str, Forward] = {}
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            forward = parse_forward(line)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{number}: {exc}") from None
+        if forward.forward_id in forwards:
+            raise ValueError(f"{path}:{number}: forward ID {forward.forward_id} is given twice")
+        forwards[forward.forward_id] = forward
+    return list(forwards.values())
 
 
 def forwards_from_oci_spec(
@@ -851,7 +875,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "host",
         help="the host side: serve forwards to host UNIX sockets for one VM",
         description="Forward connections made in a VM to UNIX sockets on this host. "
-        "SIGTERM/SIGINT stop it cleanly; SIGUSR1 logs the statistics.",
+        "SIGTERM/SIGINT stop it cleanly; SIGUSR1 logs the statistics; SIGHUP re-reads "
+        "--forwards-file.",
     )
     rpc = parser.add_mutually_exclusive_group(required=True)
     rpc.add_argument(
@@ -881,6 +906,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="append",
         default=[],
         help="a forward (repeatable)",
+    )
+    parser.add_argument(
+        "--forwards-file",
+        metavar="FILE",
+        help="forwards, one FORWARD_ID=HOST_PATH:VM_PATH per line (# comments); "
+        "SIGHUP re-reads it, adding and removing forwards while running",
     )
     parser.add_argument(
         "--oci-spec", metavar="CONFIG_JSON", help="take forwards from this OCI spec's uds mounts"
@@ -917,20 +948,35 @@ class _UsageError(Exception):
     """A bad command line; the message names the argument."""
 
 
-def _forwards_from_args(args: argparse.Namespace) -> list[Forward]:
+def _forwards_from_args(args: argparse.Namespace) -> tuple[list[Forward], list[str]]:
+    """Every forward the command line names, and the ids of those that came
+    from --forwards-file (a SIGHUP may change those, never the others)."""
     if args.write_spec and not args.oci_spec:
         raise _UsageError("--write-spec needs --oci-spec")
     if args.oci_spec and not args.container_id:
         raise _UsageError("--oci-spec needs --container-id")
     if args.container_id and not args.oci_spec:
         raise _UsageError("--container-id needs --oci-spec")
-    if not args.forward and not args.oci_spec:
-        raise _UsageError("nothing to forward: give --forward or --oci-spec")
+    if not args.forward and not args.oci_spec and not args.forwards_file:
+        raise _UsageError("nothing to forward: give --forward, --forwards-file or --oci-spec")
     forwards: dict[str, Forward] = {}
     for forward in args.forward:
         if forward.forward_id in forwards:
             raise _UsageError(f"--forward: forward ID {forward.forward_id} is given twice")
         forwards[forward.forward_id] = forward
+    from_file: list[Forward] = []
+    if args.forwards_file:
+        try:
+            from_file = read_forwards_file(args.forwards_file)
+        except ValueError as exc:
+            raise _UsageError(f"--forwards-file {exc}") from None
+        for forward in from_file:
+            if forward.forward_id in forwards:
+                raise _UsageError(
+                    f"--forwards-file {args.forwards_file}: forward ID {forward.forward_id} "
+                    "is also given with --forward"
+                )
+            forwards[forward.forward_id] = forward
     if args.oci_spec:
         try:
             spec = oci.load_spec(args.oci_spec)
@@ -943,7 +989,7 @@ def _forwards_from_args(args: argparse.Namespace) -> list[Forward]:
             if forward.forward_id in forwards:
                 raise _UsageError(
                     f"--oci-spec {args.oci_spec}: forward ID {forward.forward_id} "
-                    "is also given with --forward"
+                    "is also given with --forward or --forwards-file"
                 )
             forwards[forward.forward_id] = forward
         if args.write_spec:
@@ -952,7 +998,7 @@ def _forwards_from_args(args: argparse.Namespace) -> list[Forward]:
             except OSError as exc:
                 raise _UsageError(f"--write-spec {args.write_spec}: {exc}") from None
             log.info("wrote rewritten spec path=%s", args.write_spec)
-    return list(forwards.values())
+    return list(forwards.values()), [f.forward_id for f in from_file]
 
 
 def _check_private_dir(ep: transport.UnixEndpoint) -> None:
@@ -987,7 +1033,65 @@ def _log_stats(forwarder: Forwarder) -> None:
     log.info("stats unknown_forward_requests=%d", forwarder.unknown_requests)
 
 
-async def _run(args: argparse.Namespace, forwards: list[Forward]) -> int:
+class _ForwardsFile:
+    """--forwards-file at run time: SIGHUP re-reads it and the difference is
+    added and removed (one reload at a time). A file that does not parse, or
+    that names a forward_id the command line also gives, changes nothing."""
+
+    def __init__(self, path: str, forwarder: Forwarder, loaded: Iterable[str]) -> None:
+        self.path = path
+        self.forwarder = forwarder
+        self.ids = set(loaded)  # the forwards this file put in the table
+        self.fixed = set(forwarder.forwards) - self.ids  # --forward, --oci-spec
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def request_reload(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self) -> None:
+        async with self._lock:
+            try:
+                fresh = {f.forward_id: f for f in read_forwards_file(self.path)}
+            except ValueError as exc:
+                log.error("forwards file not reloaded, table unchanged error=%r", str(exc))
+                return
+            clash = sorted(set(fresh) & self.fixed)
+            if clash:
+                log.error(
+                    "forwards file not reloaded, table unchanged path=%s error=%r",
+                    self.path,
+                    f"forward IDs also given on the command line: {','.join(clash)}",
+                )
+                return
+            table = self.forwarder.forwards
+            gone = sorted(f for f in self.ids if table.get(f) != fresh.get(f))
+            new = [f for fid, f in fresh.items() if table.get(fid) != f]
+            try:
+                await self.forwarder.remove(gone)
+                self.ids.difference_update(gone)
+                await self.forwarder.add(new)
+                self.ids.update(f.forward_id for f in new)
+            except (ValueError, ttrpc.TtrpcError) as exc:
+                log.error("forwards file reload failed path=%s error=%r", self.path, str(exc))
+                return
+            log.info(
+                "forwards file reloaded path=%s added=%d removed=%d forwards=%d",
+                self.path,
+                len(new),
+                len(gone),
+                len(self.forwarder.forwards),
+            )
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _run(args: argparse.Namespace, forwards: list[Forward], file_ids: list[str]) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     forwarder = Forwarder(
@@ -997,12 +1101,17 @@ async def _run(args: argparse.Namespace, forwards: list[Forward]) -> int:
         stream_timeout=args.stream_timeout,
         stream_retry_for=args.stream_retry_for,
     )
-    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    handled = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, _log_stats, forwarder)
+    from_file: _ForwardsFile | None = None
+    if args.forwards_file:
+        from_file = _ForwardsFile(args.forwards_file, forwarder, file_ids)
+        loop.add_signal_handler(signal.SIGHUP, from_file.request_reload)
+        handled.append(signal.SIGHUP)
     listener: transport.Listener | None = None
-    runner: asyncio.Task[None] | None = None
+    serving: asyncio.Task[None] | None = None
     status = 0
     try:
         if args.rpc_listen is not None:
@@ -1013,12 +1122,12 @@ async def _run(args: argparse.Namespace, forwards: list[Forward]) -> int:
                 listener = await transport.listen(ep, mode=0o600)
             except OSError as exc:
                 raise _UsageError(f"--rpc-listen: {exc}") from None
-            runner = loop.create_task(forwarder.run_listening(listener))
+            serving = loop.create_task(forwarder.run_listening(listener))
             log.info(
                 "host listening rpc=%s streams=%s forwards=%d", ep, args.streams, len(forwards)
             )
         else:
-            runner = loop.create_task(forwarder.run_dialing(args.rpc_dial))
+            serving = loop.create_task(forwarder.run_dialing(args.rpc_dial))
             log.info(
                 "host dialing rpc=%s streams=%s forwards=%d",
                 args.rpc_dial,
@@ -1026,10 +1135,10 @@ async def _run(args: argparse.Namespace, forwards: list[Forward]) -> int:
                 len(forwards),
             )
         stopping = loop.create_task(stop.wait())
-        await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
-        if runner.done():
-            log.error("host stopped unexpectedly error=%r", runner.exception())
+        if serving.done():
+            log.error("host stopped unexpectedly error=%r", serving.exception())
             status = 1
         else:
             log.info("host stopping")
@@ -1037,9 +1146,11 @@ async def _run(args: argparse.Namespace, forwards: list[Forward]) -> int:
         print(f"socketforward host: error: {exc}", file=sys.stderr)
         status = 2
     finally:
-        if runner is not None:
-            runner.cancel()
-            await asyncio.wait({runner})
+        if serving is not None:
+            serving.cancel()
+            await asyncio.wait({serving})
+        if from_file is not None:
+            await from_file.close()
         await forwarder.close()
         if listener is not None:
             listener.close()
@@ -1051,8 +1162,8 @@ async def _run(args: argparse.Namespace, forwards: list[Forward]) -> int:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        forwards = _forwards_from_args(args)
+        forwards, file_ids = _forwards_from_args(args)
     except _UsageError as exc:
         print(f"socketforward host: error: {exc}", file=sys.stderr)
         return 2
-    return runner.run(_run(args, forwards))
+    return runner.run(_run(args, forwards, file_ids))

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,9 @@ def test_bad_arguments_exit_nonzero_naming_the_argument(short_tmp: Path) -> None
     bad_spec.write_text(
         json.dumps({"mounts": [{"type": "uds", "source": "", "destination": "/x.sock"}]})
     )
+    bad_table, clash_table = short_tmp / "bad.txt", short_tmp / "clash.txt"
+    bad_table.write_text("# ok\nb=relative.sock:/v.sock\n")
+    clash_table.write_text("a=/other.sock:/v.sock\n")
     open_dir = short_tmp / "open"
     open_dir.mkdir()
     os.chmod(open_dir, 0o755)
@@ -56,6 +60,10 @@ def test_bad_arguments_exit_nonzero_naming_the_argument(short_tmp: Path) -> None
         "forward relative": ([*base, "--forward", "a=rel.sock:/v.sock"], "host path"),
         "forward comma": ([*base, "--forward", "a,b=/h.sock:/v.sock"], "forward ID"),
         "forward twice": ([*base, good, good], "given twice"),
+        "missing table": ([*base, "--forwards-file", "/nonexistent"], "--forwards-file /nonexist"),
+        "bad table": ([*base, "--forwards-file", str(bad_table)], f"{bad_table}:2:"),
+        "table clash": ([*base, good, "--forwards-file", str(clash_table)],
+                        "also given with --forward"),
         "nothing": (base, "nothing to forward"),
         "spec w/o id": ([*base, "--oci-spec", str(bad_spec)], "--oci-spec needs --container-id"),
         "write w/o spec": ([*base, good, "--write-spec", "/tmp/x.json"], "--write-spec needs"),
@@ -162,3 +170,76 @@ async def test_host_process_forwards_and_stops_cleanly_on_sigterm(short_tmp: Pat
     log = log_path.read_text()
     assert "host stopping" in log
     assert f"stats forward_id={forward_id} requests=2 connections=2" in log
+
+
+async def _wait_until(predicate: Callable[[], bool]) -> None:
+    async with asyncio.timeout(30):
+        while not predicate():  # noqa: ASYNC110 (state without an event of its own)
+            await asyncio.sleep(0.02)
+
+
+async def test_sighup_rereads_the_forwards_file(short_tmp: Path) -> None:
+    """With --forwards-file, SIGHUP applies the file's changes while running:
+    a forward taken out is Unbound and refused, a new one is Bound and served,
+    --forward entries stay; a file that no longer parses changes nothing and
+    the log names its line."""
+    host_dir, vm_dir = short_tmp / "host", short_tmp / "vm"
+    a_path, b_path, c_path = (host_dir / f"{n}.sock" for n in "abc")
+    table = short_tmp / "forwards"
+    table.write_text(f"# test table\n\na={a_path}:/run/a.sock\n")
+    rpc_path = host_dir / "rpc" / "rpc.sock"
+    streams_ep = transport.UnixEndpoint(str(vm_dir / "streams.sock"))
+    log_path = short_tmp / "host.log"
+    async with (
+        unix_service(a_path, reverse_after_eof),
+        unix_service(b_path, reverse_after_eof),
+        unix_service(c_path, reverse_after_eof),
+        streams.StreamRegistry(await transport.listen(streams_ep)) as registry,
+    ):
+        with log_path.open("wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *_host_cmd(
+                    "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
+                    "--forwards-file", str(table), "--forward", f"c={c_path}:/run/c.sock",
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )  # fmt: skip
+        try:
+            await _wait_for(rpc_path, proc)
+            guest = FakeGuest(registry=registry)
+            async with guest_dialing(guest, transport.UnixEndpoint(str(rpc_path))):
+                call = await guest.next_accept()
+                assert sorted(guest.binds[0]) == [("a", "/run/a.sock"), ("c", "/run/c.sock")]
+                assert (await call.connect("s-1", "a")).error == ""
+
+                table.write_text(f"b={b_path}:/run/b.sock\n")
+                proc.send_signal(signal.SIGHUP)
+                # Each change of the table reopens Accept (after the removal,
+                # then after the addition): wait for the one announcing both.
+                while (call := await guest.next_accept()).announced != ["b,c"]:
+                    pass
+                assert guest.unbinds == [["a"]]
+                assert guest.binds[-1] == [("b", "/run/b.sock")]
+                assert (await call.connect("s-2", "a")).error.startswith("unknown forward ID")
+                assert (await call.connect("s-3", "b")).error == ""
+                assert (await call.connect("s-4", "c")).error == ""
+                sock = guest.claimed.pop("s-3")
+                assert sock is not None
+                with sock:
+                    assert await exchange(sock, b"bee") == b"eeb"
+
+                table.write_text(f"b={b_path}:/run/b.sock\nthis is not a forward\n")
+                proc.send_signal(signal.SIGHUP)
+                await _wait_until(lambda: b"not reloaded" in log_path.read_bytes())
+                assert f"{table}:2".encode() in log_path.read_bytes()
+                assert (await call.connect("s-5", "b")).error == ""
+                guest.close_claimed()
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
