@@ -196,7 +196,8 @@ class HugeAckEndpoint:
     """A misbehaving guest stream endpoint: for ids starting with ``evil-`` it
     answers with an ack length of 4 GiB - 1, for ``silent-`` nothing at all
     (``silent`` counts them, ``silent_closed`` those the host hung up on since);
-    other ids get a proper ack and the connection is kept in ``streams``."""
+    other ids get a proper ack (``slow-`` ones in pieces) and the connection is
+    kept in ``streams``."""
 
     def __init__(self, listener: transport.Listener) -> None:
         self.listener = listener
@@ -227,7 +228,13 @@ class HugeAckEndpoint:
                 await loop.sock_sendall(conn, struct.pack(">I", 0xFFFFFFFF) + b"x" * 16)
                 await recv_all(conn)  # hold it until the host gives up
             return
-        await loop.sock_sendall(conn, streams.encode_string(stream_id))
+        ack = streams.encode_string(stream_id)
+        if stream_id.startswith("slow-"):  # the ack in three pieces
+            for piece in (ack[:2], ack[2:5], ack[5:-1]):
+                await loop.sock_sendall(conn, piece)
+                await asyncio.sleep(0.02)
+            ack = ack[-1:]
+        await loop.sock_sendall(conn, ack)
         self.streams[stream_id] = conn
 
     async def close(self) -> None:

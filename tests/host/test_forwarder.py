@@ -267,7 +267,7 @@ async def test_silent_stream_endpoint_fails_that_connection_after_the_timeout(
 ) -> None:
     """A data stream that is never acked fails its connection after the stream
     timeout (error to the VM, host socket closed, counted), and does not hold up
-    the connections opened meanwhile."""
+    the connections opened meanwhile, one of them with an ack in pieces."""
     forward = fwd(short_tmp, "a")
     async with (
         misbehaving_streams(short_tmp) as evil,
@@ -283,11 +283,15 @@ async def test_silent_stream_endpoint_fails_that_connection_after_the_timeout(
             good = await call.connect("good-1", "fwd-a")
             assert good.error == "" and not silent.done()
             assert await exchange(evil.streams["good-1"], b"ping") == b"gnip"
+            # An ack arriving in pieces is assembled, not mistaken for a bad one.
+            slow = await call.connect("slow-1", "fwd-a")
+            assert slow.error == "" and not silent.done()
+            assert await exchange(evil.streams["slow-1"], b"snail") == b"lians"
             async with asyncio.timeout(10):
                 result = await silent
             assert result.error == "failed to open data stream"
             assert env.forwarder.stats()["fwd-a"].failures == {"stream": 1}
-            assert target.accepted == 2
+            assert target.accepted == 3
             await wait_until(lambda: evil.silent_closed == 1)  # the host hung up on it
 
 

@@ -289,3 +289,52 @@ async def test_many_streams_at_once(registry: StreamRegistry) -> None:
     finally:
         for sock in hosts:
             sock.close()
+
+
+async def test_id_trickling_in_byte_by_byte_registers_and_raw_bytes_stay(
+    registry: StreamRegistry,
+) -> None:
+    """A slow opener's id arriving one byte at a time (each in its own segment)
+    is assembled; the raw bytes sent right after the ack wait for the claimer,
+    none swallowed by the handshake."""
+    loop = asyncio.get_running_loop()
+    sock = await connect(registry.endpoint, timeout=5)
+    with sock:
+        for byte in _string(b"slow-id"):
+            await loop.sock_sendall(sock, bytes([byte]))
+            await asyncio.sleep(0.005)
+        assert await loop.sock_recv(sock, 64) == _string(b"slow-id")
+        await loop.sock_sendall(sock, b"payload right after the ack")
+        with registry.get("slow-id") as vm:
+            vm.setblocking(False)
+            assert await loop.sock_recv(vm, 64) == b"payload right after the ack"
+
+
+async def test_ack_trickling_in_is_assembled_by_the_opener(tmp_path: Path) -> None:
+    """The opener reads an ack that arrives in pieces (length, then the id in two
+    parts), and the raw bytes that follow it are left for the relay."""
+    loop = asyncio.get_running_loop()
+    listener = await listen(UnixEndpoint(str(tmp_path / "s.sock")))
+
+    async def serve() -> None:
+        conn = await listener.accept()
+        with conn:
+            (size,) = struct.unpack(">I", await loop.sock_recv(conn, 4))
+            stream_id = await loop.sock_recv(conn, size)
+            ack = _string(stream_id)
+            for piece in (ack[:4], ack[4:6], ack[6:]):
+                await asyncio.sleep(0.01)
+                await loop.sock_sendall(conn, piece)
+            await loop.sock_sendall(conn, b"raw")
+            await loop.sock_recv(conn, 1)
+
+    task = asyncio.create_task(serve())
+    try:
+        sock = await open_stream(listener.endpoint, "pieces")
+        with sock:
+            assert await loop.sock_recv(sock, 16) == b"raw"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        listener.close()
