@@ -159,3 +159,22 @@ def test_abort_drops_the_buffer_and_a_reset_peer_is_reported(loop_kind: str) -> 
         assert isinstance(exc, OSError)
 
     run(loop_kind, main)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_extra_info_outlives_the_socket(loop_kind: str) -> None:
+    """The socket and its addresses are there through get_extra_info, also
+    after the connection is gone (as asyncio's transports keep them)."""
+
+    async def main() -> None:
+        ours, peer = socket.socketpair()
+        proto = Recorder()
+        transport = FdTransport(asyncio.get_running_loop(), ours, proto)
+        assert transport.get_extra_info("socket") is ours
+        assert transport.get_extra_info("peername") == ours.getpeername()
+        peer.close()
+        await asyncio.wait_for(proto.lost, 5)
+        assert transport.get_extra_info("peername") is not None
+        assert transport.get_extra_info("nothing", "default") == "default"
+
+    run(loop_kind, main)

@@ -25,7 +25,13 @@ class FdTransport(asyncio.Transport):
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: asyncio.Protocol
     ) -> None:
-        super().__init__({"socket": sock})
+        extra: dict[str, Any] = {"socket": sock}
+        for name, lookup in (("peername", sock.getpeername), ("sockname", sock.getsockname)):
+            try:  # looked up now, as asyncio's transports do: later the socket may be gone
+                extra[name] = lookup()
+            except OSError:
+                extra[name] = None
+        super().__init__(extra)
         sock.setblocking(False)
         self._loop = loop
         self._sock = sock
@@ -42,13 +48,6 @@ class FdTransport(asyncio.Transport):
         self._low = LOW_WATER
         protocol.connection_made(self)
         self._watch_read(True)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "peername":
-            return self._sock.getpeername()
-        if name == "sockname":
-            return self._sock.getsockname()
-        return super().get_extra_info(name, default)
 
     # -- reading --------------------------------------------------------------
 
