@@ -856,7 +856,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "guest",
         help="run the VM-side agent (SocketForward service)",
         description="The VM side: serve SocketForward on the RPC connection and accept "
-        "data streams; forward container connections to the host.",
+        "data streams; forward container connections to the host. SIGTERM/SIGINT "
+        "stop it cleanly; SIGUSR1 logs the statistics.",
     )
     rpc = parser.add_mutually_exclusive_group()
     rpc.add_argument(
@@ -956,6 +957,24 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def _log_stats(service: Service) -> None:
+    """One line per forward (SIGUSR1, and at exit), as the host's."""
+    for fid, st in sorted(service.stats().items()):
+        failed = ",".join(f"{k}:{v}" for k, v in sorted(st.failed.items())) or "none"
+        log.info(
+            "stats forward_id=%s accepted=%d connected=%d active=%d failed=%s to_host=%d "
+            "from_host=%d",
+            fid,
+            st.accepted,
+            st.connected,
+            st.active,
+            failed,
+            st.bytes_to_host,
+            st.bytes_from_host,
+        )
+    log.info("stats pending=%d", service.pending)
+
+
 class _Fatal(Exception):
     """An endpoint the agent cannot use; the message says which and why."""
 
@@ -976,9 +995,10 @@ async def _serve(cfg: AgentConfig) -> None:
     agent = Agent(service, rpc_dial=cfg.rpc_dial, rpc_listen=cfg.rpc_listen)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    for sig in signals[:2]:
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _log_stats, service)
     registry.start()
     log.info(
         "guest started rpc=%s streams=%s",
@@ -1001,6 +1021,7 @@ async def _serve(cfg: AgentConfig) -> None:
         await agent.shutdown()
         for sig in signals:
             loop.remove_signal_handler(sig)
+        _log_stats(service)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -203,6 +203,29 @@ async def test_missing_host_socket_closes_connection_and_logs_why(vm: Vm, tmp_pa
         assert str(missing) not in guest.log()
 
 
+async def test_guest_logs_statistics_on_sigusr1(vm: Vm, echo: Path) -> None:
+    """`kill -USR1` makes the guest log each forward's counts (as the host does),
+    and it logs them once more when it stops."""
+    vm_path = vm.run_dir / "echo.sock"
+    with forwarding(vm, f"e={echo}:{vm_path}") as (host, guest):
+        await asyncio.to_thread(wait_for_socket, vm_path, 30, host, guest)
+        for payload in (b"one", b"two"):
+            assert await echo_round_trip(vm_path, payload) == payload
+        line = (
+            "stats forward_id=e accepted=2 connected=2 active=0 failed=none to_host=6 from_host=6"
+        )
+        for _ in range(100):  # the relays' last bytes are counted as they end
+            guest.proc.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(0.05)
+            if line in guest.log():
+                break
+        assert line in guest.log(), guest.log()
+        assert "stats pending=0" in guest.log()
+        await asyncio.sleep(0.2)  # any signal still on its way is logged by now
+        before = guest.log().count(line)
+    assert guest.log().count(line) == before + 1  # the exit's
+
+
 async def test_guest_restart_forwarding_resumes(vm: Vm, echo: Path) -> None:
     """The guest agent is killed and started again: the host accepts its new
     dial-back, re-Binds, and forwarding works without restarting the host."""
