@@ -338,3 +338,16 @@ async def test_ack_trickling_in_is_assembled_by_the_opener(tmp_path: Path) -> No
         with contextlib.suppress(asyncio.CancelledError):
             await task
         listener.close()
+
+
+async def test_close_drops_a_handshake_half_way(tmp_path: Path) -> None:
+    """A connection in the middle of its handshake when the registry closes is
+    closed too (the opener sees EOF), with nothing left watching its fd."""
+    loop = asyncio.get_running_loop()
+    async with registry_at(tmp_path / "s.sock") as reg:
+        half = await connect(reg.endpoint, timeout=5)
+        with half:
+            await loop.sock_sendall(half, b"\x00\x00")  # half of the id's length
+            await asyncio.sleep(0.1)  # accepted, the two bytes read, waiting for more
+            await reg.close()
+            assert await asyncio.wait_for(loop.sock_recv(half, 1), 5) == b""
