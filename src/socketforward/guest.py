@@ -64,7 +64,7 @@ STREAM_ID_PREFIX: Final = "socketfwd"
 DEFAULT_RPC_DIAL: Final = "vsock://2:1025"
 DEFAULT_STREAMS: Final = "vsock://:1026"
 
-# Errnos of accept() that mean "out of resources for now": back off, keep going.
+# How long accepting pauses after an accept() error (EMFILE...) instead of spinning.
 _ACCEPT_BACKOFF: Final = 0.1
 _PEERCRED: Final = struct.Struct("3i")
 

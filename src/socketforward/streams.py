@@ -5,7 +5,8 @@ UTF-8 bytes); the listener answers with the same id (the ack), or with an
 error text and closes. After the ack the connection carries raw bytes.
 
 :class:`StreamRegistry` is the listening side (in the VM), :func:`open_stream`
-the opening side (on the host).
+the opening side (on the host); :func:`open_stream_now` and :class:`AckReader`
+are the opening side's parts for callers that wait on callbacks, not tasks.
 """
 
 from __future__ import annotations
