@@ -72,6 +72,10 @@ def _short(text: str, limit: int = 128) -> str:
     return cut if cut.isprintable() and " " not in cut and cut else repr(cut)
 
 
+def _valid_stream_id(stream_id: str) -> bool:
+    return 0 < len(stream_id.encode()) <= streams.MAX_ID_LEN
+
+
 def _check_socket_path(what: str, path: str) -> None:
     if not path.startswith("/"):
         raise ValueError(f"{what} {path!r} must be an absolute path")
@@ -557,7 +561,7 @@ class Forwarder:
         if (
             forward is None
             or self._pending > self.max_pending
-            or len(stream_id.encode()) not in range(1, streams.MAX_ID_LEN + 1)
+            or not _valid_stream_id(stream_id)
         ):
             return False
         host_sock = transport.connect_unix_now(forward.host_path)
@@ -684,7 +688,7 @@ class Forwarder:
         """Dial the host socket, then open the data stream; both land in *sockets*.
         Returns the error text for the VM and the failure reason (None: success)."""
         fid = forward.forward_id
-        if len(stream_id.encode()) not in range(1, streams.MAX_ID_LEN + 1):
+        if not _valid_stream_id(stream_id):
             log.warning(
                 "invalid stream ID rejected stream_id=%s forward_id=%s", _short(stream_id), fid
             )
