@@ -143,6 +143,27 @@ async def test_unknown_forward_id_is_rejected_and_nothing_dialed(
             assert "unknown forward ID rejected stream_id=s-1 forward_id=forged" in caplog.text
 
 
+async def test_unusable_stream_ids_are_refused_and_nothing_dialed(short_tmp: Path) -> None:
+    """A ConnectRequest whose stream_id could not be sent on the data-stream
+    channel (empty, or over 256 bytes) gets `invalid stream ID`, is counted,
+    and no host socket is dialed; a good one right after works."""
+    forward = fwd(short_tmp, "a")
+    async with (
+        unix_service(Path(forward.host_path), reverse_after_eof) as target,
+        running_host(short_tmp, [forward]) as env,
+    ):
+        guest = FakeGuest(registry=env.registry)
+        async with guest_dialing(guest, env.rpc):
+            call = await guest.next_accept()
+            for stream_id in ("", "x" * 257):
+                assert (await call.connect(stream_id, "fwd-a")).error == "invalid stream ID"
+            assert target.accepted == 0
+            assert env.forwarder.stats()["fwd-a"].failures == {"bad_stream_id": 2}
+            assert (await call.connect("x" * 256, "fwd-a")).error == ""
+            assert target.accepted == 1
+            guest.close_claimed()
+
+
 async def test_missing_host_socket_error_names_no_host_path(
     short_tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
