@@ -558,11 +558,7 @@ class Forwarder:
     ) -> bool:
         stream_id, fid = request.stream_id, request.forward_id
         forward = self._forwards.get(fid)
-        if (
-            forward is None
-            or self._pending > self.max_pending
-            or not _valid_stream_id(stream_id)
-        ):
+        if forward is None or self._pending > self.max_pending or not _valid_stream_id(stream_id):
             return False
         host_sock = transport.connect_unix_now(forward.host_path)
         if host_sock is None:
