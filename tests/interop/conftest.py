@@ -1,4 +1,4 @@
-"""Fixtures for the ttrpc interop tests against the Go peer."""
+"""Fixtures for the ttrpc interop tests against the Go and Rust peers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from tests.interop.nerdbox_peers import build_nerdbox_host, build_nerdbox_vm
-from tests.interop.peers import build_peer, go_server, require_go, run_go_client
+from tests.interop.peers import (
+    build_peer,
+    build_rust_peer,
+    peer_server,
+    require_cargo,
+    require_go,
+    run_peer_client,
+)
 from tests.ttrpc_fixtures import client, echo_server
 
 __all__ = [
@@ -19,7 +26,9 @@ __all__ = [
     "nerdbox_host_bin",
     "nerdbox_vm_bin",
     "require_go",
-    "run_go_client",
+    "run_peer_client",
+    "rust_peer",
+    "rust_server_sock",
 ]
 
 
@@ -34,7 +43,7 @@ def go_peer() -> Path:
 def go_server_sock(go_peer: Path, tmp_path: Path) -> Iterator[Path]:
     """A running `peer server`; yields its UNIX socket path."""
     sock = tmp_path / "go.sock"
-    with go_server(go_peer, sock, tmp_path / "go-server.log") as proc:
+    with peer_server(go_peer, sock, tmp_path / "go-server.log") as proc:
         yield sock
         assert proc.poll() is None, f"Go peer server died (status {proc.returncode})"
 
@@ -51,3 +60,19 @@ def nerdbox_vm_bin() -> Path:
     """Path of the built nerdbox-vm stand-in (nerdbox's vminitd side)."""
     require_go()
     return build_nerdbox_vm()
+
+
+@pytest.fixture(scope="session")
+def rust_peer() -> Path:
+    """Path of the built Rust peer binary (containerd/ttrpc-rust)."""
+    require_cargo()
+    return build_rust_peer()
+
+
+@pytest.fixture(name="rust_server")
+def rust_server_sock(rust_peer: Path, tmp_path: Path) -> Iterator[Path]:
+    """A running `rust-peer server`; yields its UNIX socket path."""
+    sock = tmp_path / "rust.sock"
+    with peer_server(rust_peer, sock, tmp_path / "rust-server.log") as proc:
+        yield sock
+        assert proc.poll() is None, f"Rust peer server died (status {proc.returncode})"

@@ -51,15 +51,17 @@ class EchoService(echo_ttrpc.EchoBase):
         request: echo_pb2.EchoRequest,
         stream: ttrpc.ServerStream[echo_pb2.EchoRequest, echo_pb2.EchoResponse],
     ) -> None:
+        md = _metadata(stream.context)
         for seq in range(1, request.count + 1):
-            await stream.send(echo_pb2.EchoResponse(payload=request.payload, seq=seq))
+            await stream.send(echo_pb2.EchoResponse(payload=request.payload, seq=seq, metadata=md))
         _fail(request)
 
     async def Bidi(
         self, stream: ttrpc.ServerStream[echo_pb2.EchoRequest, echo_pb2.EchoResponse]
     ) -> None:
+        md = _metadata(stream.context)
         seq = 0
         async for request in stream:
             _fail(request)
             seq += 1
-            await stream.send(echo_pb2.EchoResponse(payload=request.payload, seq=seq))
+            await stream.send(echo_pb2.EchoResponse(payload=request.payload, seq=seq, metadata=md))

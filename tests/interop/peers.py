@@ -1,4 +1,5 @@
-"""Helpers to build and run the Go ttrpc interop peer (tests/interop/go/cmd/peer)."""
+"""Helpers to build and run the ttrpc interop peers: Go's (tests/interop/go/cmd/peer,
+containerd/ttrpc) and Rust's (tests/interop/rust, containerd/ttrpc-rust)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,17 @@ READY_TIMEOUT = 30.0
 BUILD_TIMEOUT = 600.0
 
 
+RUST_DIR = REPO_ROOT / "tests" / "interop" / "rust"
+RUST_TARGET = REPO_ROOT / "build" / "interop" / "rust-target"
+RUST_PEER_BIN = RUST_TARGET / "debug" / "rust-peer"
+
+
 class GoMissingError(RuntimeError):
     """The go toolchain is not on PATH."""
+
+
+class CargoMissingError(RuntimeError):
+    """The Rust toolchain (cargo) is not on PATH."""
 
 
 def go_available() -> bool:
@@ -37,9 +47,46 @@ def require_go() -> None:
     pytest.skip("go is not on PATH: Go interop tests skipped (they run under CI)")
 
 
+def cargo_available() -> bool:
+    return shutil.which("cargo") is not None
+
+
+def require_cargo() -> None:
+    """Skip (or, under CI, fail) the calling test when cargo is not on PATH."""
+    if cargo_available():
+        return
+    if os.environ.get("CI"):
+        pytest.fail("cargo is not on PATH, and CI is set: the Rust interop tests must run")
+    pytest.skip("cargo is not on PATH: Rust interop tests skipped (they run under CI)")
+
+
 def _newest_source_mtime() -> float:
     sources = [*GO_DIR.rglob("*.go"), GO_DIR / "go.mod", GO_DIR / "go.sum"]
     return max(p.stat().st_mtime for p in sources if p.exists())
+
+
+def build_rust_peer() -> Path:
+    """Build tests/interop/rust (ttrpc-rust from crates.io) unless it is up to date."""
+    cargo = shutil.which("cargo")
+    if cargo is None:
+        raise CargoMissingError("cargo is not on PATH: the Rust interop peer cannot be built")
+    sources = [*RUST_DIR.rglob("*.rs"), RUST_DIR / "Cargo.toml", RUST_DIR / "Cargo.lock"]
+    sources.append(REPO_ROOT / "tests" / "interop" / "proto" / "echo.proto")
+    newest = max(p.stat().st_mtime for p in sources if p.exists())
+    if RUST_PEER_BIN.exists() and RUST_PEER_BIN.stat().st_mtime >= newest:
+        return RUST_PEER_BIN
+    proc = subprocess.run(
+        [cargo, "build", "--locked", "--target-dir", str(RUST_TARGET)],
+        cwd=RUST_DIR,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"cargo build of the Rust interop peer failed:\n{proc.stderr}")
+    RUST_PEER_BIN.touch()  # cargo keeps an unchanged binary's old mtime
+    return RUST_PEER_BIN
 
 
 def build_go_command(name: str) -> Path:
@@ -103,8 +150,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def go_server(peer: Path, sock_path: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `peer server` on sock_path (stderr to log_path) until the block exits."""
+def peer_server(peer: Path, sock_path: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `peer server` on sock_path (stderr to log_path) until the block exits;
+    the Rust peer (`rust-peer server`) takes the same arguments."""
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [str(peer), "server", "--listen", f"unix:{sock_path}"],
@@ -114,7 +162,7 @@ def go_server(peer: Path, sock_path: Path, log_path: Path) -> Iterator[subproces
         )
     try:
         try:
-            _wait_ready(proc, READY_TIMEOUT)
+            _wait_ready(proc, READY_TIMEOUT, f"{peer.name} server")
         except (TimeoutError, RuntimeError) as e:
             _stop(proc)
             raise RuntimeError(f"{e}; server log:\n{log_path.read_text(errors='replace')}") from e
@@ -123,10 +171,11 @@ def go_server(peer: Path, sock_path: Path, log_path: Path) -> Iterator[subproces
         _stop(proc)
 
 
-def run_go_client(
+def run_peer_client(
     peer: Path, sock_path: Path, case: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    """Run `peer client --case CASE` against the ttrpc server at sock_path."""
+    """Run `peer client --case CASE` against the ttrpc server at sock_path (the
+    Rust peer's client takes the same arguments and prints the same PASS lines)."""
     return subprocess.run(
         [str(peer), "client", "--dial", f"unix:{sock_path}", "--case", case],
         stdin=subprocess.DEVNULL,

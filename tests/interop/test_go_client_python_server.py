@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.conftest import run_go_client
+from tests.interop.conftest import run_peer_client
 
 CASES = [
     "unary",
@@ -32,6 +32,6 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 async def test_go_client_against_python_server(go_peer: Path, echo_server: Path, case: str) -> None:
     """The Go client's view of our server matches what it expects of a Go server."""
-    result = await asyncio.to_thread(run_go_client, go_peer, echo_server, case)
+    result = await asyncio.to_thread(run_peer_client, go_peer, echo_server, case)
     assert result.returncode == 0, f"{case}: {result.stderr}{result.stdout}"
     assert f"PASS {case}" in result.stdout

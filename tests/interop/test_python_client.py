@@ -15,17 +15,26 @@ from socketforward import ttrpc
 from socketforward.ttrpc._frame import MAX_DATA_LENGTH, Frame, FrameDecoder, encode_header
 from socketforward.ttrpc.proto import ttrpc_pb2
 from tests.interop.gen import echo_pb2, echo_ttrpc
-from tests.interop.peers import go_server
+from tests.interop.peers import peer_server
 
 Req = echo_pb2.EchoRequest
 SERVICE = echo_ttrpc.EchoStub.SERVICE_NAME
 
 
-@pytest.fixture(params=["go", "python"])
+SERVERS = {"go": "go_server", "rust": "rust_server", "python": "echo_server"}
+
+
+@pytest.fixture(params=list(SERVERS))
 def server_path(request: pytest.FixtureRequest) -> Path:
-    """The socket of a Go or a Python Echo server."""
-    name = "go_server" if request.param == "go" else "echo_server"
-    path: Path = request.getfixturevalue(name)
+    """The socket of a Go (containerd/ttrpc), Rust (ttrpc-rust) or Python Echo server."""
+    path: Path = request.getfixturevalue(SERVERS[request.param])
+    return path
+
+
+@pytest.fixture(params=["go", "python"])
+def reference_or_ours(request: pytest.FixtureRequest) -> Path:
+    """Go's server or ours: raw-frame cases compare our answers with the reference's."""
+    path: Path = request.getfixturevalue(SERVERS[request.param])
     return path
 
 
@@ -51,11 +60,19 @@ async def test_metadata(stub: echo_ttrpc.EchoStub) -> None:
 async def test_metadata_on_streams(stub: echo_ttrpc.EchoStub) -> None:
     """Metadata sent when opening a stream reaches the handler (SocketForward's
     Accept uses it to announce forward ids)."""
-    async with await stub.ClientStream(metadata={"socketforward-forward-ids": "a,b"}) as stream:
+    md = {"socketforward-forward-ids": "a,b"}
+    want = [("socketforward-forward-ids", "a,b")]
+    async with await stub.ClientStream(metadata=md) as stream:
         await stream.close_send()
         resp = await stream.recv()
     assert resp is not None
-    assert [(p.key, p.value) for p in resp.metadata] == [("socketforward-forward-ids", "a,b")]
+    assert [(p.key, p.value) for p in resp.metadata] == want
+    async with await stub.ServerStream(Req(count=2), metadata=md) as stream:
+        assert [[(p.key, p.value) for p in m.metadata] async for m in stream] == [want, want]
+    async with await stub.Bidi(metadata=md) as stream:
+        await stream.send(Req(payload=b"b"))
+        resp = await stream.recv()
+        assert resp is not None and [(p.key, p.value) for p in resp.metadata] == want
 
 
 async def test_server_stream(stub: echo_ttrpc.EchoStub) -> None:
@@ -125,14 +142,22 @@ async def test_deadline(stub: echo_ttrpc.EchoStub) -> None:
     assert time.monotonic() - started < 4
 
 
-async def test_unimplemented(stub: echo_ttrpc.EchoStub, server_path: Path) -> None:
-    """Unknown service and unknown method: UNIMPLEMENTED."""
+async def test_unimplemented(
+    stub: echo_ttrpc.EchoStub, server_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Unknown service and unknown method: UNIMPLEMENTED (ttrpc-rust 0.8 answers an
+    unknown service with INVALID_ARGUMENT instead; the client reports what came)."""
+    rust = request.node.callspec.params["server_path"] == "rust"
+    unknown_service = ttrpc.Code.INVALID_ARGUMENT if rust else ttrpc.Code.UNIMPLEMENTED
     client = await ttrpc.Client.connect_unix(str(server_path))
     async with client:
-        for service, method in (("no.such.Service", "Unary"), (SERVICE, "Nope")):
+        for service, method, code in (
+            ("no.such.Service", "Unary", unknown_service),
+            (SERVICE, "Nope", ttrpc.Code.UNIMPLEMENTED),
+        ):
             with pytest.raises(ttrpc.TtrpcError) as info:
                 await client.unary(service, method, Req(), echo_pb2.EchoResponse)
-            assert info.value.code is ttrpc.Code.UNIMPLEMENTED
+            assert info.value.code is code, info.value
 
 
 async def test_every_error_code(stub: echo_ttrpc.EchoStub) -> None:
@@ -176,7 +201,7 @@ async def test_100_concurrent_calls(stub: echo_ttrpc.EchoStub) -> None:
 async def test_pending_calls_fail_when_server_goes_away(go_peer: Path, tmp_path: Path) -> None:
     """Calls in flight get UNAVAILABLE when the connection drops; nothing hangs."""
     sock = tmp_path / "dying.sock"
-    with go_server(go_peer, sock, tmp_path / "log") as proc:
+    with peer_server(go_peer, sock, tmp_path / "log") as proc:
         client = await ttrpc.Client.connect_unix(str(sock))
         async with client:
             stub = echo_ttrpc.EchoStub(client)
@@ -237,7 +262,7 @@ RAW_CASES = [
 
 @pytest.mark.parametrize(("frames", "answered", "code", "message"), RAW_CASES)
 async def test_server_rejects_bad_frame_and_stays_usable(
-    server_path: Path, frames: list[bytes], answered: int, code: int, message: str
+    reference_or_ours: Path, frames: list[bytes], answered: int, code: int, message: str
 ) -> None:
     """A bad frame gets a status on its own stream; the next call on the same
     connection still works (Go and our server answer the same)."""
@@ -245,7 +270,7 @@ async def test_server_rejects_bad_frame_and_stays_usable(
     def exchange() -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
-            sock.connect(str(server_path))
+            sock.connect(str(reference_or_ours))
             for frame in frames:
                 sock.sendall(frame)
             answers = {sid: data for sid, _, _, data in _read_frames(sock, 1)}
@@ -261,13 +286,13 @@ async def test_server_rejects_bad_frame_and_stays_usable(
     await asyncio.to_thread(exchange)
 
 
-async def test_close_frame_with_data_rejected(server_path: Path) -> None:
+async def test_close_frame_with_data_rejected(reference_or_ours: Path) -> None:
     """A remote-closed Data frame that carries data is refused with INVALID_ARGUMENT."""
 
     def exchange() -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
-            sock.connect(str(server_path))
+            sock.connect(str(reference_or_ours))
             body = ttrpc_pb2.Request(service=SERVICE, method="ClientStream").SerializeToString()
             sock.sendall(encode_header(len(body), 1, 1, 0x2) + body)
             data = Req(payload=b"z").SerializeToString()

@@ -254,7 +254,15 @@ class Client:
         channel = self._channel
         payload = b"" if request is None else request.SerializeToString()
         data = self._request(service, method, payload, None, metadata)
-        flags = Flags.REMOTE_OPEN if client_streaming else Flags.REMOTE_CLOSED
+        if not client_streaming:
+            flags = Flags.REMOTE_CLOSED
+        elif request is None:
+            # "No data" as ttrpc-rust's client sends it: its server would take
+            # the empty payload for a first message (containerd/ttrpc-rust#221);
+            # Go's ignores the payload of a client-streaming request either way.
+            flags = Flags.REMOTE_OPEN | Flags.NO_DATA
+        else:
+            flags = Flags.REMOTE_OPEN
         stream_id, frame = channel.conn.send_request(data, flags)
         queue = MessageQueue(RECEIVE_QUEUE_SIZE, channel.queue_has_space)
         channel.stream_calls[stream_id] = _StreamCall(queue, client_streaming, server_streaming)
