@@ -948,6 +948,15 @@ class _UsageError(Exception):
     """A bad command line; the message names the argument."""
 
 
+def _merge(into: dict[str, Forward], more: Iterable[Forward], source: str, others: str) -> None:
+    for forward in more:
+        if forward.forward_id in into:
+            raise _UsageError(
+                f"{source}: forward ID {forward.forward_id} is also given with {others}"
+            )
+        into[forward.forward_id] = forward
+
+
 def _forwards_from_args(args: argparse.Namespace) -> tuple[list[Forward], list[str]]:
     """Every forward the command line names, and the ids of those that came
     from --forwards-file (a SIGHUP may change those, never the others)."""
@@ -970,13 +979,7 @@ def _forwards_from_args(args: argparse.Namespace) -> tuple[list[Forward], list[s
             from_file = read_forwards_file(args.forwards_file)
         except ValueError as exc:
             raise _UsageError(f"--forwards-file {exc}") from None
-        for forward in from_file:
-            if forward.forward_id in forwards:
-                raise _UsageError(
-                    f"--forwards-file {args.forwards_file}: forward ID {forward.forward_id} "
-                    "is also given with --forward"
-                )
-            forwards[forward.forward_id] = forward
+        _merge(forwards, from_file, f"--forwards-file {args.forwards_file}", "--forward")
     if args.oci_spec:
         try:
             spec = oci.load_spec(args.oci_spec)
@@ -985,13 +988,7 @@ def _forwards_from_args(args: argparse.Namespace) -> tuple[list[Forward], list[s
             raise _UsageError(f"--oci-spec {args.oci_spec}: {exc}") from None
         if not from_spec:
             log.warning("no uds mounts in the spec oci_spec=%s", args.oci_spec)
-        for forward in from_spec:
-            if forward.forward_id in forwards:
-                raise _UsageError(
-                    f"--oci-spec {args.oci_spec}: forward ID {forward.forward_id} "
-                    "is also given with --forward or --forwards-file"
-                )
-            forwards[forward.forward_id] = forward
+        _merge(forwards, from_spec, f"--oci-spec {args.oci_spec}", "--forward or --forwards-file")
         if args.write_spec:
             try:
                 oci.write_spec(args.write_spec, spec)

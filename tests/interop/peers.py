@@ -34,30 +34,42 @@ class CargoMissingError(RuntimeError):
     """The Rust toolchain (cargo) is not on PATH."""
 
 
-def go_available() -> bool:
-    return shutil.which("go") is not None
+# The scenarios both peers' clients run (tests/interop/go/cmd/peer, tests/interop/rust);
+# the raw-frame ones need the Go client's frame-level access.
+PEER_CASES = [
+    "unary",
+    "metadata",
+    "server_stream",
+    "server_stream_empty",
+    "client_stream",
+    "client_stream_none",
+    "bidi",
+    "bidi_1000",
+    "deadline",
+    "unimplemented_service",
+    "unimplemented_method",
+    "error_codes",
+    "server_stream_error",
+    "concurrent_100",
+]
+GO_ONLY_CASES = ["max_frame", "oversize"]
+
+
+def _require(tool: str, what: str) -> None:
+    """Skip (or, under CI, fail) the calling test when *tool* is not on PATH."""
+    if shutil.which(tool) is not None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{tool} is not on PATH, and CI is set: the {what} interop tests must run")
+    pytest.skip(f"{tool} is not on PATH: {what} interop tests skipped (they run under CI)")
 
 
 def require_go() -> None:
-    """Skip (or, under CI, fail) the calling test when go is not on PATH."""
-    if go_available():
-        return
-    if os.environ.get("CI"):
-        pytest.fail("go is not on PATH, and CI is set: the Go interop tests must run")
-    pytest.skip("go is not on PATH: Go interop tests skipped (they run under CI)")
-
-
-def cargo_available() -> bool:
-    return shutil.which("cargo") is not None
+    _require("go", "Go")
 
 
 def require_cargo() -> None:
-    """Skip (or, under CI, fail) the calling test when cargo is not on PATH."""
-    if cargo_available():
-        return
-    if os.environ.get("CI"):
-        pytest.fail("cargo is not on PATH, and CI is set: the Rust interop tests must run")
-    pytest.skip("cargo is not on PATH: Rust interop tests skipped (they run under CI)")
+    _require("cargo", "Rust")
 
 
 def _newest_source_mtime() -> float:

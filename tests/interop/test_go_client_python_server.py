@@ -7,26 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.conftest import run_peer_client
+from tests.interop.peers import GO_ONLY_CASES, PEER_CASES, run_peer_client
 
-CASES = [
-    "unary",
-    "metadata",
-    "server_stream",
-    "server_stream_empty",
-    "client_stream",
-    "client_stream_none",
-    "bidi",
-    "bidi_1000",
-    "deadline",
-    "unimplemented_service",
-    "unimplemented_method",
-    "error_codes",
-    "server_stream_error",
-    "max_frame",
-    "oversize",
-    "concurrent_100",
-]
+CASES = PEER_CASES + GO_ONLY_CASES
 
 
 @pytest.mark.parametrize("case", CASES)

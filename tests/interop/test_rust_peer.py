@@ -8,24 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.peers import run_peer_client
+from tests.interop.peers import PEER_CASES, run_peer_client
 
-CASES = [
-    "unary",
-    "metadata",
-    "server_stream",
-    "server_stream_empty",
-    "client_stream",
-    "client_stream_none",
-    "bidi",
-    "bidi_1000",
-    "deadline",
-    "unimplemented_service",
-    "unimplemented_method",
-    "error_codes",
-    "server_stream_error",
-    "concurrent_100",
-]
+CASES = PEER_CASES
 
 
 def test_rust_client_cases_hold_against_go_server(rust_peer: Path, go_server: Path) -> None:
