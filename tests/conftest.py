@@ -15,7 +15,7 @@ import pytest
 
 from tests.processes import short_tmp_dir
 
-PEER_SCRIPT = Path(__file__).parent / "integration" / "relay_peer.py"
+PEER_SCRIPT = Path(__file__).parent / "relay_peer.py"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -76,7 +76,7 @@ def fd_leak_check(_process_wide_fds: None, request: pytest.FixtureRequest) -> It
 def peer_process(
     *args: str, env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``tests/integration/relay_peer.py ARGS`` until the block ends.
+    """Run ``tests/relay_peer.py ARGS`` until the block ends.
 
     Waits for the child's ``ready`` line (its socket is listening), then
     terminates and reaps it on exit. Subcommands: ``echo PATH``,
