@@ -7,16 +7,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 import typing
 
-from socketforward.ttrpc._connection import Connection, Event
-from socketforward.ttrpc._fd_transport import FdTransport
-from socketforward.ttrpc._state import Role
-from socketforward.ttrpc.errors import Code, TtrpcError
-from socketforward.ttrpc.stream import MessageQueue
+from ._connection import Connection, Event
+from ._fd_transport import FdTransport
+from ._state import Role
+from .errors import Code, TtrpcError
+from .stream import MessageQueue
 
-log = logging.getLogger("socketforward.ttrpc")
+log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 5.0
 """How long closing waits for the peer to take what is still buffered."""
@@ -247,12 +246,3 @@ class Channel(asyncio.Protocol):
             self.transport.resume_reading()
         else:
             self.transport.pause_reading()
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of a UNIX-socket peer, None for other socket families."""
-    if sock.family != socket.AF_UNIX:
-        return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid

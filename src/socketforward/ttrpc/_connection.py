@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from socketforward.ttrpc._frame import (
+from ._frame import (
     FLAG_NO_DATA,
     FLAG_REMOTE_CLOSED,
     FLAG_REMOTE_OPEN,
@@ -21,8 +21,8 @@ from socketforward.ttrpc._frame import (
     OversizedFrame,
     encode_frame,
 )
-from socketforward.ttrpc._state import Role, StreamInput, StreamState, StreamStateMachine
-from socketforward.ttrpc.errors import (
+from ._state import Role, StreamInput, StreamState, StreamStateMachine
+from .errors import (
     Code,
     LocalProtocolError,
     RemoteProtocolError,
@@ -39,10 +39,6 @@ class RequestReceived:
     stream_id: int
     flags: int
     data: bytes
-
-    @property
-    def remote_open(self) -> bool:
-        return bool(self.flags & FLAG_REMOTE_OPEN)
 
 
 @dataclass(slots=True)

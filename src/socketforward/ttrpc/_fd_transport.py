@@ -12,7 +12,7 @@ import logging
 import socket
 from typing import Any
 
-log = logging.getLogger("socketforward.ttrpc")
+log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
 HIGH_WATER = 64 * 1024

@@ -16,14 +16,7 @@ MAX_DATA_LENGTH: Final = 4 << 20
 _HEADER = struct.Struct(">IIBB")
 
 
-class MessageType(enum.IntEnum):
-    REQUEST = 0x1
-    RESPONSE = 0x2
-    DATA = 0x3
-
-
 class Flags(enum.IntFlag):
-    NONE = 0
     REMOTE_CLOSED = 0x1
     REMOTE_OPEN = 0x2
     NO_DATA = 0x4

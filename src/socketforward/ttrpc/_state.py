@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-from socketforward.ttrpc.errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError
 
 
 class Role(enum.Enum):

@@ -3,28 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import socket
 from dataclasses import dataclass
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from socketforward.ttrpc._channel import CLOSE_TIMEOUT, Channel, log
-from socketforward.ttrpc._connection import (
+from ._channel import CLOSE_TIMEOUT, Channel
+from ._connection import (
     DataReceived,
     Event,
     FrameRejected,
     ResponseReceived,
 )
-from socketforward.ttrpc._frame import Flags
-from socketforward.ttrpc._state import Role
-from socketforward.ttrpc.context import MetadataLike, metadata_to_wire
-from socketforward.ttrpc.errors import Code, StreamClosedError, TtrpcError
-from socketforward.ttrpc.proto import ttrpc_pb2
-from socketforward.ttrpc.stream import RECEIVE_QUEUE_SIZE, ClientStream, MessageQueue
+from ._frame import Flags
+from ._state import Role
+from .context import MetadataLike, metadata_to_wire
+from .errors import Code, StreamClosedError, TtrpcError
+from .proto import ttrpc_pb2
+from .stream import RECEIVE_QUEUE_SIZE, ClientStream, MessageQueue
+
+log = logging.getLogger(__name__)
 
 SendT = TypeVar("SendT", bound=Message)
 RecvT = TypeVar("RecvT", bound=Message)
+
+
+def unix_socket_path(address: str | os.PathLike[str]) -> str:
+    """The socket path of ``unix://PATH``, ``unix:PATH`` or a plain ``PATH``."""
+    address = os.fspath(address)
+    for scheme in ("unix://", "unix:"):
+        if address.startswith(scheme):
+            return address.removeprefix(scheme)
+    return address
 
 
 def _status_error(response: ttrpc_pb2.Response) -> TtrpcError | None:
@@ -148,11 +161,13 @@ class Client:
         return cls(channel)
 
     @classmethod
-    async def connect_unix(cls, path: str) -> Client:
+    async def connect_unix(cls, path: str | os.PathLike[str]) -> Client:
+        """Dial a UNIX socket and run a client on it. ``path`` may be written as
+        containerd prints ttrpc addresses, ``unix:///run/x.sock`` or ``unix:x.sock``."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, path)
+            await asyncio.get_running_loop().sock_connect(sock, unix_socket_path(path))
         except BaseException:
             sock.close()
             raise

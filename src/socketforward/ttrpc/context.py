@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from socketforward.ttrpc.proto import ttrpc_pb2
+from .proto import ttrpc_pb2
 
 Metadata = dict[str, list[str]]
 """Request metadata: lower-case keys, each with its values in order (as Go's ttrpc.MD)."""
@@ -37,6 +39,18 @@ class PeerCredentials:
     pid: int
     uid: int
     gid: int
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> PeerCredentials | None:
+        """The peer of a connected UNIX socket; None for other families. OSError
+        when the kernel cannot say."""
+        if sock.family != socket.AF_UNIX:
+            return None
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        return cls(*_PEERCRED.unpack(raw))
+
+
+_PEERCRED = struct.Struct("3i")
 
 
 @dataclass(slots=True)

@@ -1,4 +1,8 @@
-"""Typed ttrpc errors: every RPC failure carries its gRPC status code."""
+"""Typed ttrpc errors: every RPC failure carries its gRPC status code.
+
+All of them derive from :class:`Error`: one ``except ttrpc.Error`` catches every
+failed call, broken protocol and closed stream this library reports.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,11 @@ class Code(enum.IntEnum):
     UNAUTHENTICATED = 16
 
 
-class TtrpcError(Exception):
+class Error(Exception):
+    """Base of every error this ttrpc library raises."""
+
+
+class TtrpcError(Error):
     """An RPC ended with a non-OK status (raised by clients, or by handlers to choose one)."""
 
     def __init__(self, code: Code | int, message: str = "") -> None:
@@ -46,7 +54,7 @@ class TtrpcError(Exception):
         return f"{type(self).__name__}({self.code!r}, {self.message!r})"
 
 
-class ProtocolError(Exception):
+class ProtocolError(Error):
     """The ttrpc protocol was broken; see the two subclasses for who broke it."""
 
 

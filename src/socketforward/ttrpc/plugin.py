@@ -2,17 +2,37 @@
 
 For each service it writes ``<Service>Base`` (subclass it and override the
 methods you serve; the rest answer UNIMPLEMENTED) and ``<Service>Stub`` (a
-typed client). Parameter ``module=<package>`` names the Python package the
-``_pb2`` modules of the files being generated live in.
+typed client). Parameters, comma-separated (``--python_ttrpc_out=k=v,k=v:DIR``
+or ``--python_ttrpc_opt=k=v``):
+
+``module=<package>``
+    the Python package the ``_pb2`` modules of the files being generated live in.
+``runtime=<module>``
+    the ttrpc runtime the stubs import, bound to the name ``ttrpc``; default
+    ``socketforward.ttrpc`` (``from socketforward import ttrpc``). Use it when
+    this library is vendored or published under another name, e.g.
+    ``runtime=myapp.vendor.ttrpc`` gives ``from myapp.vendor import ttrpc``.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import PurePosixPath
 
 from google.protobuf.compiler import plugin_pb2
 from google.protobuf.descriptor_pb2 import FileDescriptorProto, MethodDescriptorProto
+
+DEFAULT_RUNTIME = "socketforward.ttrpc"
+_PARAMETERS = frozenset({"module", "runtime"})
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def runtime_import(runtime: str) -> str:
+    """The import line that binds the ttrpc runtime module ``runtime`` to ``ttrpc``."""
+    parent, _, name = runtime.rpartition(".")
+    alias = "" if name == "ttrpc" else " as ttrpc"
+    return f"from {parent} import {name}{alias}" if parent else f"import {name}{alias}"
 
 
 def _module_of(proto_file: str, local_files: set[str], package: str | None) -> str:
@@ -51,7 +71,7 @@ def _kind(method: MethodDescriptorProto) -> str:
     }[(method.client_streaming, method.server_streaming)]
 
 
-def _render(proto: FileDescriptorProto, types: _Types, own_module: str) -> str:
+def _render(proto: FileDescriptorProto, types: _Types, own_module: str, runtime: str) -> str:
     used: set[str] = {own_module}
     body: list[str] = []
     for service in proto.service:
@@ -139,17 +159,35 @@ def _render(proto: FileDescriptorProto, types: _Types, own_module: str) -> str:
         "from google.protobuf import descriptor as _descriptor",
         "",
         *(f"import {module}" for module in sorted(used)),
-        "from socketforward import ttrpc",
+        runtime_import(runtime),
     ]
     return "\n".join(header + body) + "\n"
 
 
+def _parameters(parameter: str) -> dict[str, str]:
+    """``k=v,k=v`` as a dict; ValueError names a parameter this plugin does not know."""
+    params = dict(item.split("=", 1) for item in parameter.split(",") if "=" in item)
+    unknown = sorted(set(params) - _PARAMETERS)
+    if unknown:
+        raise ValueError(f"unknown parameter {', '.join(unknown)} (known: module, runtime)")
+    runtime = params.get("runtime", DEFAULT_RUNTIME)
+    if not _DOTTED_NAME.fullmatch(runtime):
+        raise ValueError(f"runtime={runtime!r} is not a Python module name")
+    return params
+
+
 def generate(request: plugin_pb2.CodeGeneratorRequest) -> plugin_pb2.CodeGeneratorResponse:
-    params = dict(item.split("=", 1) for item in request.parameter.split(",") if "=" in item)
-    package = params.get("module")
-    types = _Types(request, package)
     response = plugin_pb2.CodeGeneratorResponse()
     response.supported_features = plugin_pb2.CodeGeneratorResponse.FEATURE_PROTO3_OPTIONAL
+    try:
+        params = _parameters(request.parameter)
+    except ValueError as exc:
+        # protoc prints this and fails the run, naming the plugin.
+        response.error = str(exc)
+        return response
+    package = params.get("module")
+    runtime = params.get("runtime", DEFAULT_RUNTIME)
+    types = _Types(request, package)
     by_name = {proto.name: proto for proto in request.proto_file}
     for name in request.file_to_generate:
         proto = by_name[name]
@@ -158,7 +196,7 @@ def generate(request: plugin_pb2.CodeGeneratorRequest) -> plugin_pb2.CodeGenerat
         own = _module_of(name, set(request.file_to_generate), package)
         out = response.file.add()
         out.name = str(PurePosixPath(name).with_suffix("")) + "_ttrpc.py"
-        out.content = _render(proto, types, own)
+        out.content = _render(proto, types, own, runtime)
     return response
 
 

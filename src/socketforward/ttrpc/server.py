@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -14,18 +15,20 @@ from google.protobuf import descriptor, message_factory
 from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
 
-from socketforward.ttrpc._channel import Channel, log, peer_credentials
-from socketforward.ttrpc._connection import (
+from ._channel import Channel
+from ._connection import (
     DataReceived,
     Event,
     FrameRejected,
     RequestReceived,
 )
-from socketforward.ttrpc._state import Role, StreamState
-from socketforward.ttrpc.context import CallContext, PeerCredentials, metadata_from_wire
-from socketforward.ttrpc.errors import Code, LocalProtocolError, StreamClosedError, TtrpcError
-from socketforward.ttrpc.proto import ttrpc_pb2
-from socketforward.ttrpc.stream import RECEIVE_QUEUE_SIZE, MessageQueue, ServerStream, decode
+from ._state import Role, StreamState
+from .context import CallContext, PeerCredentials, metadata_from_wire
+from .errors import Code, LocalProtocolError, StreamClosedError, TtrpcError
+from .proto import ttrpc_pb2
+from .stream import RECEIVE_QUEUE_SIZE, MessageQueue, ServerStream, decode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,10 +269,9 @@ class Server:
         task.add_done_callback(self._handlers.discard)
 
     def _check_peer(self, sock: socket.socket) -> PeerCredentials | None:
-        creds = peer_credentials(sock)
-        if creds is None:
+        peer = PeerCredentials.of(sock)
+        if peer is None:
             return None
-        peer = PeerCredentials(*creds)
         if self.require_uid_gid is not None:
             uid, gid = self.require_uid_gid
             if (uid is not None and peer.uid != uid) or (gid is not None and peer.gid != gid):

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from socketforward.ttrpc.errors import Code, StreamClosedError, TtrpcError
+from .errors import Code, StreamClosedError, TtrpcError
 
 if TYPE_CHECKING:
-    from socketforward.ttrpc.context import CallContext
+    from .context import CallContext
 
 RECEIVE_QUEUE_SIZE = 64
 """Messages buffered per stream before the connection stops reading (containerd/ttrpc: 64)."""
@@ -38,10 +38,6 @@ class MessageQueue:
         self._on_space = on_space
         self._end: BaseException | bool = False
         self._waiter: asyncio.Future[None] | None = None
-
-    @property
-    def full(self) -> bool:
-        return len(self._items) >= self._maxsize
 
     @property
     def below_low_water(self) -> bool:

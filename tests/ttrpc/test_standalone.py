@@ -1,0 +1,174 @@
+"""socketforward.ttrpc stands alone: typed for its users, and importing nothing
+of socketforward outside itself, so it could be vendored or published apart."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from socketforward import ttrpc
+
+PACKAGE_DIR = Path(ttrpc.__file__).resolve().parent
+PACKAGE = "socketforward.ttrpc"
+
+TYPED_USER = """\
+from __future__ import annotations
+
+import socket
+
+from google.protobuf import empty_pb2
+
+from socketforward import ttrpc
+from socketforward.api import socketforward_pb2, socketforward_ttrpc
+
+
+class Agent(socketforward_ttrpc.SocketForwardBase):
+    async def Bind(
+        self, request: socketforward_pb2.BindRequest, context: ttrpc.CallContext
+    ) -> empty_pb2.Empty:
+        peer: ttrpc.PeerCredentials | None = context.peer
+        if peer is None:
+            raise ttrpc.TtrpcError(ttrpc.Code.PERMISSION_DENIED, "who are you")
+        return empty_pb2.Empty()
+
+
+async def bind(path: str) -> int:
+    server = ttrpc.Server(require_same_user=True)
+    server.register(Agent())
+    ours, theirs = socket.socketpair()
+    serving = server.serve_connection(ours)
+    async with await ttrpc.Client.connect(theirs) as client:
+        stub = socketforward_ttrpc.SocketForwardStub(client)
+        try:
+            await stub.Bind(socketforward_pb2.BindRequest(), timeout=1.0)
+        except ttrpc.Error as exc:
+            code: ttrpc.Code | int = exc.code if isinstance(exc, ttrpc.TtrpcError) else 0
+            return int(code)
+    await serving
+    return 0
+"""
+
+
+def _mypy(program: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "user.py").write_text(program)
+    # No project config and no MYPYPATH: the package must come from the installed
+    # environment, as it would for someone who pip-installed it.
+    env = {k: v for k, v in os.environ.items() if k != "MYPYPATH"}
+    return subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--config-file", "",
+         "--cache-dir", str(tmp_path / "cache"), "user.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_users_get_type_checked_against_the_installed_package(tmp_path: Path) -> None:
+    """A program using ttrpc and the generated stubs passes `mypy --strict` outside
+    this repository (py.typed is shipped, so the types are not silently Any)."""
+    result = _mypy(TYPED_USER, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "import-untyped" not in result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_type_errors_in_user_code_are_reported(tmp_path: Path) -> None:
+    """The same check catches a wrong type passed to a generated stub (the types
+    really are read, not ignored)."""
+    wrong = TYPED_USER.replace(
+        "stub.Bind(socketforward_pb2.BindRequest(), timeout=1.0)",
+        "stub.Bind(socketforward_pb2.UnbindRequest(), timeout=1.0)",
+    )
+    result = _mypy(wrong, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "UnbindRequest" in result.stdout
+
+
+def _module_name(path: Path) -> tuple[str, bool]:
+    """The dotted name of a module file of the package, and whether it is a package."""
+    parts = [*PACKAGE.split("."), *path.relative_to(PACKAGE_DIR).with_suffix("").parts]
+    if parts[-1] == "__init__":
+        return ".".join(parts[:-1]), True
+    return ".".join(parts), False
+
+
+def _socketforward_imports(source: str, module: str, is_package: bool) -> list[str]:
+    """What ``module`` imports of socketforward outside the ttrpc package (or of
+    ttrpc by absolute name), as ``name:line`` strings."""
+    package_parts = module.split(".") if is_package else module.split(".")[:-1]
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif not isinstance(node, ast.ImportFrom):
+            continue
+        elif not node.level:
+            targets = [node.module or ""]
+        elif node.level - 1 >= len(package_parts):
+            found.append(f"{'.' * node.level}{node.module or ''}:{node.lineno}")
+            continue
+        else:
+            base = package_parts[: len(package_parts) - (node.level - 1)]
+            targets = [".".join([*base, *([node.module] if node.module else [])])]
+        for target in targets:
+            inside = target == PACKAGE or target.startswith(PACKAGE + ".")
+            if target.split(".")[0] == "socketforward" and not inside:
+                found.append(f"{target}:{node.lineno}")
+            elif inside and (isinstance(node, ast.Import) or not node.level):
+                found.append(f"absolute {target}:{node.lineno}")
+    return found
+
+
+def test_package_imports_nothing_of_socketforward_outside_itself() -> None:
+    """Every module of the ttrpc package imports only itself (by relative imports
+    that stay inside it), the standard library and protobuf: it can be lifted out
+    as it is."""
+    modules = sorted(PACKAGE_DIR.rglob("*.py"))
+    assert PACKAGE_DIR / "server.py" in modules
+    assert PACKAGE_DIR / "proto" / "ttrpc_pb2.py" in modules
+    offenders = {
+        str(path.relative_to(PACKAGE_DIR)): found
+        for path in modules
+        if (found := _socketforward_imports(path.read_text(), *_module_name(path)))
+    }
+    assert offenders == {}
+
+
+def test_import_check_sees_what_it_must_refuse() -> None:
+    """The import check above is not vacuous: it flags an import of the rest of
+    socketforward, a relative import climbing out of ttrpc, and an absolute
+    import of ttrpc itself, while it lets a relative import within ttrpc pass."""
+    source = textwrap.dedent("""\
+        from socketforward import transport
+        from ... import protocol
+        from .. import errors
+        from socketforward.ttrpc import errors as again
+        import socketforward.relay
+        from .... import beyond
+        import socketforward.ttrpc.client
+        from .._frame import Flags
+        """)
+    found = _socketforward_imports(source, f"{PACKAGE}.proto.probe", is_package=False)
+    assert found == [
+        "socketforward:1",
+        "socketforward:2",
+        "absolute socketforward.ttrpc:4",
+        "socketforward.relay:5",
+        "....:6",
+        "absolute socketforward.ttrpc.client:7",
+    ]
+
+
+def test_logs_under_module_names() -> None:
+    """Each module logs under its own name below ``socketforward.ttrpc``, so one
+    logger configures the whole library and a record says where it came from."""
+    from socketforward.ttrpc import _channel, _fd_transport, client, server  # noqa: PLC0415
+
+    for module in (_channel, _fd_transport, client, server):
+        assert module.log.name == module.__name__
+        assert module.log.name.startswith(PACKAGE + ".")
