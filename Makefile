@@ -42,9 +42,9 @@ bench: setup
 		echo "bench: socat is not installed; installing it: apt-get install -y socat"; \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq socat; }
-	$(RUN) --group bench python bench/ttrpc_bench.py
-	$(RUN) --group bench python bench/relay_bench.py
-	$(RUN) --group bench python bench/forward_bench.py
+	$(RUN) --group bench python -m bench.ttrpc_bench
+	$(RUN) --group bench python -m bench.relay_bench
+	$(RUN) --group bench python -m bench.forward_bench
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build

@@ -1,6 +1,6 @@
 """Forward-path benchmark: socketforward against nerdbox's Go path, socat and a direct socket.
 
-    uv run --locked --all-extras --group bench python bench/forward_bench.py [--quick]
+    uv run --locked --all-extras --group bench python -m bench.forward_bench [--quick]
         [--rounds 3] [--paths DIRECT,OURS,...]
 
 Paths, all over UNIX sockets, each forwarding side its own process:
@@ -26,30 +26,26 @@ it reports figures and never fails on a time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import platform
-import shlex
 import shutil
-import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
-import loadgen
-from loadgen import GiB, MiB
+from bench import loadgen, machine, markdown, processes
+from bench.event_loop import loop_name
+from bench.loadgen import GiB, MiB
+from bench.markdown import RIGHT
+from bench.processes import ProcessGroup
+from bench.stats import Samples, percentile, ratio
+from bench.target import ECHO
+from bench.target import start as start_target
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # for tests.interop.* when run as a script
-    sys.path.insert(0, str(REPO_ROOT))
-
 RESULTS_MD = REPO_ROOT / "bench" / "results" / "latest.md"
 README = REPO_ROOT / "README.md"
 README_BEGIN = "<!-- forward_bench.py writes this table; do not edit -->"
@@ -99,39 +95,19 @@ class Settings:
     idle: int
 
 
-class Procs:
-    """Every child process of one round, stopped (and reaped) on exit."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        with (self.tmp / log_name).open("ab") as log:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log
-            )
-        self.procs.append(proc)
-        return proc
-
-    def log(self, log_name: str) -> str:
-        path = self.tmp / log_name
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-    def stop(self) -> None:
-        loadgen.stop_all(self.procs)
-        self.procs.clear()
-
-
 def _ours(*args: str) -> list[str]:
     return [sys.executable, "-m", "socketforward", *args]
 
 
 def start_path(
-    procs: Procs, name: str, target: str, go_bins: tuple[Path, Path] | None, socat: str | None
+    procs: ProcessGroup,
+    name: str,
+    target: str,
+    go_bins: tuple[Path, Path] | None,
+    socat: str | None,
 ) -> Path_:
     """Start one path's forwarding processes; return it once a round trip works."""
-    d = procs.tmp / name.lower().replace(">", "-")
+    d = procs.workdir / name.lower().replace(">", "-")
     d.mkdir()
     (d / "host").mkdir(mode=0o700)
     rpc, streams, vm_path = d / "host" / "rpc.sock", d / "streams.sock", d / "vm" / "fwd.sock"
@@ -145,11 +121,11 @@ def start_path(
         a = procs.start(
             [socat, f"UNIX-LISTEN:{s2},fork,backlog=4096", f"UNIX-CONNECT:{target}"], "socat2.log"
         )
-        loadgen.wait_for_path(str(s2), START_TIMEOUT, a)
+        processes.wait_for_path(str(s2), START_TIMEOUT, a)
         b = procs.start(
             [socat, f"UNIX-LISTEN:{s1},fork,backlog=4096", f"UNIX-CONNECT:{s2}"], "socat1.log"
         )
-        loadgen.wait_for_path(str(s1), START_TIMEOUT, b)
+        processes.wait_for_path(str(s1), START_TIMEOUT, b)
         p.entry, p.pids = str(s1), [a.pid, b.pid]
         _check(p)
         return p
@@ -169,7 +145,7 @@ def start_path(
             ),
             log_host,
         )  # fmt: skip
-    loadgen.wait_for_path(str(rpc), START_TIMEOUT, host)
+    processes.wait_for_path(str(rpc), START_TIMEOUT, host)
     if go_guest:
         assert go_bins is not None
         guest = procs.start(
@@ -182,7 +158,7 @@ def start_path(
             log_guest,
         )
     try:
-        loadgen.wait_for_path(str(vm_path), START_TIMEOUT, host, guest)
+        processes.wait_for_path(str(vm_path), START_TIMEOUT, host, guest)
         p.entry, p.pids = str(vm_path), [guest.pid, host.pid]
         _check(p)
     except Exception as exc:
@@ -199,8 +175,8 @@ def _check(p: Path_) -> None:
     while True:
         try:
             with loadgen.connect(p.entry, timeout=5) as sock:
-                sock.sendall(loadgen.ECHO)
-                if sock.recv(1) == loadgen.ECHO:
+                sock.sendall(ECHO)
+                if sock.recv(1) == ECHO:
                     return
         except OSError:
             pass
@@ -236,30 +212,14 @@ METRICS = [
 ]
 
 
-@dataclass
-class Samples:
-    values: dict[tuple[str, str], list[float]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, path: str, key: str, value: float) -> None:
-        self.values.setdefault((path, key), []).append(value)
-
-    def get(self, path: str, key: str) -> list[float]:
-        return self.values.get((path, key), [])
-
-    def median(self, path: str, key: str) -> float | None:
-        v = self.get(path, key)
-        return statistics.median(v) if v else None
-
-
 def w_memory(p: Path_, s: Settings, out: Samples) -> None:
     if not p.pids:
         return
     time.sleep(0.3)
-    base = loadgen.rss_bytes(p.pids)
+    base = processes.rss_bytes(p.pids)
     with loadgen.idle_connections(p.entry, s.idle, 32, bound=60) as held:
         time.sleep(0.5)
-        rss = loadgen.rss_bytes(p.pids)
+        rss = processes.rss_bytes(p.pids)
     if held < s.idle:
         out.notes.append(f"{p.name}: memory run held {held} of {s.idle} connections")
     if held:
@@ -268,18 +228,18 @@ def w_memory(p: Path_, s: Settings, out: Samples) -> None:
 
 def w_throughput(p: Path_, s: Settings, out: Samples) -> None:
     chunk = os.urandom(MiB)
-    cpu0 = loadgen.cpu_seconds(p.pids)
+    cpu0 = processes.cpu_seconds(p.pids)
     out.add(p.name, "up", s.size / loadgen.upload(p.entry, s.size, chunk) / 1e6)
     out.add(p.name, "down", s.size / loadgen.download(p.entry, s.size) / 1e6)
     if p.pids:
         time.sleep(0.2)  # a forking relay reaps its child: its CPU time then counts
-        out.add(p.name, "cpu", (loadgen.cpu_seconds(p.pids) - cpu0) / (2 * s.size / GiB))
+        out.add(p.name, "cpu", (processes.cpu_seconds(p.pids) - cpu0) / (2 * s.size / GiB))
 
 
 def w_rtt(p: Path_, s: Settings, out: Samples) -> None:
     samples = loadgen.round_trips(p.entry, s.rtt_count)
-    out.add(p.name, "p50", loadgen.percentile(samples, 0.5))
-    out.add(p.name, "p99", loadgen.percentile(samples, 0.99))
+    out.add(p.name, "p50", percentile(samples, 0.5))
+    out.add(p.name, "p99", percentile(samples, 0.99))
 
 
 def w_conns(p: Path_, s: Settings, out: Samples) -> None:
@@ -313,20 +273,18 @@ def _fmt(metric: Metric, value: float | None) -> str:
 
 
 def cell(samples: Samples, path: str, metric: Metric) -> str:
-    v = samples.get(path, metric.key)
-    if not v:
+    s = samples.spread(path, metric.key)
+    if s is None:
         return "-"
-    med = _fmt(metric, statistics.median(v))
-    if len(v) == 1 or min(v) == max(v):
+    med = _fmt(metric, s.median)
+    if not s.varies:
         return med
-    return f"{med} <sub>{_fmt(metric, min(v))}-{_fmt(metric, max(v))}</sub>"
+    return f"{med} <sub>{_fmt(metric, s.low)}-{_fmt(metric, s.high)}</sub>"
 
 
-def ratio(samples: Samples, a: str, b: str, key: str) -> str:
-    x, y = samples.median(a, key), samples.median(b, key)
-    if x is None or y is None or y == 0:
-        return "-"
-    return f"{x / y:.2f}"
+def ratio_cell(samples: Samples, a: str, b: str, key: str) -> str:
+    r = ratio(samples.median(a, key), samples.median(b, key))
+    return "-" if r is None else f"{r:.2f}"
 
 
 @dataclass
@@ -402,56 +360,6 @@ def targets(settings: Settings) -> list[Target]:
     ]
 
 
-def _version(argv: list[str]) -> str:
-    with contextlib.suppress(OSError):
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=10)
-        text = (proc.stdout or proc.stderr).strip().splitlines()
-        return text[1] if argv[-1] == "-V" and len(text) > 1 else (text[0] if text else "?")
-    return "not installed"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds every process on the machine used so far (/proc/stat)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    # user nice system idle iowait irq softirq steal: all but idle and iowait
-    busy = sum(int(f) for i, f in enumerate(fields[:8]) if i not in (3, 4))
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """This process's CPU and that of its reaped children (all of ours by the end)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def loop_name() -> str:
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        return "asyncio (uvloop not installed)"
-    return f"uvloop {getattr(uvloop, '__version__', '?')}"
-
-
-def command_line() -> str:
-    argv = [sys.argv[0], *sys.argv[1:]]
-    with contextlib.suppress(ValueError):
-        argv[0] = str(Path(argv[0]).resolve().relative_to(Path.cwd()))
-    prefix = (
-        "uv run --locked --all-extras --group bench "
-        if os.environ.get("UV_RUN_RECURSION_DEPTH")
-        else ""
-    )
-    return prefix + shlex.join(["python", *argv])
-
-
 def report(
     samples: Samples,
     *,
@@ -463,29 +371,24 @@ def report(
     socat: str | None,
     other_cpu: float,
 ) -> str:
-    mem = total = 0.0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                total = int(line.split()[1]) / (1 << 20)
-        mem = total
     size = f"{settings.size / GiB:g} GiB" if settings.size >= GiB else f"{settings.size // MiB} MiB"
     out = [
         "# Forward-path benchmark",
         "",
-        f"Command: `{command_line()}`",
+        f"Command: `{markdown.command_line('bench.forward_bench', '--group bench')}`",
         "",
         f"Date: {started.strftime('%Y-%m-%d %H:%M:%S UTC')}; {rounds} interleaved rounds, "
         f"{took:.0f} s in all.",
         "",
-        f"- Machine: {os.cpu_count()} CPUs ({cpu_model()}), {mem:.0f} GiB RAM, "
+        f"- Machine: {os.cpu_count()} CPUs ({machine.cpu_model()}), "
+        f"{machine.memory_gib():.0f} GiB RAM, "
         f"{platform.system()} {platform.release()}; other work on the machine during the "
         f"run: {other_cpu:.0f} CPU s of the {took * (os.cpu_count() or 1):.0f} there were "
         f"({other_cpu / (took * (os.cpu_count() or 1)):.0%}; the benchmark's own processes "
         "excluded)",
         f"- Python {platform.python_version()}, {loop_name()} (our guest, host, the target "
-        f"service); {_version(['go', 'version'])}; "
-        f"{_version([socat, '-V']) if socat else 'socat not installed'}",
+        f"service); {machine.tool_version(['go', 'version'])}; "
+        f"{machine.tool_version([socat, '-V']) if socat else 'socat not installed'}",
         f"- Workloads: throughput {size} up then {size} down on one connection each (byte "
         f"counts checked); {settings.rtt_count:,} 1-byte round trips after 200 warm-up; "
         f"connection rate: {settings.workers} concurrent loops of connect, 1-byte echo, close, "
@@ -504,37 +407,40 @@ def report(
         "",
         *[f"- **{p}**: {PATH_HELP[p]}" for p in paths],
         "",
-        "| path | " + " | ".join(m.label for m in METRICS) + " |",
-        "|---|" + "---:|" * len(METRICS),
+        *markdown.table(
+            ["path", *(m.label for m in METRICS)],
+            [[p, *(cell(samples, p, m) for m in METRICS)] for p in paths],
+            align="l" + RIGHT * len(METRICS),
+        ),
     ]
-    for p in paths:
-        out.append(f"| {p} | " + " | ".join(cell(samples, p, m) for m in METRICS) + " |")
     ratio_paths = [p for p in ("OURS", "OURS>GO", "GO>OURS") if p in paths]
     if ratio_paths:
+        rows = [
+            [f"{p} / {base}", *(ratio_cell(samples, p, base, m.key) for m in METRICS[:7])]
+            for p in ratio_paths
+            for base in ("GO", "DIRECT")
+            if base in paths and not (p != "OURS" and base == "DIRECT")
+        ]
         out += [
             "",
             "Ratios of medians (for µs, s/GiB and KiB lower is better):",
             "",
-            "| ratio | " + " | ".join(m.label for m in METRICS[:7]) + " |",
-            "|---|" + "---:|" * 7,
+            *markdown.table(
+                ["ratio", *(m.label for m in METRICS[:7])], rows, align="l" + RIGHT * 7
+            ),
         ]
-        for p in ratio_paths:
-            for base in ("GO", "DIRECT"):
-                if base in paths and not (p != "OURS" and base == "DIRECT"):
-                    row = [ratio(samples, p, base, m.key) for m in METRICS[:7]]
-                    out.append(f"| {p} / {base} | " + " | ".join(row) + " |")
     if "OURS" in paths:
+        rows = []
+        for t in targets(settings):
+            text, ok = t.check(samples)
+            mark = "-" if ok is None else ("yes" if ok else "**no**")
+            rows.append([t.what, t.guide, text, mark])
         out += [
             "",
             "Targets (OURS):",
             "",
-            "| target | nerdbox (developers' guide) | measured | met |",
-            "|---|---|---|---|",
+            *markdown.table(["target", "nerdbox (developers' guide)", "measured", "met"], rows),
         ]
-        for t in targets(settings):
-            text, ok = t.check(samples)
-            mark = "-" if ok is None else ("yes" if ok else "**no**")
-            out.append(f"| {t.what} | {t.guide} | {text} | {mark} |")
     notes = [
         "- The Go stand-ins reproduce nerdbox's behaviour: the relay tears a connection "
         "down at the first EOF (so no workload half-closes; each reads its answer first), "
@@ -572,10 +478,12 @@ def readme_table(samples: Samples, rounds: int) -> str:
     lines = [
         f"Median of {rounds} interleaved rounds, {datetime.date.today().isoformat()}:",
         "",
-        "| | " + " | ".join(title for _, title in cols) + " |",
-        "|---|" + "--:|" * len(cols),
+        *markdown.table(
+            ["", *(title for _, title in cols)],
+            [[label, *(f(p) for p, _ in cols)] for label, f in rows],
+            align="l" + RIGHT * len(cols),
+        ),
     ]
-    lines += [f"| {label} | " + " | ".join(f(p) for p, _ in cols) + " |" for label, f in rows]
     return "\n".join(lines)
 
 
@@ -655,11 +563,10 @@ def plot(samples: Samples, paths: list[str], settings: Settings, png: Path) -> b
         else:
             meds, lo, hi = [], [], []
             for p in paths:
-                vals = samples.get(p, key)
-                m = statistics.median(vals) if vals else 0.0
-                meds.append(m)
-                lo.append(m - min(vals) if vals else 0.0)
-                hi.append(max(vals) - m if vals else 0.0)
+                s = samples.spread(p, key)
+                meds.append(s.median if s else 0.0)
+                lo.append(s.median - s.low if s else 0.0)
+                hi.append(s.high - s.median if s else 0.0)
             ax.bar(xs, meds, color=[colors[p] for p in paths], yerr=[lo, hi], capsize=3)
             for x, med in zip(xs, meds, strict=True):
                 if med:
@@ -693,14 +600,7 @@ def plot(samples: Samples, paths: list[str], settings: Settings, png: Path) -> b
 # -- driver ---------------------------------------------------------------------------
 
 
-def _raise_on_sigterm(signum: int, frame: object) -> NoReturn:
-    raise SystemExit(128 + signum)
-
-
 def main() -> int:
-    if len(sys.argv) > 2 and sys.argv[1] == "_serve":
-        loadgen.run_async(lambda: loadgen.serve(sys.argv[2]))
-        return 0
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run (1 round, small)")
     parser.add_argument("--rounds", type=int, help="rounds (default 5; --quick 1)")
@@ -733,8 +633,8 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown paths: {sorted(unknown)}")
 
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    loadgen.raise_fd_limit()
+    processes.exit_on_sigterm()
+    processes.raise_fd_limit()
     started = datetime.datetime.now(datetime.UTC)
     socat = shutil.which("socat")
     if "SOCAT" in paths and socat is None:
@@ -754,24 +654,17 @@ def main() -> int:
             paths = [p for p in paths if "GO" not in p]
 
     samples = Samples()
-    busy0, own0 = machine_busy_seconds(), own_cpu_seconds()
+    busy0, own0 = machine.machine_busy_seconds(), machine.own_cpu_seconds()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fwdbench-", dir="/tmp") as tmp_name:
-        tmp = Path(tmp_name)
+    with processes.scratch_dir("fwdbench-") as tmp:
         target = str(tmp / "target.sock")
-        service = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "_serve", target],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-        )
-        try:
-            loadgen.wait_ready_line(service, "target service")
+        with ProcessGroup(tmp) as services:
+            start_target(services, target)
             for r in range(rounds):
                 order = paths[r % len(paths) :] + paths[: r % len(paths)]
                 round_dir = tmp / f"round{r}"
                 round_dir.mkdir()
-                procs = Procs(round_dir)
-                try:
+                with ProcessGroup(round_dir) as procs:
                     running = [start_path(procs, n, target, go_bins, socat) for n in order]
                     for wname, workload in workloads:
                         for p in running:
@@ -782,12 +675,9 @@ def main() -> int:
                                 f"{time.perf_counter() - t:5.1f} s",
                                 file=sys.stderr,
                             )
-                finally:
-                    procs.stop()
-        finally:
-            loadgen.stop_all([service])
     took = time.perf_counter() - t0
-    other_cpu = max(0.0, (machine_busy_seconds() - busy0) - (own_cpu_seconds() - own0))
+    busy = machine.machine_busy_seconds() - busy0
+    other_cpu = max(0.0, busy - (machine.own_cpu_seconds() - own0))
     text = report(
         samples,
         paths=paths,

@@ -1,224 +1,27 @@
-"""Load generator and process bookkeeping shared by the relay and forward benchmarks.
+"""The load generator of the relay and forward benchmarks: the client side of
+the target service's protocol (bench/target.py).
 
-The target service (``serve``) runs in its own process; the load runs in the
-benchmark's own process, with blocking sockets for bulk transfers and round
-trips, and one epoll loop (no threads) for the many-connection workloads, so
-the load itself stays cheap. Its DIRECT figures show its ceiling.
-
-Target protocol, chosen so that no workload needs a half-close (nerdbox's
-relay tears a connection down at the first EOF): first byte ``U`` + u64 size:
-read exactly that many bytes, answer the count as u64; ``D`` + u64 size: send
-that many bytes, then close; anything else: echo until EOF.
+The load runs in the benchmark's own process, with blocking sockets for bulk
+transfers and round trips, and one epoll loop (no threads) for the
+many-connection workloads, so the load itself stays cheap. Its DIRECT figures
+show its ceiling.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import os
 import select
-import signal
 import socket
-import struct
-import subprocess
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, cast
 
-from socketforward import runner
+from bench.target import COUNT, DOWNLOAD, ECHO, UPLOAD
 
 GiB = 1 << 30
 MiB = 1 << 20
-COUNT = struct.Struct(">Q")
-UPLOAD = b"U"
-DOWNLOAD = b"D"
-ECHO = b"x"
-
-
-# -- the target service (a child process) -----------------------------------------
-
-
-def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run ``main`` on the loop socketforward's own processes use (uvloop when installed)."""
-    runner.run(main())
-
-
-class _Target(asyncio.BufferedProtocol):
-    """One target-service connection; protocol callbacks, uvloop's fast path."""
-
-    def __init__(self, block: memoryview, buf: memoryview) -> None:
-        self.block = block
-        # Shared by every connection: each buffer_updated consumes it at once
-        # (one MiB per connection cost the service more than the forwarders).
-        self.buf = buf
-        self.transport: asyncio.Transport | None = None
-        self.mode = b""
-        self.header = b""
-        self.size = self.count = self.left = 0
-        self.paused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.buf
-
-    def buffer_updated(self, nbytes: int) -> None:
-        data = self.buf[:nbytes]
-        assert self.transport is not None
-        if self.mode == b"":
-            self.mode = bytes(data[:1])
-            if self.mode not in (UPLOAD, DOWNLOAD):
-                self.mode = ECHO
-            else:
-                data = data[1:]
-        if self.mode == ECHO:
-            self.transport.write(bytes(data))
-            return
-        if len(self.header) < COUNT.size:
-            take = COUNT.size - len(self.header)
-            self.header += bytes(data[:take])
-            data = data[take:]
-            if len(self.header) < COUNT.size:
-                return
-            (self.size,) = COUNT.unpack(self.header)
-            if self.mode == DOWNLOAD:
-                self.left = self.size
-                self._send()
-                return
-        self.count += len(data)
-        if self.mode == UPLOAD and self.count >= self.size:
-            self.transport.write(COUNT.pack(self.count))
-
-    def _send(self) -> None:
-        assert self.transport is not None
-        while self.left and not self.paused:
-            n = min(self.left, MiB)
-            self.transport.write(self.block[:n])
-            self.left -= n
-        if not self.left:
-            self.transport.close()
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        if self.mode == DOWNLOAD and self.left:
-            self._send()
-
-    def eof_received(self) -> bool:
-        return False  # close
-
-
-async def serve(path: str) -> None:
-    """The target service on ``path``: upload counter, download source, echo."""
-    loop = asyncio.get_running_loop()
-    block = memoryview(os.urandom(MiB))
-    buf = memoryview(bytearray(MiB))
-    server = await loop.create_unix_server(lambda: _Target(block, buf), path=path, backlog=4096)
-    print("ready", flush=True)
-    async with server:
-        await server.serve_forever()
-
-
-# -- processes ------------------------------------------------------------------------
-
-
-def raise_fd_limit() -> None:
-    """Bursts and idle-connection runs hold thousands of fds (children inherit)."""
-    import resource  # noqa: PLC0415
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def stop_all(procs: Iterable[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM every process, SIGKILL what is still there after 5 s; reap all.
-
-    Their own children (socat forks one per connection) go first, so their
-    parent reaps them: orphans would be left to PID 1, which may not reap.
-    """
-    procs = list(procs)
-    children = [pid for proc in procs for pid in _tree(proc.pid)[1:]]
-    for pid in children:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline and any(
-        _tree(proc.pid)[1:] for proc in procs if proc.poll() is None
-    ):
-        time.sleep(0.02)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-def wait_for_path(path: str, timeout: float, *procs: subprocess.Popen[bytes]) -> None:
-    """Wait until ``path`` exists; fail early if one of ``procs`` exited."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout}s")
-        time.sleep(0.01)
-
-
-def wait_ready_line(proc: subprocess.Popen[bytes], what: str) -> None:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if line.strip() != b"ready":
-        raise RuntimeError(f"{what} did not start: {line!r}")
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (socat forks one child per connection)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{p}/task"):
-                children = Path(f"/proc/{p}/task/{task}/children").read_text().split()
-                todo.extend(int(c) for c in children)
-    return out
-
-
-def cpu_seconds(pids: Iterable[int]) -> float:
-    """User + system CPU of ``pids``, including their reaped children."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(f) for f in fields[11:15]) / tick
-    return total
-
-
-def rss_bytes(pids: Iterable[int]) -> int:
-    """Resident set of ``pids`` and all their descendants."""
-    total = 0
-    for root in pids:
-        for pid in _tree(root):
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-    return total
 
 
 # -- blocking workloads ---------------------------------------------------------------
@@ -297,29 +100,59 @@ def round_trips(path: str, count: int, warmup: int = 200) -> list[float]:
     return samples
 
 
-def percentile(sorted_samples: list[float], p: float) -> float:
-    return sorted_samples[min(len(sorted_samples) - 1, int(len(sorted_samples) * p))]
-
-
 # -- many connections at once (one epoll loop) -----------------------------------------
 
 
-@dataclass
-class _Conn:
-    sock: socket.socket
-    started: float
+SEND_FAILED = -1
+"""What :meth:`_Echoes.open` returns when the connect worked and the send did not."""
 
 
-def _open_nonblocking(path: str) -> tuple[socket.socket | None, int]:
-    """A connected non-blocking socket, or (None, errno) when refused."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    err = sock.connect_ex(path)
-    if err:
-        # A UNIX listener with a full backlog answers EAGAIN at once.
-        sock.close()
-        return None, err
-    return sock, 0
+class _Echoes:
+    """Connections that sent their one byte, watched by one epoll for the echo."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.ep = select.epoll()
+        self.socks: dict[int, socket.socket] = {}
+
+    def __len__(self) -> int:
+        return len(self.socks)
+
+    def open(self) -> int:
+        """Connect (non-blocking) and send the byte: 0 once the connection is
+        watched, else the connect's errno or SEND_FAILED."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        err = sock.connect_ex(self.path)
+        if err:
+            # A UNIX listener with a full backlog answers EAGAIN at once.
+            sock.close()
+            return err
+        try:
+            sock.send(ECHO)
+        except OSError:
+            sock.close()
+            return SEND_FAILED
+        self.socks[sock.fileno()] = sock
+        self.ep.register(sock.fileno(), select.EPOLLIN)
+        return 0
+
+    def answers(self, timeout: float) -> Iterator[tuple[socket.socket, bool]]:
+        """Each connection that became readable within ``timeout``, no longer
+        watched, and whether it echoed the byte (the caller owns it now)."""
+        for fd, _events in self.ep.poll(timeout):
+            sock = self.socks.pop(fd)
+            self.ep.unregister(fd)
+            try:
+                ok = sock.recv(1) == ECHO
+            except OSError:
+                ok = False
+            yield sock, ok
+
+    def close(self) -> None:
+        for sock in self.socks.values():
+            sock.close()
+        self.ep.close()
 
 
 def connection_rate(path: str, seconds: float, workers: int) -> tuple[float, int]:
@@ -327,27 +160,17 @@ def connection_rate(path: str, seconds: float, workers: int) -> tuple[float, int
 
     Returns (completed connections per second, failures).
     """
-    ep = select.epoll()
-    conns: dict[int, _Conn] = {}
+    conns = _Echoes(path)
     done = failed = 0
 
     def start() -> None:
         nonlocal failed
-        while True:
-            sock, err = _open_nonblocking(path)
-            if sock is not None:
-                break
+        while err := conns.open():
             failed += 1
+            if err == SEND_FAILED:
+                return
             if err not in (errno.EAGAIN, errno.ECONNREFUSED):
                 raise OSError(err, os.strerror(err), path)
-        try:
-            sock.send(ECHO)
-        except OSError:
-            failed += 1
-            sock.close()
-            return
-        conns[sock.fileno()] = _Conn(sock, time.perf_counter())
-        ep.register(sock.fileno(), select.EPOLLIN)
 
     t0 = time.perf_counter()
     stop = t0 + seconds
@@ -355,14 +178,8 @@ def connection_rate(path: str, seconds: float, workers: int) -> tuple[float, int
         for _ in range(workers):
             start()
         while conns:
-            for fd, _events in ep.poll(0.5):
-                conn = conns.pop(fd)
-                ep.unregister(fd)
-                try:
-                    ok = conn.sock.recv(1) == ECHO
-                except OSError:
-                    ok = False
-                conn.sock.close()
+            for sock, ok in conns.answers(0.5):
+                sock.close()
                 if ok:
                     done += 1
                 else:
@@ -374,9 +191,7 @@ def connection_rate(path: str, seconds: float, workers: int) -> tuple[float, int
         elapsed = time.perf_counter() - t0
         failed += len(conns)
     finally:
-        for conn in conns.values():
-            conn.sock.close()
-        ep.close()
+        conns.close()
     return done / elapsed, failed
 
 
@@ -393,32 +208,18 @@ def burst(path: str, count: int, bound: float) -> BurstResult:
     """``count`` connects as fast as possible, each sends one byte; wait up to
     ``bound`` seconds for every echo."""
     result = BurstResult()
-    ep = select.epoll()
-    socks: dict[int, socket.socket] = {}
+    socks = _Echoes(path)
     t0 = time.perf_counter()
     try:
         for _ in range(count):
-            sock, _err = _open_nonblocking(path)
-            if sock is None:
-                result.refused += 1
-                continue
-            try:
-                sock.send(ECHO)
-            except OSError:
+            err = socks.open()
+            if err == SEND_FAILED:
                 result.reset += 1
-                sock.close()
-                continue
-            socks[sock.fileno()] = sock
-            ep.register(sock.fileno(), select.EPOLLIN)
+            elif err:
+                result.refused += 1
         deadline = t0 + bound
         while socks and (left := deadline - time.perf_counter()) > 0:
-            for fd, _events in ep.poll(min(left, 0.5)):
-                sock = socks.pop(fd)
-                ep.unregister(fd)
-                try:
-                    ok = sock.recv(1) == ECHO
-                except OSError:
-                    ok = False
+            for sock, ok in socks.answers(min(left, 0.5)):
                 sock.close()
                 if ok:
                     result.served += 1
@@ -427,9 +228,7 @@ def burst(path: str, count: int, bound: float) -> BurstResult:
         result.hung = len(socks)
         result.seconds = time.perf_counter() - t0
     finally:
-        for sock in socks.values():
-            sock.close()
-        ep.close()
+        socks.close()
     return result
 
 
@@ -438,8 +237,7 @@ def idle_connections(path: str, count: int, concurrency: int, bound: float) -> I
     """Open ``count`` connections, each answered once (1-byte echo), and hold them
     open for the block; yields how many were answered. At most ``concurrency``
     wait for an answer at a time (nerdbox's host serves one at a time)."""
-    ep = select.epoll()
-    waiting: dict[int, socket.socket] = {}
+    waiting = _Echoes(path)
     held: list[socket.socket] = []
     opened = 0
     deadline = time.perf_counter() + bound
@@ -447,29 +245,14 @@ def idle_connections(path: str, count: int, concurrency: int, bound: float) -> I
         while (opened < count or waiting) and time.perf_counter() < deadline:
             while opened < count and len(waiting) < concurrency:
                 opened += 1
-                sock, _err = _open_nonblocking(path)
-                if sock is None:
-                    continue
-                try:
-                    sock.send(ECHO)
-                except OSError:
-                    sock.close()
-                    continue
-                waiting[sock.fileno()] = sock
-                ep.register(sock.fileno(), select.EPOLLIN)
-            for fd, _events in ep.poll(0.5):
-                sock = waiting.pop(fd)
-                ep.unregister(fd)
-                try:
-                    ok = sock.recv(1) == ECHO
-                except OSError:
-                    ok = False
+                waiting.open()  # a connection refused or reset is not held
+            for sock, ok in waiting.answers(0.5):
                 if ok:
                     held.append(sock)
                 else:
                     sock.close()
         yield len(held)
     finally:
-        for sock in [*waiting.values(), *held]:
+        waiting.close()
+        for sock in held:
             sock.close()
-        ep.close()

@@ -1,6 +1,6 @@
 """Relay benchmark: direct vs our relay (splice, copy) vs socat, over UNIX sockets.
 
-Run: uv run --locked --all-extras python bench/relay_bench.py [--size BYTES] [--rounds N]
+Run: uv run --locked --all-extras python -m bench.relay_bench [--size BYTES] [--rounds N]
 
 Every relayed path has two hops (client -> relay -> relay -> server), like a
 forwarded connection (one relay in the VM, one on the host); each relay is
@@ -13,40 +13,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import platform
 import shutil
 import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import loadgen
-from loadgen import GiB, MiB
-
+from bench import event_loop, loadgen, processes, target
+from bench.loadgen import GiB, MiB
+from bench.markdown import RIGHT, table
+from bench.processes import ProcessGroup, python_module
+from bench.stats import Samples, percentile, ratio
 from socketforward.relay import BULK_SNDBUF, relay
 from socketforward.transport import UnixEndpoint, connect, listen
 
 # -- child processes ----------------------------------------------------------------
 
 
-async def _relay(path: str, target: str, mode: str, sndbuf: int | None) -> None:
+async def _relay(path: str, upstream: str, mode: str, sndbuf: int | None) -> None:
     tasks: set[asyncio.Task[Any]] = set()
-    ep = UnixEndpoint(target)
+    ep = UnixEndpoint(upstream)
 
     async def handle(conn: socket.socket) -> None:
         try:
-            upstream = await connect(ep, timeout=10)
+            peer = await connect(ep, timeout=10)
         except BaseException:
             conn.close()
             raise
-        await relay(conn, upstream, mode="splice" if mode == "splice" else "copy", sndbuf=sndbuf)
+        await relay(conn, peer, mode="splice" if mode == "splice" else "copy", sndbuf=sndbuf)
 
     async with await listen(UnixEndpoint(path)) as listener:
         print("ready", flush=True)
@@ -65,66 +62,45 @@ class Path_:
     name: str
     entry: str  # socket the client connects to
     relay_pids: list[int] = field(default_factory=list)
-    mbps: list[float] = field(default_factory=list)
-    cpu_per_gib: list[float] = field(default_factory=list)
-    p50: list[float] = field(default_factory=list)
-    p99: list[float] = field(default_factory=list)
-    conns: list[float] = field(default_factory=list)
 
 
-@contextlib.contextmanager
-def _spawn(procs: list[subprocess.Popen[bytes]], *argv: str, wait_for: str | None) -> Iterator[int]:
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-    procs.append(proc)
-    assert proc.stdout is not None
-    if wait_for is None:
-        line = proc.stdout.readline()
-        if line.strip() != b"ready":
-            raise RuntimeError(f"{argv} did not start: {line!r}")
-    else:
-        # socat prints nothing: wait for its socket file instead.
-        deadline = time.monotonic() + 10
-        while not os.path.exists(wait_for):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"{argv} did not start")
-            time.sleep(0.01)
-    yield proc.pid
-
-
-def measure_throughput(p: Path_, size: int, chunk: bytes) -> None:
-    cpu0 = loadgen.cpu_seconds(p.relay_pids)
+def measure_throughput(p: Path_, size: int, chunk: bytes, out: Samples) -> None:
+    cpu0 = processes.cpu_seconds(p.relay_pids)
     elapsed = loadgen.upload(p.entry, size, chunk)
     time.sleep(0.1)  # let a forking relay reap its child so its CPU time is counted
-    p.mbps.append(size / elapsed / 1e6)
+    out.add(p.name, "mbps", size / elapsed / 1e6)
     if p.relay_pids:
-        p.cpu_per_gib.append((loadgen.cpu_seconds(p.relay_pids) - cpu0) / (size / GiB))
+        cpu = processes.cpu_seconds(p.relay_pids) - cpu0
+        out.add(p.name, "cpu_per_gib", cpu / (size / GiB))
 
 
-def measure_rtt(p: Path_, count: int) -> None:
+def measure_rtt(p: Path_, count: int, out: Samples) -> None:
     samples = loadgen.round_trips(p.entry, count)
-    p.p50.append(loadgen.percentile(samples, 0.5))
-    p.p99.append(loadgen.percentile(samples, 0.99))
+    out.add(p.name, "p50", percentile(samples, 0.5))
+    out.add(p.name, "p99", percentile(samples, 0.99))
 
 
-def measure_conns(p: Path_, seconds: float, workers: int) -> None:
+def measure_conns(p: Path_, seconds: float, workers: int, out: Samples) -> None:
     rate, _failed = loadgen.connection_rate(p.entry, seconds, workers)
-    p.conns.append(rate)
+    out.add(p.name, "conns", rate)
 
 
-def _ratio(value: float, base: float) -> str:
-    return f"{value / base:.2f}x" if base else "-"
+def _ratio(value: float | None, base: float | None) -> str:
+    r = ratio(value, base)
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_server":
-        loadgen.run_async(lambda: loadgen.serve(sys.argv[2]))
-        return
     if len(sys.argv) > 1 and sys.argv[1] == "_relay":
         sndbuf = int(sys.argv[5]) if sys.argv[5] != "-" else None
-        loadgen.run_async(lambda: _relay(sys.argv[2], sys.argv[3], sys.argv[4], sndbuf))
+        event_loop.run(_relay(sys.argv[2], sys.argv[3], sys.argv[4], sndbuf))
         return
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--size", type=int, default=GiB, help="bytes per throughput run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rtt-count", type=int, default=2000)
@@ -132,19 +108,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
 
-    try:
-        import uvloop  # noqa: PLC0415
-
-        loop_name = f"uvloop {getattr(uvloop, '__version__', '?')}"
-    except ImportError:
-        loop_name = "asyncio (uvloop not installed)"
     socat = shutil.which("socat")
-    me = [sys.executable, os.path.abspath(__file__)]
-    procs: list[subprocess.Popen[bytes]] = []
-    with tempfile.TemporaryDirectory(prefix="relaybench-") as tmp, contextlib.ExitStack() as stack:
-        stack.callback(loadgen.stop_all, procs)
+    samples = Samples()
+    with processes.scratch_dir("relaybench-") as tmp, ProcessGroup(tmp) as group:
         server = f"{tmp}/server.sock"
-        stack.enter_context(_spawn(procs, *me, "_server", server, wait_for=None))
+        target.start(group, server)
         paths = [Path_("direct", server)]
         # (name, mode, hops, SO_SNDBUF)
         # The relay's default grows a full socket's SO_SNDBUF; "-" keeps the kernel's.
@@ -155,61 +123,61 @@ def main() -> None:
             ("relay copy (2 hops)", "copy", 2, str(BULK_SNDBUF)),
         ]
         for i, (name, mode, hops, sndbuf_arg) in enumerate(variants):
-            target, pids = server, list[int]()
+            upstream, pids = server, list[int]()
             for hop in range(hops, 0, -1):
                 sock_path = f"{tmp}/r{i}-{hop}.sock"
-                pids.append(
-                    stack.enter_context(
-                        _spawn(
-                            procs, *me, "_relay", sock_path, target, mode, sndbuf_arg, wait_for=None
-                        )
-                    )
+                argv = python_module(
+                    "bench.relay_bench", "_relay", sock_path, upstream, mode, sndbuf_arg
                 )
-                target = sock_path
-            paths.append(Path_(name, target, pids))
+                pids.append(group.start_ready(argv, f"relay {sock_path}").pid)
+                upstream = sock_path
+            paths.append(Path_(name, upstream, pids))
         if socat is None:
             print("socat not installed: skipping the socat row", file=sys.stderr)
         else:
             s2, s1 = f"{tmp}/socat2.sock", f"{tmp}/socat1.sock"
-            pid2 = stack.enter_context(
-                _spawn(
-                    procs, socat, f"UNIX-LISTEN:{s2},fork", f"UNIX-CONNECT:{server}", wait_for=s2
-                )
-            )
-            pid1 = stack.enter_context(
-                _spawn(procs, socat, f"UNIX-LISTEN:{s1},fork", f"UNIX-CONNECT:{s2}", wait_for=s1)
-            )
-            paths.append(Path_("socat (2 hops)", s1, [pid1, pid2]))
+            socat2 = group.start([socat, f"UNIX-LISTEN:{s2},fork", f"UNIX-CONNECT:{server}"])
+            processes.wait_for_path(s2, 10, socat2)
+            socat1 = group.start([socat, f"UNIX-LISTEN:{s1},fork", f"UNIX-CONNECT:{s2}"])
+            processes.wait_for_path(s1, 10, socat1)
+            paths.append(Path_("socat (2 hops)", s1, [socat1.pid, socat2.pid]))
 
         chunk = os.urandom(MiB)
         t_start = time.perf_counter()
         for r in range(args.rounds):
             for p in paths:  # interleaved: every path once per round
-                measure_throughput(p, args.size, chunk)
-                measure_rtt(p, args.rtt_count)
-                measure_conns(p, args.conn_seconds, args.workers)
+                measure_throughput(p, args.size, chunk, samples)
+                measure_rtt(p, args.rtt_count, samples)
+                measure_conns(p, args.conn_seconds, args.workers, samples)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
         elapsed = time.perf_counter() - t_start
 
-    med = statistics.median
+    def med(p: Path_, key: str) -> float | None:
+        return samples.median(p.name, key)
+
     base = paths[0]
     print(
         f"\nRelay benchmark: {platform.system()} {platform.release()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, {loop_name}; {args.size / GiB:g} GiB per "
-        f"throughput run, median of {args.rounds} interleaved rounds ({elapsed:.0f} s)\n"
+        f"Python {platform.python_version()}, {event_loop.loop_name()}; {args.size / GiB:g} GiB "
+        f"per throughput run, median of {args.rounds} interleaved rounds ({elapsed:.0f} s)\n"
     )
-    print(
-        "| path | MB/s | vs direct | relay CPU s/GiB | RTT p50 us | RTT p99 us "
-        "| p50 vs direct | conn/s | vs direct |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for p in paths:
-        cpu = f"{med(p.cpu_per_gib):.2f}" if p.cpu_per_gib else "-"
-        print(
-            f"| {p.name} | {med(p.mbps):,.0f} | {_ratio(med(p.mbps), med(base.mbps))} | {cpu} "
-            f"| {med(p.p50):.1f} | {med(p.p99):.1f} | {_ratio(med(p.p50), med(base.p50))} "
-            f"| {med(p.conns):,.0f} | {_ratio(med(p.conns), med(base.conns))} |"
-        )
+    header = ["path", "MB/s", "vs direct", "relay CPU s/GiB", "RTT p50 us", "RTT p99 us"]
+    header += ["p50 vs direct", "conn/s", "vs direct"]
+    rows = [
+        [
+            p.name,
+            _cell(med(p, "mbps"), "{:,.0f}"),
+            _ratio(med(p, "mbps"), med(base, "mbps")),
+            _cell(med(p, "cpu_per_gib"), "{:.2f}"),
+            _cell(med(p, "p50"), "{:.1f}"),
+            _cell(med(p, "p99"), "{:.1f}"),
+            _ratio(med(p, "p50"), med(base, "p50")),
+            _cell(med(p, "conns"), "{:,.0f}"),
+            _ratio(med(p, "conns"), med(base, "conns")),
+        ]
+        for p in paths
+    ]
+    print("\n".join(table(header, rows, align="l" + RIGHT * 8)))
 
 
 if __name__ == "__main__":

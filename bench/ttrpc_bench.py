@@ -1,6 +1,6 @@
 """ttrpc benchmark: socketforward's asyncio ttrpc against containerd/ttrpc (Go).
 
-    uv run --locked --all-extras python bench/ttrpc_bench.py [--seconds 3] [--runs 3]
+    uv run --locked --all-extras python -m bench.ttrpc_bench [--seconds 3] [--runs 3]
         [--uvloop/--no-uvloop]
 
 Four client -> server pairs (Python -> Python, Go -> Python, Python -> Go,
@@ -22,66 +22,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import datetime
 import json
-import math
 import os
 import platform
-import select
 import shlex
-import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
+
+from bench import event_loop, machine, markdown, processes
+from bench.markdown import RIGHT
+from bench.processes import ProcessGroup, python_module
+from bench.stats import Samples, nearest_rank, spread
+from socketforward import ttrpc
+from tests.interop.echo_service import EchoService
+from tests.interop.gen import echo_pb2, echo_ttrpc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # for tests.interop.* when run as a script
-    sys.path.insert(0, str(REPO_ROOT))
-
-from socketforward import ttrpc  # noqa: E402
-from tests.interop.echo_service import EchoService  # noqa: E402
-from tests.interop.gen import echo_pb2, echo_ttrpc  # noqa: E402
-
 PAYLOAD = b"b" * 16
 WARMUP = 0.2
 """Seconds of load before measuring, in every load process (as ``peer bench``)."""
-READY_TIMEOUT = 30.0
 LOAD_GRACE = 20.0
 """How long a load process may overrun its window before it is killed."""
 RESULTS = REPO_ROOT / "bench" / "results" / "ttrpc.md"
 
 Json = dict[str, Any]
-T = TypeVar("T")
-
-
-# ------------------------------------------------------------------ event loop
-
-
-def uvloop_importable() -> bool:
-    try:
-        import uvloop  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
-
-
-def run_async(main: Coroutine[Any, Any, T], use_uvloop: bool) -> T:
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    if use_uvloop:
-        import uvloop  # noqa: PLC0415
-
-        loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(main)
 
 
 # ------------------------------------------------------------------ --serve
@@ -114,14 +86,6 @@ async def serve(path: str) -> None:
 # ------------------------------------------------------------------ --load
 
 
-def percentile_us(sorted_ns: list[int], p: float) -> float:
-    """Nearest-rank percentile in microseconds (as ``peer bench``)."""
-    if not sorted_ns:
-        return 0.0
-    rank = max(math.ceil(p * len(sorted_ns)) - 1, 0)
-    return sorted_ns[rank] / 1e3
-
-
 async def unary_round(stub: echo_ttrpc.EchoStub, concurrency: int, window: float) -> Json:
     """``concurrency`` workers of sequential Unary calls for ``window`` seconds."""
     clock = time.perf_counter_ns
@@ -146,8 +110,9 @@ async def unary_round(stub: echo_ttrpc.EchoStub, concurrency: int, window: float
     return {
         "calls": len(latencies),
         "seconds": elapsed,
-        "p50_us": percentile_us(latencies, 0.50),
-        "p99_us": percentile_us(latencies, 0.99),
+        # in microseconds, by the rule of ``peer bench``
+        "p50_us": nearest_rank(latencies, 0.50) / 1e3,
+        "p99_us": nearest_rank(latencies, 0.99) / 1e3,
     }
 
 
@@ -211,68 +176,6 @@ async def load(path: str, kind: str, seconds: float, concurrency: int) -> Json:
 # ------------------------------------------------------------------ processes
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM the child if this script dies (even by SIGKILL)."""
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate, then kill if it lingers; reap it either way."""
-    try:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    finally:
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-def wait_ready(proc: subprocess.Popen[bytes], what: str) -> None:
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    deadline = time.monotonic() + READY_TIMEOUT
-    seen = b""
-    while b"READY\n" not in seen:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"{what} not READY within {READY_TIMEOUT}s")
-        readable, _, _ = select.select([fd], [], [], left)
-        if readable:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise RuntimeError(f"{what} exited before READY (status {proc.wait()})")
-            seen += chunk
-
-
-@contextlib.contextmanager
-def server_process(argv: list[str], what: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads here)
-        )
-    try:
-        try:
-            wait_ready(proc, what)
-        except (TimeoutError, RuntimeError) as exc:
-            stop_process(proc)
-            log_text = log_path.read_text(errors="replace")
-            raise RuntimeError(f"{exc}; log:\n{log_text}") from exc
-        yield proc
-    finally:
-        stop_process(proc)
-
-
 def run_load(argv: list[str], timeout: float) -> Json:
     """Run a load process; its last stdout line is the result JSON."""
     proc = subprocess.Popen(
@@ -280,7 +183,7 @@ def run_load(argv: list[str], timeout: float) -> Json:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads here)
+        preexec_fn=processes.die_with_parent,  # noqa: PLW1509 (no threads here)
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -292,7 +195,7 @@ def run_load(argv: list[str], timeout: float) -> Json:
             + err.decode(errors="replace")[-2000:]
         ) from None
     finally:
-        stop_process(proc)
+        processes.stop_all([proc])
     lines = out.decode(errors="replace").strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise RuntimeError(
@@ -351,17 +254,25 @@ BASELINE = PAIRS[-1]
 
 
 @dataclass
-class Samples:
-    results: dict[tuple[Pair, Workload], list[Json]] = field(default_factory=dict)
+class Measured:
+    """Each metric's value per run, by pair (Samples keyed by pair and metric
+    label), and the loads that failed."""
+
+    samples: Samples = field(default_factory=Samples)
     failures: dict[tuple[Pair, Workload], list[str]] = field(default_factory=dict)
 
+    def add(self, pair: Pair, workload: Workload, result: Json) -> None:
+        for metric in METRICS:
+            if metric.workload == workload:
+                self.samples.add(pair.name, metric.label, metric.value(result))
+
     def values(self, pair: Pair, metric: Metric) -> list[float]:
-        return [metric.value(r) for r in self.results.get((pair, metric.workload), [])]
+        return self.samples.get(pair.name, metric.label)
 
 
 def python_argv(*args: str, use_uvloop: bool) -> list[str]:
     loop_flag = "--uvloop" if use_uvloop else "--no-uvloop"
-    return [sys.executable, str(Path(__file__).resolve()), *args, loop_flag]
+    return python_module("bench.ttrpc_bench", *args, loop_flag)
 
 
 def load_argv(pair: Pair, sock: Path, workload: Workload, args: argparse.Namespace) -> list[str]:
@@ -379,8 +290,10 @@ def describe(result: Json) -> str:
     return f"{result['messages'] / result['seconds']:,.0f} msgs/s"
 
 
-def measure(args: argparse.Namespace, servers: dict[str, tuple[Path, Any]]) -> Samples:
-    samples = Samples()
+def measure(
+    args: argparse.Namespace, servers: dict[str, tuple[Path, subprocess.Popen[bytes]]]
+) -> Measured:
+    samples = Measured()
     timeout = WARMUP + args.seconds + LOAD_GRACE
     for run in range(1, args.runs + 1):
         for pair in PAIRS:
@@ -396,7 +309,7 @@ def measure(args: argparse.Namespace, servers: dict[str, tuple[Path, Any]]) -> S
                     samples.failures.setdefault(key, []).append(str(exc))
                     print(f"{label} FAILED: {exc}", file=sys.stderr, flush=True)
                     continue
-                samples.results.setdefault(key, []).append(result)
+                samples.add(pair, workload, result)
                 print(f"{label} {describe(result)}", file=sys.stderr, flush=True)
     return samples
 
@@ -405,61 +318,34 @@ def fmt(value: float, unit: str) -> str:
     return f"{value:,.1f}" if unit == "µs" else f"{value:,.0f}"
 
 
-def table(samples: Samples, runs: int) -> str:
-    lines = [
-        "| workload | client → server | median | min-max | ÷ Go → Go |",
-        "|---|---|--:|--:|--:|",
-    ]
+def table(samples: Measured, runs: int) -> str:
+    rows = []
     for metric in METRICS:
-        base = samples.values(BASELINE, metric)
-        base_median = statistics.median(base) if base else None
+        base = spread(samples.values(BASELINE, metric))
         for pair in PAIRS:
             label = f"{metric.label} ({metric.unit})"
             values = samples.values(pair, metric)
-            if not values:
-                lines.append(f"| {label} | {pair.name} | failed | | |")
+            s = spread(values)
+            if s is None:
+                rows.append([label, pair.name, "failed", "", ""])
                 continue
-            median = statistics.median(values)
-            spread = f"{fmt(min(values), metric.unit)} - {fmt(max(values), metric.unit)}"
-            ratio = f"{median / base_median:.2f}" if base_median else "n/a"
+            low_high = f"{fmt(s.low, metric.unit)} - {fmt(s.high, metric.unit)}"
+            ratio = f"{s.median / base.median:.2f}" if base and base.median else "n/a"
             note = "" if len(values) == runs else f" ({len(values)}/{runs} runs)"
-            lines.append(
-                f"| {label} | {pair.name} | {fmt(median, metric.unit)}{note} | {spread} | {ratio} |"
-            )
-    return "\n".join(lines)
+            rows.append([label, pair.name, fmt(s.median, metric.unit) + note, low_high, ratio])
+    header = ["workload", "client → server", "median", "min-max", "÷ Go → Go"]
+    return "\n".join(markdown.table(header, rows, align="ll" + RIGHT * 3))
 
 
-def go_version() -> str:
-    go = shutil.which("go")
-    if go is None:
-        return "go (not on PATH)"
-    proc = subprocess.run([go, "version"], capture_output=True, text=True, check=False)
-    return proc.stdout.strip()
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def command_line() -> str:
-    argv = [sys.argv[0], *sys.argv[1:]]
-    with contextlib.suppress(ValueError):
-        argv[0] = str(Path(argv[0]).resolve().relative_to(Path.cwd()))
-    prefix = "uv run --locked --all-extras " if os.environ.get("UV_RUN_RECURSION_DEPTH") else ""
-    return prefix + shlex.join(["python", *argv])
-
-
-def report(args: argparse.Namespace, samples: Samples, started: datetime.datetime) -> str:
+def report(args: argparse.Namespace, samples: Measured, started: datetime.datetime) -> str:
     loop = "uvloop" if args.uvloop else "asyncio"
     took = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
     notes = [
-        f"- Python {platform.python_version()}, event loop: {loop}; {go_version()}, "
+        f"- Python {platform.python_version()}, event loop: {loop}; "
+        f"{machine.tool_version(['go', 'version'], missing='go (not on PATH)')}, "
         "containerd/ttrpc v1.2.9",
-        f"- {os.cpu_count()} CPUs ({cpu_model()}), {platform.system()} {platform.release()}",
+        f"- {os.cpu_count()} CPUs ({machine.cpu_model()}), "
+        f"{platform.system()} {platform.release()}",
         f"- {args.runs} interleaved runs of {args.seconds:g}s per workload "
         f"(after {WARMUP:g}s warmup); {took:.0f}s in all",
         "- Every server and every client load is its own process; one connection per load. "
@@ -472,7 +358,7 @@ def report(args: argparse.Namespace, samples: Samples, started: datetime.datetim
     out = [
         "# ttrpc benchmark",
         "",
-        f"Command: `{command_line()}`",
+        f"Command: `{markdown.command_line('bench.ttrpc_bench')}`",
         "",
         f"Date: {started.strftime('%Y-%m-%d %H:%M:%S UTC')}",
         "",
@@ -489,35 +375,28 @@ def report(args: argparse.Namespace, samples: Samples, started: datetime.datetim
     return "\n".join(out) + "\n"
 
 
-def _raise_on_sigterm(signum: int, frame: object) -> NoReturn:
-    raise SystemExit(128 + signum)
-
-
 def benchmark(args: argparse.Namespace) -> int:
     from tests.interop.peers import build_peer  # noqa: PLC0415 (imports pytest)
 
     started = datetime.datetime.now(datetime.UTC)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    processes.exit_on_sigterm()
     print(f"event loop for Python: {'uvloop' if args.uvloop else 'asyncio'}", file=sys.stderr)
     args.peer = build_peer()
-    tmp = Path(tempfile.mkdtemp(prefix="ttrpc-bench-"))
-    try:
+    with processes.scratch_dir("ttrpc-bench-") as tmp, ProcessGroup(tmp) as servers:
         py_sock, go_sock = tmp / "py.sock", tmp / "go.sock"
-        with (
-            server_process(
-                python_argv("--serve", str(py_sock), use_uvloop=args.uvloop),
-                "Python server",
-                tmp / "py-server.log",
-            ) as py_server,
-            server_process(
-                [str(args.peer), "server", "--listen", f"unix:{go_sock}"],
-                "Go server",
-                tmp / "go-server.log",
-            ) as go_server,
-        ):
-            samples = measure(args, {"py": (py_sock, py_server), "go": (go_sock, go_server)})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        py_server = servers.start_ready(
+            python_argv("--serve", str(py_sock), use_uvloop=args.uvloop),
+            "Python server",
+            log_name="py-server.log",
+            word=b"READY",
+        )
+        go_server = servers.start_ready(
+            [str(args.peer), "server", "--listen", f"unix:{go_sock}"],
+            "Go server",
+            log_name="go-server.log",
+            word=b"READY",
+        )
+        samples = measure(args, {"py": (py_sock, py_server), "go": (go_sock, go_server)})
     text = report(args, samples, started)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text)
@@ -545,13 +424,15 @@ def main() -> int:
     if args.seconds <= 0 or args.runs < 1 or args.concurrency < 1:
         parser.error("want --seconds > 0, --runs >= 1 and --concurrency >= 1")
     if args.uvloop is None:
-        args.uvloop = uvloop_importable()
+        args.uvloop = event_loop.uvloop_importable()
 
     if args.serve:
-        run_async(serve(args.serve), args.uvloop)
+        event_loop.run(serve(args.serve), args.uvloop)
         return 0
     if args.load:
-        result = run_async(load(args.load, args.kind, args.seconds, args.concurrency), args.uvloop)
+        result = event_loop.run(
+            load(args.load, args.kind, args.seconds, args.concurrency), args.uvloop
+        )
         print(json.dumps(result), flush=True)
         return 0
     return benchmark(args)
