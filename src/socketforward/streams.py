@@ -1,4 +1,4 @@
-"""The data-stream channel (SPEC 3.3): one connection per forwarded stream.
+"""The data-stream channel (docs/protocol.md 5): one connection per forwarded stream.
 
 Wire: the opener writes the stream id as a string (u32 big-endian length, then
 UTF-8 bytes); the listener answers with the same id (the ack), or with an

@@ -35,6 +35,7 @@ __all__ = [
     "connect_unix_now",
     "listen",
     "parse_endpoint",
+    "unix_path_problem",
     "wait_ready",
 ]
 
@@ -122,20 +123,26 @@ def _bad(uri: str, problem: str) -> EndpointError:
     return EndpointError(f"invalid endpoint {uri!r}: {problem}")
 
 
-def _check_path(uri: str, path: str) -> str:
+def unix_path_problem(path: str) -> str | None:
+    """What makes *path* unusable as a UNIX socket path (absolute, no NUL, fits
+    sun_path), said so that it can follow the path's name; None when it is fine.
+    The one rule for every socket path the programs take."""
     if not path:
-        raise _bad(uri, "the socket path is empty")
+        return "is empty"
     if "\0" in path:
-        raise _bad(uri, "the socket path contains a NUL byte")
+        return "contains a NUL byte"
     if not path.startswith("/"):
-        raise _bad(uri, f"the socket path {path!r} is relative; it must be absolute")
+        return "is relative; it must be absolute"
     size = len(os.fsencode(path))
     if size > MAX_UNIX_PATH:
-        raise _bad(
-            uri,
-            f"the socket path is {size} bytes, longer than the {MAX_UNIX_PATH} "
-            "bytes sun_path can hold",
-        )
+        return f"is {size} bytes, longer than the {MAX_UNIX_PATH} bytes sun_path can hold"
+    return None
+
+
+def _check_path(uri: str, path: str) -> str:
+    problem = unix_path_problem(path)
+    if problem is not None:
+        raise _bad(uri, f"the socket path {path!r} {problem}")
     return path
 
 
@@ -155,7 +162,7 @@ def parse_endpoint(uri: str) -> Endpoint:
     if not sep:
         raise _bad(uri, "missing scheme (expected unix:, vsock:// or hvsock:)")
     if scheme == "unix":
-        # unix:///abs/path is accepted as a spelling of unix:/abs/path.
+        # unix:///abs/path (as containerd prints addresses) means unix:/abs/path.
         if rest.startswith("//"):
             rest = rest[2:]
         return UnixEndpoint(_check_path(uri, rest))

@@ -211,9 +211,7 @@ async def test_guest_logs_statistics_on_sigusr1(vm: Vm, echo: Path) -> None:
         await asyncio.to_thread(wait_for_socket, vm_path, 30, host, guest)
         for payload in (b"one", b"two"):
             assert await echo_round_trip(vm_path, payload) == payload
-        line = (
-            "stats forward_id=e accepted=2 connected=2 active=0 failed=none to_host=6 from_host=6"
-        )
+        line = "stats forward_id=e requests=2 connected=2 active=0 failed=none to_host=6 to_vm=6"
         for _ in range(100):  # the relays' last bytes are counted as they end
             guest.proc.send_signal(signal.SIGUSR1)
             await asyncio.sleep(0.05)
@@ -224,6 +222,27 @@ async def test_guest_logs_statistics_on_sigusr1(vm: Vm, echo: Path) -> None:
         await asyncio.sleep(0.2)  # any signal still on its way is logged by now
         before = guest.log().count(line)
     assert guest.log().count(line) == before + 1  # the exit's
+
+
+async def test_sighup_without_anything_to_reload_is_logged_not_fatal(vm: Vm, echo: Path) -> None:
+    """`kill -HUP` (what service managers send to reload) neither kills the guest
+    nor a host without --forwards-file: both log it, keep forwarding, and stop
+    cleanly afterwards, leaving no socket file behind."""
+    vm_path = vm.run_dir / "echo.sock"
+    with forwarding(vm, f"e={echo}:{vm_path}") as (host, guest):
+        await asyncio.to_thread(wait_for_socket, vm_path, 30, host, guest)
+        for proc in (host, guest):
+            proc.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if all("SIGHUP ignored" in p.log() for p in (host, guest)):
+                break
+            await asyncio.sleep(0.05)
+        assert "SIGHUP ignored: nothing to reload" in guest.log(), guest.log()
+        assert "SIGHUP ignored: nothing to reload" in host.log(), host.log()
+        assert host.proc.poll() is None and guest.proc.poll() is None
+        assert await echo_round_trip(vm_path, b"still here") == b"still here"
+    assert not vm_path.exists()
+    assert not vm.rpc.exists()
 
 
 async def test_guest_restart_forwarding_resumes(vm: Vm, echo: Path) -> None:

@@ -16,7 +16,7 @@ from socketforward import relay, streams, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
 from socketforward.guest import Service
-from socketforward.ids import FORWARD_IDS_METADATA
+from socketforward.protocol import FORWARD_IDS_METADATA
 from tests.processes import short_tmp_dir
 
 # A generous bound for things that should happen; never a measured time.

@@ -16,7 +16,7 @@ import pytest
 
 from socketforward import transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
-from socketforward.guest import STREAM_ID_PREFIX
+from socketforward.protocol import STREAM_ID_PREFIX
 from tests.guest.harness import (
     PATIENCE,
     EchoService,
@@ -51,7 +51,7 @@ async def _bind_error(guest: Guest, sockets: list[tuple[str, str]]) -> ttrpc.Ttr
     ("bad", "problem"),
     [
         (("", "/x/b.sock"), "forward_id is empty"),
-        (("b", "relative/b.sock"), "not absolute"),
+        (("b", "relative/b.sock"), "socket_path is relative; it must be absolute"),
         (("b", "/" + "x" * 120), "sun_path"),
         (("a", "/x/b.sock"), "forward_id repeats sockets[0]"),
         (("b", "/x/a.sock"), "socket_path repeats sockets[0]"),
@@ -181,9 +181,9 @@ async def test_one_connection_byte_exact_both_ways_with_half_close(
             assert host.received[0].stream_id.startswith(STREAM_ID_PREFIX + "-")
             await until(lambda: guest.service.stats()["fwd"].active == 0)
             stats = guest.service.stats()["fwd"]
-            assert stats.accepted == 1 and stats.connected == 1 and stats.failed == {}
+            assert stats.requests == 1 and stats.connected == 1 and stats.failed == {}
             assert stats.bytes_to_host == len(payload)
-            assert stats.bytes_from_host == len(payload) + len(trailer(payload))
+            assert stats.bytes_to_vm == len(payload) + len(trailer(payload))
             line = next(
                 r.getMessage() for r in caplog.records if "connection done" in r.getMessage()
             )
@@ -360,7 +360,7 @@ async def test_queue_bound_closes_excess_connections_with_reason(
         socks = [await transport.connect(ep) for _ in range(3)]
         try:
             async with asyncio.timeout(PATIENCE):
-                await until(lambda: guest.service.stats()["fwd"].accepted == 3)
+                await until(lambda: guest.service.stats()["fwd"].requests == 3)
                 assert await read_to_eof(socks[2]) == b""
             assert guest.service.stats()["fwd"].failed == {"queue_full": 1}
             assert any("reason=queue_full" in r.getMessage() for r in caplog.records)

@@ -15,7 +15,7 @@ from google.protobuf import empty_pb2
 from socketforward import streams, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
-from socketforward.ids import FORWARD_IDS_METADATA
+from socketforward.protocol import FORWARD_IDS_METADATA
 
 AcceptServerStream = ttrpc.ServerStream[pb.ConnectResult, pb.ConnectRequest]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from socketforward import oci, streams, transport
+from socketforward import streams, transport
+from socketforward.host import oci
 from tests.host.fake_guest import (
     FakeGuest,
     exchange,
@@ -169,7 +170,7 @@ async def test_host_process_forwards_and_stops_cleanly_on_sigterm(short_tmp: Pat
     assert not rpc_path.exists()
     log = log_path.read_text()
     assert "host stopping" in log
-    assert f"stats forward_id={forward_id} requests=2 connections=2" in log
+    assert f"stats forward_id={forward_id} requests=2 connected=2" in log
 
 
 async def _wait_until(predicate: Callable[[], bool]) -> None:
@@ -243,3 +244,57 @@ async def test_sighup_rereads_the_forwards_file(short_tmp: Path) -> None:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_sighup_without_forwards_file_is_logged_and_the_host_keeps_forwarding(
+    short_tmp: Path,
+) -> None:
+    """Without --forwards-file a SIGHUP (a habit of init systems) is logged and
+    changes nothing: the host stays up and keeps forwarding; SIGUSR1 logs the
+    statistics; SIGTERM then exits 0 and leaves no socket file behind."""
+    host_dir, vm_dir = short_tmp / "host", short_tmp / "vm"
+    a_path = host_dir / "a.sock"
+    rpc_path = host_dir / "rpc" / "rpc.sock"
+    streams_ep = transport.UnixEndpoint(str(vm_dir / "streams.sock"))
+    log_path = short_tmp / "host.log"
+    async with (
+        unix_service(a_path, reverse_after_eof),
+        streams.StreamRegistry(await transport.listen(streams_ep)) as registry,
+    ):
+        with log_path.open("wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *_host_cmd(
+                    "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
+                    "--forward", f"a={a_path}:/run/a.sock",
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )  # fmt: skip
+        try:
+            await _wait_for(rpc_path, proc)
+            guest = FakeGuest(registry=registry)
+            async with guest_dialing(guest, transport.UnixEndpoint(str(rpc_path))):
+                call = await guest.next_accept()
+                proc.send_signal(signal.SIGHUP)
+                await _wait_until(lambda: b"SIGHUP ignored" in log_path.read_bytes())
+                assert proc.returncode is None
+                assert (await call.connect("s-1", "a")).error == ""
+                sock = guest.claimed.pop("s-1")
+                assert sock is not None
+                with sock:
+                    assert await exchange(sock, b"still here") == b"ereh llits"
+                proc.send_signal(signal.SIGUSR1)
+                await _wait_until(
+                    lambda: b"stats forward_id=a requests=1 connected=1" in log_path.read_bytes()
+                )
+                assert guest.unbinds == []
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert not rpc_path.exists()
+    assert "stats unknown_forward_requests=0" in log_path.read_text()

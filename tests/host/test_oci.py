@@ -1,5 +1,5 @@
-"""OCI ``uds`` mounts (SPEC 3.4): forward ids, the rewrite to bind mounts, errors,
-and the atomic write of the rewritten spec."""
+"""OCI ``uds`` mounts (docs/protocol.md 8): forward ids, the
+rewrite to bind mounts, errors, and the atomic write of the rewritten spec."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from socketforward import oci
-from socketforward.host import Forward, forwards_from_oci_spec
+from socketforward.host import Forward, forwards_from_oci_spec, oci
 
 BAR_ID = "954a6df32e91bb55e6fcd9df9f90728e56b4f87aa92b22fe3b63df33f18a3188"
 DEF_ID = "79a1c3c374d3573c0e7f1e7ca567d3531b3aefd3c202b8811df64e77fdaeab0c"
@@ -37,7 +36,7 @@ def _spec() -> dict[str, Any]:
 
 
 def test_spec_vectors_rewrite_uds_mounts_in_place() -> None:
-    """The SPEC's test vectors: each uds mount becomes a bind mount of
+    """The reference's forward-id test vectors: each uds mount becomes a bind mount of
     /run/socketfwd/<forward_id>.sock at the same place; other mounts are untouched."""
     spec = _spec()
     untouched = [copy.deepcopy(spec["mounts"][0]), copy.deepcopy(spec["mounts"][2])]

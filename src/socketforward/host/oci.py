@@ -1,4 +1,5 @@
-"""OCI ``uds`` mounts (SPEC 3.4): forwards from a runtime spec, rewritten to bind mounts.
+"""OCI ``uds`` mounts: forwards from a runtime spec, rewritten to bind mounts
+(docs/protocol.md 8).
 
 A mount ``{"type": "uds", "source": HOST_PATH, "destination": CTR_PATH}`` becomes
 a forward with ``forward_id = hex(sha256(container_id + ":" + destination))``;
@@ -17,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from socketforward.host.forwards import Forward
+
 __all__ = [
     "VM_SOCKET_DIR",
     "OciSpecError",
     "UdsMount",
     "forward_id_for",
+    "forwards_from_oci_spec",
     "load_spec",
     "parse_uds_mount",
     "rewrite_uds_mounts",
@@ -164,3 +168,17 @@ def write_spec(path: str | os.PathLike[str], spec: dict[str, Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def forwards_from_oci_spec(
+    spec: dict[str, Any], container_id: str
+) -> tuple[list[Forward], list[UdsMount]]:
+    """Rewrite *spec*'s uds mounts in place; the forwards they make."""
+    mounts = rewrite_uds_mounts(spec, container_id)
+    forwards = []
+    for m in mounts:
+        try:
+            forwards.append(Forward(m.forward_id, m.host_path, m.vm_path))
+        except ValueError as exc:
+            raise OciSpecError(f"uds mount for {m.container_path!r}: {exc}") from None
+    return forwards, mounts

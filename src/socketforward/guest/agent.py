@@ -1,0 +1,107 @@
+"""The guest's RPC connection: dial the host (nerdbox's direction) and serve
+SocketForward on that one connection, or listen for hosts that dial
+(docs/protocol.md 1.2, 1.4)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from typing import Final
+
+from socketforward import transport, ttrpc
+from socketforward.guest.service import Service
+
+__all__ = ["Agent"]
+
+log = logging.getLogger("socketforward.guest")
+
+# Dial errors that retrying cannot fix.
+_FATAL_DIAL_ERRNOS: Final = frozenset(
+    {errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EINVAL}
+)
+
+
+class Agent:
+    """Runs a :class:`Service` on its RPC connection(s).
+
+    Dial mode (nerdbox's direction): dial *rpc_dial*, serve ttrpc on that one
+    connection, dial again with jittered capped backoff when it drops; the
+    Service (listeners, queue, relays) lives on. Listen mode: serve every
+    connection accepted on *rpc_listen*.
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        *,
+        rpc_dial: transport.Endpoint | None = None,
+        rpc_listen: transport.Endpoint | None = None,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 5.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if (rpc_dial is None) == (rpc_listen is None):
+            raise ValueError("exactly one of rpc_dial and rpc_listen")
+        self.service = service
+        self._dial = rpc_dial
+        self._listen = rpc_listen
+        self._backoff = transport.Backoff(backoff_initial, backoff_max)
+        self._connect_timeout = connect_timeout
+        self._server = ttrpc.Server()
+        service.register(self._server)
+
+    async def run(self) -> None:
+        """Serve until cancelled; raises OSError when the RPC endpoint is unusable."""
+        if self._dial is not None:
+            await self._dial_loop(self._dial)
+        else:
+            assert self._listen is not None
+            await self._listen_loop(self._listen)
+
+    async def _dial_loop(self, ep: transport.Endpoint) -> None:
+        attempt = 0
+        first = True
+        while True:
+            try:
+                sock = await transport.connect(ep, timeout=self._connect_timeout)
+            except (OSError, TimeoutError) as exc:
+                if first and isinstance(exc, OSError) and exc.errno in _FATAL_DIAL_ERRNOS:
+                    raise
+                delay = self._backoff.next()
+                attempt += 1
+                log.warning(
+                    "rpc dial failed endpoint=%s attempt=%d error=%r retry_in=%.2fs",
+                    ep,
+                    attempt,
+                    str(exc),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            first = False
+            log.info("rpc connected endpoint=%s", ep)
+            started = time.monotonic()
+            await self._server.serve_connection(sock)
+            # A connection that lived long enough resets the backoff.
+            if time.monotonic() - started >= self._backoff.maximum:
+                attempt = 0
+                self._backoff.reset()
+            delay = self._backoff.next()
+            attempt += 1
+            log.warning("rpc connection lost endpoint=%s redial_in=%.2fs", ep, delay)
+            await asyncio.sleep(delay)
+
+    async def _listen_loop(self, ep: transport.Endpoint) -> None:
+        listener = await transport.listen(ep, mode=0o600)
+        log.info("rpc listening endpoint=%s", ep)
+        try:
+            await self._server.serve(listener.sock)
+        finally:
+            listener.close()
+
+    async def shutdown(self, grace: float = 1.0) -> None:
+        """Shut the service down (files removed), then the ttrpc server."""
+        await self.service.shutdown()
+        await self._server.shutdown(grace)

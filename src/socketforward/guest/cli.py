@@ -1,0 +1,172 @@
+"""``socketforward guest``: the VM-side agent as a program."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+
+from socketforward import daemon, runner, stats, transport
+from socketforward.guest.agent import Agent
+from socketforward.guest.service import Service
+from socketforward.protocol import DEFAULT_RPC_DIAL, DEFAULT_STREAMS
+from socketforward.streams import StreamRegistry
+
+__all__ = ["AgentConfig", "add_parser", "config_from_args", "main"]
+
+log = logging.getLogger("socketforward.guest")
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "guest",
+        help="run the VM-side agent (SocketForward service)",
+        description="The VM side: serve SocketForward on the RPC connection and accept "
+        "data streams; forward container connections to the host. SIGTERM/SIGINT "
+        "stop it cleanly; SIGUSR1 logs the statistics; SIGHUP is logged and ignored.",
+    )
+    rpc = parser.add_mutually_exclusive_group()
+    rpc.add_argument(
+        "--rpc-dial",
+        metavar="URI",
+        help=f"dial the host and serve ttrpc on that connection (default {DEFAULT_RPC_DIAL})",
+    )
+    rpc.add_argument("--rpc-listen", metavar="URI", help="listen for the host's RPC connections")
+    parser.add_argument(
+        "--streams",
+        metavar="URI",
+        default=DEFAULT_STREAMS,
+        help=f"where the host opens data streams (default {DEFAULT_STREAMS})",
+    )
+    parser.add_argument(
+        "--socket-mode",
+        type=daemon.octal_mode,
+        default=0o666,
+        metavar="OCTAL",
+        help="mode of the forwarded socket files (default 666)",
+    )
+    parser.add_argument(
+        "--max-unanswered",
+        type=daemon.positive_int,
+        default=32,
+        metavar="N",
+        help="ConnectRequests unanswered at once per Accept stream (default 32)",
+    )
+    parser.add_argument(
+        "--pending-limit",
+        type=daemon.positive_int,
+        default=4096,
+        metavar="N",
+        help="connections waiting for a free Accept stream (default 4096)",
+    )
+    parser.add_argument(
+        "--pending-timeout",
+        type=daemon.positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a connection the host has not answered within this (default 30)",
+    )
+    parser.set_defaults(run=main)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """What ``socketforward guest`` was asked to do, endpoints parsed."""
+
+    rpc_dial: transport.Endpoint | None
+    rpc_listen: transport.Endpoint | None
+    streams: transport.Endpoint
+    socket_mode: int
+    max_unanswered: int
+    pending_limit: int
+    pending_timeout: float
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """Endpoints parsed and checked for their use; EndpointError names the option."""
+
+    def parse(option: str, uri: str, *, listening: bool) -> transport.Endpoint:
+        try:
+            ep = transport.parse_endpoint(uri)
+        except transport.EndpointError as exc:
+            raise transport.EndpointError(f"{option}: {exc}") from None
+        if listening and isinstance(ep, transport.HvsockEndpoint):
+            raise transport.EndpointError(f"{option}: cannot listen on hvsock endpoint {uri!r}")
+        if not listening and isinstance(ep, transport.VsockEndpoint) and ep.cid is None:
+            raise transport.EndpointError(f"{option}: dialing {uri!r} needs a CID")
+        return ep
+
+    rpc_dial = rpc_listen = None
+    if args.rpc_listen is not None:
+        rpc_listen = parse("--rpc-listen", args.rpc_listen, listening=True)
+    else:
+        rpc_dial = parse("--rpc-dial", args.rpc_dial or DEFAULT_RPC_DIAL, listening=False)
+    return AgentConfig(
+        rpc_dial=rpc_dial,
+        rpc_listen=rpc_listen,
+        streams=parse("--streams", args.streams, listening=True),
+        socket_mode=args.socket_mode,
+        max_unanswered=args.max_unanswered,
+        pending_limit=args.pending_limit,
+        pending_timeout=args.pending_timeout,
+    )
+
+
+def _log_stats(service: Service) -> None:
+    """One line per forward (SIGUSR1, and at exit), as the host's."""
+    stats.log_stats(log, service.stats(), pending=service.pending)
+
+
+class _Fatal(Exception):
+    """An endpoint the agent cannot use; the message says which and why."""
+
+
+async def _serve(cfg: AgentConfig) -> None:
+    try:
+        streams_listener = await transport.listen(cfg.streams, mode=0o600)
+    except (OSError, transport.EndpointError) as exc:
+        raise _Fatal(f"--streams {cfg.streams}: {exc}") from None
+    registry = StreamRegistry(streams_listener)
+    service = Service(
+        registry,
+        socket_mode=cfg.socket_mode,
+        max_unanswered_per_stream=cfg.max_unanswered,
+        pending_limit=cfg.pending_limit,
+        pending_timeout=cfg.pending_timeout,
+    )
+    agent = Agent(service, rpc_dial=cfg.rpc_dial, rpc_listen=cfg.rpc_listen)
+    try:
+        async with daemon.handle_signals(on_stats=lambda: _log_stats(service)) as stop:
+            registry.start()
+            log.info(
+                "guest started rpc=%s streams=%s",
+                f"dial {cfg.rpc_dial}" if cfg.rpc_dial is not None else f"listen {cfg.rpc_listen}",
+                cfg.streams,
+            )
+            ended = await daemon.run_until_stopped(agent.run(), stop)
+            if ended is not None and not ended.cancelled() and ended.exception() is not None:
+                option = "--rpc-dial" if cfg.rpc_dial is not None else "--rpc-listen"
+                error = ended.exception()
+                raise _Fatal(f"{option} {cfg.rpc_dial or cfg.rpc_listen}: {error}")
+            log.info("signal received, shutting down")
+    finally:
+        await agent.shutdown()
+        _log_stats(service)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``socketforward guest``: 0 after a clean shutdown, 2 for bad arguments,
+    1 for an endpoint it cannot use."""
+    try:
+        cfg = config_from_args(args)
+    except transport.EndpointError as exc:
+        print(f"socketforward guest: {exc}", file=sys.stderr)
+        return 2
+    daemon.raise_fd_limit()
+    try:
+        runner.run(_serve(cfg))
+    except _Fatal as exc:
+        print(f"socketforward guest: {exc}", file=sys.stderr)
+        return 1
+    return 0

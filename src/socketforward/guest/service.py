@@ -1,0 +1,415 @@
+"""The VM-side SocketForward service (``nerdbox.services.socketforward.v1``).
+
+Wire-compatible with nerdbox's vminitd socket-forward plugin
+(docs/protocol.md 4): ``Bind`` creates UNIX
+listeners; each accepted container connection gets a stream id and a
+``ConnectRequest`` on an ``Accept`` call; on a successful ``ConnectResult``
+the data stream of that id is claimed and relayed.
+
+This module does the I/O: listeners, Accept calls, claiming data streams,
+relays. Where each connection goes is decided by the sans-IO
+:class:`~socketforward.guest.dispatch.Dispatcher`, for which the service is
+the sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+from typing import Any, Protocol
+
+from google.protobuf import empty_pb2
+
+from socketforward import relay, ttrpc
+from socketforward.api import socketforward_pb2 as pb
+from socketforward.api.socketforward_ttrpc import SocketForwardBase
+from socketforward.deadlines import Deadlines
+from socketforward.guest.bind import BindTable, Bound, create_listeners, validate
+from socketforward.guest.dispatch import Dispatcher, Failure, HostCall, Pending
+from socketforward.protocol import (
+    FORWARD_IDS_METADATA,
+    STREAM_ID_PREFIX,
+    announced_forward_ids,
+    generate_stream_id,
+)
+from socketforward.stats import ForwardStats
+
+__all__ = ["Service", "StreamManager"]
+
+log = logging.getLogger("socketforward.guest")
+
+# How long accepting pauses after an accept() error (EMFILE...) instead of spinning.
+_ACCEPT_BACKOFF = 0.1
+
+
+class StreamManager(Protocol):
+    """Hands out data streams by id, each exactly once.
+
+    ``get`` raises a ``LookupError`` (``StreamNotFound``) for an unknown or
+    already-claimed id; ``wait_for`` waits a bounded time for a stream still
+    on its way; ``close`` ends it. :class:`~socketforward.streams.StreamRegistry`
+    is the one the agent uses.
+    """
+
+    def get(self, stream_id: str) -> socket.socket: ...
+
+    async def wait_for(self, stream_id: str, timeout: float) -> socket.socket: ...
+
+    async def close(self) -> None: ...
+
+
+class _AcceptCall(HostCall["_Connection"]):
+    """A host Accept call with its ttrpc stream."""
+
+    def __init__(
+        self,
+        number: int,
+        stream: ttrpc.ServerStream[pb.ConnectResult, pb.ConnectRequest],
+        announced: frozenset[str] | None,
+    ) -> None:
+        super().__init__(number, announced)
+        self.stream = stream
+        # Done when the call must end: None for shutdown, else why it failed.
+        self.ended: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def end(self, why: Exception | None) -> None:
+        self.live = False
+        if not self.ended.done():
+            self.ended.set_result(why)
+
+
+class _Connection(Pending):
+    """A container connection waiting for its host's answer; owns *conn* until
+    it is relayed or closed."""
+
+    __slots__ = ("conn", "peer")
+
+    def __init__(
+        self, forward_id: str, conn: socket.socket, peer: ttrpc.PeerCredentials | None
+    ) -> None:
+        super().__init__(generate_stream_id(STREAM_ID_PREFIX), forward_id)
+        self.conn: socket.socket | None = conn
+        self.peer = peer
+
+    def __str__(self) -> str:
+        # Logged as "%s" % connection: formatted only when the line is emitted.
+        ids = f"stream_id={self.stream_id} forward_id={self.forward_id}"
+        if self.peer is None:
+            return ids
+        return f"{ids} pid={self.peer.pid} uid={self.peer.uid} gid={self.peer.gid}"
+
+
+def _peer_of(conn: socket.socket) -> ttrpc.PeerCredentials | None:
+    try:
+        return ttrpc.PeerCredentials.of(conn)
+    except OSError:
+        return None
+
+
+class Service(SocketForwardBase):
+    """The VM-side SocketForward service.
+
+    Owns *streams*: :meth:`shutdown` closes it. Register on a ttrpc server with
+    :meth:`register`; Python callers use :meth:`bind`, :meth:`unbind`,
+    :meth:`accept`.
+    """
+
+    def __init__(
+        self,
+        streams: StreamManager,
+        *,
+        socket_mode: int = 0o666,
+        max_unanswered_per_stream: int = 32,
+        pending_limit: int = 4096,
+        pending_timeout: float = 30.0,
+        stream_wait: float = 5.0,
+    ) -> None:
+        if pending_timeout <= 0:
+            raise ValueError("pending_timeout must be > 0")
+        self._streams = streams
+        self._socket_mode = socket_mode
+        self._stream_wait = stream_wait
+        self._dispatcher: Dispatcher[_Connection, _AcceptCall] = Dispatcher(
+            self,
+            window=max_unanswered_per_stream,
+            queue_limit=pending_limit,
+            timeout=pending_timeout,
+        )
+        self._bound = BindTable()
+        self._bind_lock = asyncio.Lock()
+        self._deadlines: Deadlines[_Connection] = Deadlines(
+            pending_timeout, self._dispatcher.expire
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._relays: set[relay.Relay] = set()
+        self._stats: dict[str, ForwardStats] = {}
+        self._call_numbers = itertools.count(1)
+        self._pipes = relay.PipePool()  # splice pipes shared by every relay
+        self._closed = False
+
+    # -- public -------------------------------------------------------------
+
+    def register(self, server: ttrpc.Server) -> None:
+        """Serve this service on *server* under its proto service name."""
+        server.register(self)
+
+    def stats(self) -> dict[str, ForwardStats]:
+        """Counts per forward_id (copies)."""
+        return {k: v.copy() for k, v in self._stats.items()}
+
+    def bound(self) -> dict[str, str]:
+        """forward_id -> socket path of every listener in place."""
+        return self._bound.paths()
+
+    @property
+    def pending(self) -> int:
+        """Connections waiting for a host answer (queued or sent)."""
+        return self._dispatcher.pending
+
+    async def shutdown(self) -> None:
+        """Stop listeners and remove their files, fail pending connections, end
+        relays and Accept calls, close the stream manager. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        log.info("service shutting down forwards=%d", len(self._bound))
+        async with self._bind_lock:
+            for bound in self._bound:
+                bound.listener.close()  # stops accepting, removes the file
+                self._bound.pop(bound.forward_id)
+        self._dispatcher.shutdown()
+        for call in self._dispatcher.calls:
+            call.end(None)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for running in list(self._relays):
+            running.close()
+        self._pipes.close()
+        await self._streams.close()
+        log.info("service stopped")
+
+    # -- Bind / Unbind ------------------------------------------------------
+    # The RPC names are fixed by the proto; the Pythonic names are aliases
+    # for callers in this process (context may be None there).
+
+    async def Bind(self, request: pb.BindRequest, context: ttrpc.CallContext) -> empty_pb2.Empty:
+        validate(request)
+        async with self._bind_lock:
+            if self._closed:
+                raise ttrpc.TtrpcError(ttrpc.Code.UNAVAILABLE, "socketforward: shutting down")
+            todo = [
+                (sock.forward_id, sock.socket_path)
+                for i, sock in enumerate(request.sockets)
+                if not self._bound.is_bound(i, sock)
+            ]
+            for bound in await create_listeners(todo, self._socket_mode):
+                self._bound.add(bound)
+                self._stats.setdefault(bound.forward_id, ForwardStats())
+                self._start_accepting(bound)
+                log.info(
+                    "listening forward_id=%s socket_path=%s mode=%o",
+                    bound.forward_id,
+                    bound.path,
+                    self._socket_mode,
+                )
+        return empty_pb2.Empty()
+
+    async def Unbind(
+        self, request: pb.UnbindRequest, context: ttrpc.CallContext
+    ) -> empty_pb2.Empty:
+        async with self._bind_lock:
+            for forward_id in request.forward_ids:
+                bound = self._bound.pop(forward_id)
+                if bound is None:
+                    log.info("unbind: not bound forward_id=%s", forward_id)
+                    continue
+                bound.listener.close()  # stops accepting, removes the file
+                log.info("unbound forward_id=%s socket_path=%s", forward_id, bound.path)
+        return empty_pb2.Empty()
+
+    async def bind(self, request: pb.BindRequest, context: ttrpc.CallContext | None = None) -> None:
+        """Python spelling of :meth:`Bind`."""
+        await self.Bind(
+            request, context or ttrpc.CallContext(SocketForwardBase.SERVICE_NAME, "Bind")
+        )
+
+    async def unbind(
+        self, request: pb.UnbindRequest, context: ttrpc.CallContext | None = None
+    ) -> None:
+        """Python spelling of :meth:`Unbind`."""
+        await self.Unbind(
+            request, context or ttrpc.CallContext(SocketForwardBase.SERVICE_NAME, "Unbind")
+        )
+
+    # -- container connections ------------------------------------------------
+
+    def _start_accepting(self, bound: Bound) -> None:
+        forward_id = bound.forward_id
+
+        def failed(exc: OSError) -> None:
+            log.warning(
+                "accept failed forward_id=%s socket_path=%s error=%r", forward_id, bound.path, exc
+            )
+
+        bound.listener.start_accepting(
+            lambda conn: self._on_connection(forward_id, conn), failed, backoff=_ACCEPT_BACKOFF
+        )
+
+    def _on_connection(self, forward_id: str, conn: socket.socket) -> None:
+        p = _Connection(forward_id, conn, _peer_of(conn))
+        self._stats[forward_id].requests += 1
+        log.debug("connection accepted %s", p)
+        if self._dispatcher.connection(p):
+            self._deadlines.add(p)
+
+    # -- Accept -----------------------------------------------------------------
+
+    async def Accept(self, stream: ttrpc.ServerStream[pb.ConnectResult, pb.ConnectRequest]) -> None:
+        if self._closed:
+            raise ttrpc.TtrpcError(ttrpc.Code.UNAVAILABLE, "socketforward: shutting down")
+        announced = announced_forward_ids(stream.context.get(FORWARD_IDS_METADATA))
+        call = _AcceptCall(next(self._call_numbers), stream, announced)
+        peer = stream.context.peer
+        log.info(
+            "accept stream opened %s forward_ids=%s%s",
+            call,
+            "-" if announced is None else ",".join(sorted(announced)),
+            "" if peer is None else f" pid={peer.pid} uid={peer.uid} gid={peer.gid}",
+        )
+        loop = asyncio.get_running_loop()
+        receiver = loop.create_task(self._receive(call))
+        how = "ended"
+        try:
+            self._dispatcher.add_call(call)
+            waiting: set[asyncio.Future[Any]] = {receiver, call.ended}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if receiver in done and receiver.exception() is not None:
+                how = f"failed error={receiver.exception()!r}"
+            elif receiver in done:
+                how = "closed by the host"
+            elif call.ended.result() is not None:
+                how = f"failed error={call.ended.result()!r}"
+            else:
+                how = "ended by shutdown"
+        except asyncio.CancelledError:
+            how = "cancelled (rpc connection lost)"
+            raise
+        finally:
+            receiver.cancel()
+            # End the call before awaiting anything: a second cancellation (the
+            # RPC connection dropping right after the host closed this call)
+            # would otherwise skip it and strand its requests for good.
+            call.live = False
+            handed_back = self._dispatcher.end_call(call)
+            log.info("accept stream %s %s handed_back=%d", how, call, handed_back)
+            await asyncio.gather(receiver, return_exceptions=True)
+
+    async def accept(self, stream: ttrpc.ServerStream[pb.ConnectResult, pb.ConnectRequest]) -> None:
+        """Python spelling of :meth:`Accept`."""
+        await self.Accept(stream)
+
+    async def _receive(self, call: _AcceptCall) -> None:
+        async for result in call.stream:
+            self._dispatcher.result(call, result.stream_id, result.error)
+
+    # -- the dispatcher's sink ----------------------------------------------------
+
+    def send_request(self, call: _AcceptCall, pending: _Connection) -> bool:
+        # No task per call: the window of unanswered requests bounds what can
+        # pile up in the transport.
+        try:
+            call.stream.send_nowait(
+                pb.ConnectRequest(stream_id=pending.stream_id, forward_id=pending.forward_id)
+            )
+        except (ttrpc.TtrpcError, ttrpc.StreamClosedError) as exc:
+            call.end(exc)
+            return False
+        return True
+
+    def close_pending(self, pending: _Connection, reason: Failure, detail: str) -> None:
+        self._deadlines.discard(pending)
+        if pending.conn is not None:
+            pending.conn.close()
+            pending.conn = None
+        self._stats.setdefault(pending.forward_id, ForwardStats()).fail(reason.value)
+        log.warning("connection closed %s reason=%s detail=%r", pending, reason.value, detail)
+
+    def claim(self, pending: _Connection) -> bool:
+        try:
+            data = self._streams.get(pending.stream_id)
+        except LookupError:
+            return False
+        self._relay(pending, data)
+        return True
+
+    def drop_stream(self, stream_id: str) -> None:
+        # The host opened a data stream nobody will claim now: close it.
+        with contextlib.suppress(LookupError):
+            self._streams.get(stream_id).close()
+
+    def start_relay(self, pending: _Connection) -> None:
+        self._deadlines.discard(pending)
+        # The host opens the data stream before answering, so it is usually
+        # registered already: no task needed to wait for it.
+        try:
+            data = self._streams.get(pending.stream_id)
+        except LookupError:
+            task = asyncio.get_running_loop().create_task(self._claim_and_relay(pending))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._relay(pending, data)
+
+    # -- relaying ----------------------------------------------------------------
+
+    async def _claim_and_relay(self, p: _Connection) -> None:
+        try:
+            data = await self._streams.wait_for(p.stream_id, self._stream_wait)
+        except Exception as exc:
+            # LookupError: the host said success but no data stream came.
+            self.close_pending(p, Failure.NO_STREAM, str(exc))
+            return
+        except BaseException:
+            self.close_pending(p, Failure.SHUTDOWN, "service shutting down")
+            raise
+        self._relay(p, data)
+
+    def _relay(self, p: _Connection, data: socket.socket) -> None:
+        """Relay on callbacks, no task: an idle connection costs only its relay."""
+        self._deadlines.discard(p)
+        conn, p.conn = p.conn, None
+        if conn is None:
+            data.close()
+            return
+        stats = self._stats.setdefault(p.forward_id, ForwardStats())
+        stats.connected += 1
+        stats.active += 1
+        log.debug("relaying %s", p)
+
+        def done(result: relay.RelayStats) -> None:
+            self._relays.discard(running)
+            stats.active -= 1
+            stats.bytes_to_host += result.bytes_a_to_b
+            stats.bytes_to_vm += result.bytes_b_to_a
+            if result.ended == "cancelled":
+                log.info("connection ended by shutdown %s", p)
+                return
+            log.info(
+                "connection done %s ended=%s to_host=%d from_host=%d duration=%.3f%s",
+                p,
+                result.ended,
+                result.bytes_a_to_b,
+                result.bytes_b_to_a,
+                result.duration,
+                f" error={result.error!r}" if result.error else "",
+            )
+
+        running = relay.Relay(conn, data, pipes=self._pipes, on_done=done)
+        self._relays.add(running)
+        with contextlib.suppress(Exception):  # on_done has logged it; sockets are closed
+            running.start()

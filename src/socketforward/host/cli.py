@@ -1,0 +1,328 @@
+"""``socketforward host``: the command line and the process around a Forwarder.
+
+Signals: SIGTERM/SIGINT stop cleanly, SIGUSR1 logs the statistics, SIGHUP
+re-reads --forwards-file (logged and ignored without one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import stat
+import sys
+from collections.abc import Iterable
+
+from socketforward import runner, stats, transport, ttrpc
+from socketforward.daemon import handle_signals, positive_seconds, raise_fd_limit, run_until_stopped
+from socketforward.host import oci
+from socketforward.host.forwarder import Forwarder
+from socketforward.host.forwards import (
+    Forward,
+    Source,
+    merge_sources,
+    parse_forward,
+    plan_reload,
+    read_forwards_file,
+)
+
+__all__ = ["add_parser", "main"]
+
+log = logging.getLogger("socketforward.host")
+
+
+def _endpoint_arg(text: str) -> transport.Endpoint:
+    try:
+        return transport.parse_endpoint(text)
+    except transport.EndpointError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _listen_endpoint_arg(text: str) -> transport.Endpoint:
+    ep = _endpoint_arg(text)
+    if isinstance(ep, transport.HvsockEndpoint):
+        raise argparse.ArgumentTypeError(
+            f"cannot listen on {text!r}: guest dials to hybrid vsock port {ep.port} arrive "
+            f"on unix:{ep.path}_{ep.port}; listen there"
+        )
+    return ep
+
+
+def _forward_arg(text: str) -> Forward:
+    try:
+        return parse_forward(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "host",
+        help="the host side: serve forwards to host UNIX sockets for one VM",
+        description="Forward connections made in a VM to UNIX sockets on this host. "
+        "SIGTERM/SIGINT stop it cleanly; SIGUSR1 logs the statistics; SIGHUP re-reads "
+        "--forwards-file.",
+    )
+    rpc = parser.add_mutually_exclusive_group(required=True)
+    rpc.add_argument(
+        "--rpc-listen",
+        metavar="URI",
+        type=_listen_endpoint_arg,
+        help="accept the guest's RPC dial here (nerdbox's direction), "
+        "e.g. unix:/run/user/1000/vm1/rpc.sock",
+    )
+    rpc.add_argument(
+        "--rpc-dial",
+        metavar="URI",
+        type=_endpoint_arg,
+        help="dial the guest's RPC endpoint (again when it drops)",
+    )
+    parser.add_argument(
+        "--streams",
+        metavar="URI",
+        type=_endpoint_arg,
+        required=True,
+        help="the guest's data-stream endpoint, e.g. vsock://3:1026 or unix:/path/vm.sock_1026",
+    )
+    parser.add_argument(
+        "--forward",
+        metavar="FORWARD_ID=HOST_PATH:VM_PATH",
+        type=_forward_arg,
+        action="append",
+        default=[],
+        help="a forward (repeatable)",
+    )
+    parser.add_argument(
+        "--forwards-file",
+        metavar="FILE",
+        help="forwards, one FORWARD_ID=HOST_PATH:VM_PATH per line (# comments); "
+        "SIGHUP re-reads it, adding and removing forwards while running",
+    )
+    parser.add_argument(
+        "--oci-spec", metavar="CONFIG_JSON", help="take forwards from this OCI spec's uds mounts"
+    )
+    parser.add_argument("--container-id", metavar="ID", help="the container of --oci-spec")
+    parser.add_argument(
+        "--write-spec", metavar="OUT", help="write the rewritten spec (uds -> bind mounts) here"
+    )
+    parser.add_argument(
+        "--dial-timeout",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=5.0,
+        help="bound on dialing a host socket (default 5)",
+    )
+    parser.add_argument(
+        "--stream-timeout",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=10.0,
+        help="bound on each data-stream handshake (default 10)",
+    )
+    parser.add_argument(
+        "--stream-retry-for",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=30.0,
+        help="keep retrying a missing stream endpoint this long (VM booting; default 30)",
+    )
+    parser.set_defaults(run=main)
+
+
+class _UsageError(Exception):
+    """A bad command line; the message names the argument."""
+
+
+def _forwards_from_args(args: argparse.Namespace) -> tuple[list[Forward], list[str]]:
+    """Every forward the command line names, and the ids of those that came
+    from --forwards-file (a SIGHUP may change those, never the others)."""
+    if args.write_spec and not args.oci_spec:
+        raise _UsageError("--write-spec needs --oci-spec")
+    if args.oci_spec and not args.container_id:
+        raise _UsageError("--oci-spec needs --container-id")
+    if args.container_id and not args.oci_spec:
+        raise _UsageError("--container-id needs --oci-spec")
+    if not args.forward and not args.oci_spec and not args.forwards_file:
+        raise _UsageError("nothing to forward: give --forward, --forwards-file or --oci-spec")
+    from_file: list[Forward] = []
+    if args.forwards_file:
+        try:
+            from_file = read_forwards_file(args.forwards_file)
+        except ValueError as exc:
+            raise _UsageError(f"--forwards-file {exc}") from None
+    from_spec: list[Forward] = []
+    spec = None
+    if args.oci_spec:
+        try:
+            spec = oci.load_spec(args.oci_spec)
+            from_spec, _ = oci.forwards_from_oci_spec(spec, args.container_id)
+        except (OSError, ValueError) as exc:
+            raise _UsageError(f"--oci-spec {args.oci_spec}: {exc}") from None
+        if not from_spec:
+            log.warning("no uds mounts in the spec oci_spec=%s", args.oci_spec)
+    try:
+        forwards = merge_sources(
+            [
+                Source("--forward", args.forward),
+                Source("--forwards-file", from_file, args.forwards_file or ""),
+                Source("--oci-spec", from_spec, args.oci_spec or ""),
+            ]
+        )
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    if spec is not None and args.write_spec:
+        try:
+            oci.write_spec(args.write_spec, spec)
+        except OSError as exc:
+            raise _UsageError(f"--write-spec {args.write_spec}: {exc}") from None
+        log.info("wrote rewritten spec path=%s", args.write_spec)
+    return forwards, [f.forward_id for f in from_file]
+
+
+def _check_private_dir(ep: transport.UnixEndpoint) -> None:
+    """The RPC socket's directory must be ours and closed to everyone else: any
+    process that can connect to it can play the guest (docs/protocol.md
+    9.3)."""
+    parent = os.path.dirname(ep.path)
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        return  # created 0700 by transport.listen
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise _UsageError(
+            f"--rpc-listen {ep}: directory {parent} is open to other users "
+            f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}); use a directory "
+            "only you can enter (mode 0700)"
+        )
+
+
+def _log_stats(forwarder: Forwarder) -> None:
+    stats.log_stats(log, forwarder.stats(), unknown_forward_requests=forwarder.unknown_requests)
+
+
+class _ForwardsFile:
+    """--forwards-file at run time: SIGHUP re-reads it and the difference is
+    added and removed (one reload at a time). A file that does not parse, or
+    that names a forward_id the command line also gives, changes nothing."""
+
+    def __init__(self, path: str, forwarder: Forwarder, loaded: Iterable[str]) -> None:
+        self.path = path
+        self.forwarder = forwarder
+        self.ids = set(loaded)  # the forwards this file put in the table
+        self.fixed = frozenset(forwarder.forwards) - self.ids  # --forward, --oci-spec
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def request_reload(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self) -> None:
+        async with self._lock:
+            try:
+                fresh = read_forwards_file(self.path)
+            except ValueError as exc:
+                log.error("forwards file not reloaded, table unchanged error=%r", str(exc))
+                return
+            try:
+                plan = plan_reload(self.forwarder.forwards, self.ids, self.fixed, fresh)
+            except ValueError as exc:
+                log.error(
+                    "forwards file not reloaded, table unchanged path=%s error=%r",
+                    self.path,
+                    str(exc),
+                )
+                return
+            try:
+                await self.forwarder.remove(plan.remove)
+                self.ids.difference_update(plan.remove)
+                await self.forwarder.add(plan.add)
+                self.ids.update(f.forward_id for f in plan.add)
+            except (ValueError, ttrpc.TtrpcError) as exc:
+                log.error("forwards file reload failed path=%s error=%r", self.path, str(exc))
+                return
+            log.info(
+                "forwards file reloaded path=%s added=%d removed=%d forwards=%d",
+                self.path,
+                len(plan.add),
+                len(plan.remove),
+                len(self.forwarder.forwards),
+            )
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _serve(
+    args: argparse.Namespace, forwarder: Forwarder, stop: asyncio.Event, count: int
+) -> int:
+    """Listen or dial until *stop* is set; the exit status."""
+    listener: transport.Listener | None = None
+    try:
+        if args.rpc_listen is not None:
+            ep = args.rpc_listen
+            if isinstance(ep, transport.UnixEndpoint):
+                _check_private_dir(ep)
+            try:
+                listener = await transport.listen(ep, mode=0o600)
+            except OSError as exc:
+                raise _UsageError(f"--rpc-listen: {exc}") from None
+            work = forwarder.run_listening(listener)
+            log.info("host listening rpc=%s streams=%s forwards=%d", ep, args.streams, count)
+        else:
+            work = forwarder.run_dialing(args.rpc_dial)
+            log.info(
+                "host dialing rpc=%s streams=%s forwards=%d", args.rpc_dial, args.streams, count
+            )
+        ended = await run_until_stopped(work, stop)
+        if ended is not None:
+            log.error("host stopped unexpectedly error=%r", ended.exception())
+            return 1
+        log.info("host stopping")
+        return 0
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+async def _run(args: argparse.Namespace, forwards: list[Forward], file_ids: list[str]) -> int:
+    forwarder = Forwarder(
+        forwards,
+        args.streams,
+        dial_timeout=args.dial_timeout,
+        stream_timeout=args.stream_timeout,
+        stream_retry_for=args.stream_retry_for,
+    )
+    from_file = (
+        _ForwardsFile(args.forwards_file, forwarder, file_ids) if args.forwards_file else None
+    )
+    try:
+        async with handle_signals(
+            on_stats=lambda: _log_stats(forwarder),
+            on_reload=from_file.request_reload if from_file is not None else None,
+        ) as stop:
+            try:
+                return await _serve(args, forwarder, stop, len(forwards))
+            except _UsageError as exc:
+                print(f"socketforward host: error: {exc}", file=sys.stderr)
+                return 2
+            finally:
+                if from_file is not None:
+                    await from_file.close()
+                await forwarder.close()
+    finally:
+        _log_stats(forwarder)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        forwards, file_ids = _forwards_from_args(args)
+    except _UsageError as exc:
+        print(f"socketforward host: error: {exc}", file=sys.stderr)
+        return 2
+    raise_fd_limit()
+    return runner.run(_run(args, forwards, file_ids))

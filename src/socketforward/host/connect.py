@@ -1,0 +1,410 @@
+"""One ConnectRequest, start to finish (docs/protocol.md 4.5, 4.9
+and 5).
+
+Admission first, once for every request: is the forward_id in the table, can
+the stream id travel on the data-stream channel, is there room among the
+pending requests? A refusal is answered at once. An admitted request dials
+the host socket, opens the data stream (bounded ack, own timeout), answers
+the guest and starts the relay.
+
+When both connects succeed at once (UNIX sockets, the usual case) that runs
+on callbacks: no task and no Future per connection, only a readiness
+callback for the ack whose reader the relay then takes over. Everything else
+(errors to report, backlogs to wait out, a VM still booting, vsock) takes a
+task of its own that waits, retries and names what failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Final, Protocol
+
+from socketforward import relay, streams, transport, ttrpc
+from socketforward.api import socketforward_pb2 as pb
+from socketforward.deadlines import Deadlines
+from socketforward.host.forwards import Forward
+from socketforward.protocol import HostError, valid_stream_id
+from socketforward.stats import ForwardStats
+
+__all__ = [
+    "BAD_STREAM_ID",
+    "DIAL_FAILED",
+    "DIAL_TIMEOUT",
+    "OVERLOADED",
+    "REPLY_FAILED",
+    "RPC_LOST",
+    "STREAM_FAILED",
+    "ConnectRequest",
+    "Connector",
+    "ResultSink",
+    "short",
+]
+
+# Every module of the host side logs as "socketforward.host": one name in the log.
+log = logging.getLogger("socketforward.host")
+
+# Failure reasons counted in ForwardStats.failed.
+DIAL_FAILED: Final = "dial"
+DIAL_TIMEOUT: Final = "dial_timeout"
+STREAM_FAILED: Final = "stream"
+REPLY_FAILED: Final = "reply"
+OVERLOADED: Final = "overload"
+BAD_STREAM_ID: Final = "bad_stream_id"
+RPC_LOST: Final = "rpc_lost"
+
+
+def short(text: str, limit: int = 128) -> str:
+    """A VM-supplied string for a log line: bounded, quoted when it has odd characters."""
+    cut = text[:limit] + ("..." if len(text) > limit else "")
+    return cut if cut.isprintable() and " " not in cut and cut else repr(cut)
+
+
+class ResultSink(Protocol):
+    """The Accept call a ConnectRequest was read from, as the request sees it."""
+
+    def send_result(self, result: pb.ConnectResult) -> None:
+        """Queue *result* without waiting; TtrpcError or ProtocolError when the
+        call is gone."""
+
+    def begin(self) -> None:
+        """A request read from this call is being answered."""
+
+    def end(self) -> None:
+        """That request is answered (or never will be)."""
+
+
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[Any]"]
+
+
+def _reply(call: ResultSink, stream_id: str, fid: str, error: str) -> bool:
+    # The guest's window of unanswered requests bounds these writes.
+    try:
+        call.send_result(pb.ConnectResult(stream_id=stream_id, error=error))
+    except (ttrpc.TtrpcError, ttrpc.ProtocolError) as exc:
+        log.warning(
+            "connect result not delivered stream_id=%s forward_id=%s error=%r",
+            short(stream_id),
+            short(fid),
+            str(exc),
+        )
+        return False
+    return True
+
+
+class Connector:
+    """What the ConnectRequests of one Forwarder share: the table they are
+    admitted against, the endpoints and bounds, the pending count, the relays."""
+
+    def __init__(
+        self,
+        forwards: Mapping[str, Forward],
+        stats: Mapping[str, ForwardStats],
+        streams_endpoint: transport.Endpoint,
+        *,
+        dial_timeout: float,
+        stream_timeout: float,
+        stream_retry_for: float,
+        max_pending: int,
+    ) -> None:
+        self.forwards = forwards  # the Forwarder's table, read live
+        self.stats = stats  # likewise
+        self.streams_endpoint = streams_endpoint
+        self.dial_timeout = dial_timeout
+        self.stream_timeout = stream_timeout
+        self.stream_retry_for = stream_retry_for
+        self.max_pending = max_pending
+        self.pending = 0
+        """Admitted requests not answered yet."""
+        self.unknown_requests = 0
+        """ConnectRequests naming a forward_id not in the table (rejected, never dialed)."""
+        self.relays: dict[relay.Relay, str] = {}
+        """Running relays and their forward_ids."""
+        self.pipes = relay.PipePool()  # splice pipes shared by every relay
+
+    def receive(
+        self,
+        call: ResultSink,
+        request: pb.ConnectRequest,
+        acks: Deadlines[ConnectRequest],
+        spawn: Spawn,
+    ) -> None:
+        """Admit *request* and start answering it, never waiting: the Accept
+        call's receive queue must never stall. Fast-path requests await their
+        ack in *acks*; the others run in a task from *spawn*."""
+        stream_id, fid = request.stream_id, request.forward_id
+        forward = self.forwards.get(fid)
+        if forward is None:
+            self.unknown_requests += 1
+            log.warning(
+                "unknown forward ID rejected stream_id=%s forward_id=%s",
+                short(stream_id),
+                short(fid),
+            )
+            _reply(call, stream_id, fid, HostError.UNKNOWN_FORWARD.text(fid))
+            return
+        stats = self.stats[fid]
+        stats.requests += 1
+        refused = self._refusal(stream_id, fid)
+        if refused is not None:
+            error, reason = refused
+            stats.fail(reason)
+            _reply(call, stream_id, fid, error.text())
+            return
+        connect = ConnectRequest(self, call, forward, stats, stream_id)
+        self.pending += 1
+        call.begin()
+        if connect.open_now(acks):
+            return
+        spawn(connect.run()).add_done_callback(connect.task_done)
+
+    def _refusal(self, stream_id: str, fid: str) -> tuple[HostError, str] | None:
+        """Why a request for a known forward is refused before anything is dialed."""
+        if not valid_stream_id(stream_id):
+            log.warning(
+                "invalid stream ID rejected stream_id=%s forward_id=%s", short(stream_id), fid
+            )
+            return HostError.STREAM_ID, BAD_STREAM_ID
+        pending = self.pending + 1  # counting this one
+        if pending > self.max_pending:
+            log.warning(
+                "too many pending connections stream_id=%s forward_id=%s pending=%d",
+                stream_id,
+                fid,
+                pending,
+            )
+            return HostError.OVERLOAD, OVERLOADED
+        return None
+
+    def start_relay(
+        self,
+        stats: ForwardStats,
+        fid: str,
+        stream_id: str,
+        host_sock: socket.socket,
+        data_sock: socket.socket,
+    ) -> None:
+        stats.connected += 1
+        stats.active += 1
+
+        def done(result: relay.RelayStats) -> None:
+            del self.relays[running]
+            stats.active -= 1
+            stats.bytes_to_vm += result.bytes_a_to_b
+            stats.bytes_to_host += result.bytes_b_to_a
+            log.debug(
+                "relay ended stream_id=%s forward_id=%s ended=%s to_host=%d to_vm=%d",
+                stream_id,
+                fid,
+                result.ended,
+                result.bytes_b_to_a,
+                result.bytes_a_to_b,
+            )
+
+        # No task per relay: an idle forwarded connection costs only its relay.
+        running = relay.Relay(host_sock, data_sock, pipes=self.pipes, on_done=done)
+        self.relays[running] = fid
+        log.debug("connection forwarded stream_id=%s forward_id=%s", stream_id, fid)
+        running.start()
+
+    def close(self) -> None:
+        """End every relay."""
+        for running in list(self.relays):
+            running.close()
+        self.pipes.close()
+
+
+class ConnectRequest:
+    """One admitted ConnectRequest: dial, open the data stream, answer, relay.
+
+    Hashed by identity (a Deadlines key while its ack is awaited)."""
+
+    __slots__ = (
+        "ack",
+        "acks",
+        "call",
+        "connector",
+        "data_sock",
+        "forward",
+        "host_sock",
+        "stats",
+        "stream_id",
+    )
+
+    def __init__(
+        self,
+        connector: Connector,
+        call: ResultSink,
+        forward: Forward,
+        stats: ForwardStats,
+        stream_id: str,
+    ) -> None:
+        self.connector = connector
+        self.call = call
+        self.forward = forward
+        self.stats = stats
+        self.stream_id = stream_id
+        # Set on the fast path only.
+        self.host_sock: socket.socket | None = None
+        self.data_sock: socket.socket | None = None
+        self.ack: streams.AckReader | None = None
+        self.acks: Deadlines[ConnectRequest] | None = None
+
+    def _reply(self, error: str) -> bool:
+        return _reply(self.call, self.stream_id, self.forward.forward_id, error)
+
+    def _finished(self) -> None:
+        self.call.end()
+        self.connector.pending -= 1
+
+    # -- the fast path, on callbacks --------------------------------------------------
+
+    def open_now(self, acks: Deadlines[ConnectRequest]) -> bool:
+        """Connect both sockets without waiting and await the ack on a readiness
+        callback; False (nothing left open) when either connect would wait."""
+        endpoint = self.connector.streams_endpoint
+        host_sock = transport.connect_unix_now(self.forward.host_path)
+        if host_sock is None:
+            return False
+        data_sock = streams.open_stream_now(endpoint, self.stream_id)
+        if data_sock is None:
+            host_sock.close()
+            return False
+        self.host_sock, self.data_sock = host_sock, data_sock
+        self.ack = streams.AckReader(endpoint, self.stream_id)
+        self.acks = acks
+        acks.add(self)
+        asyncio.get_running_loop().add_reader(data_sock.fileno(), self._on_ack)
+        return True
+
+    def _on_ack(self) -> None:
+        assert self.ack is not None and self.data_sock is not None and self.host_sock is not None
+        assert self.acks is not None
+        try:
+            if not self.ack.read(self.data_sock):
+                return
+        except (OSError, streams.HandshakeError) as exc:
+            self._open_failed(STREAM_FAILED, str(exc))
+            return
+        if not self._reply(""):
+            self._open_failed(REPLY_FAILED, None)
+            return
+        self.acks.discard(self)
+        self._finished()
+        # The data socket's reader stays registered: the relay replaces its
+        # callback instead of a remove and an add (uvloop: seven syscalls).
+        fd = self.data_sock.fileno()
+        try:
+            self.connector.start_relay(
+                self.stats, self.forward.forward_id, self.stream_id, self.host_sock, self.data_sock
+            )
+        except BaseException:
+            # The relay closed both sockets; no watcher may outlive the fd.
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(fd)
+            raise
+
+    def ack_timed_out(self) -> None:
+        """The ack deadline passed (called by the session's Deadlines)."""
+        connector = self.connector
+        error = f"stream {self.stream_id!r} at {connector.streams_endpoint}: no ack within "
+        self._open_failed(STREAM_FAILED, error + f"{connector.stream_timeout}s")
+
+    def abandon(self) -> None:
+        """The RPC connection is gone while the ack is awaited: close both sockets."""
+        self._open_failed(RPC_LOST, None)
+
+    def _open_failed(self, reason: str, error: str | None) -> None:
+        """Undo a fast-path opening; *error* (logged, and the stream error to the
+        VM) is None when there is nobody left to tell."""
+        assert self.data_sock is not None and self.host_sock is not None
+        if self.acks is not None:
+            self.acks.discard(self)
+        asyncio.get_running_loop().remove_reader(self.data_sock.fileno())
+        self.data_sock.close()
+        self.host_sock.close()
+        self.stats.fail(reason)
+        if error is not None:
+            log.warning(
+                "data stream open failed stream_id=%s forward_id=%s streams=%s error=%r",
+                self.stream_id,
+                self.forward.forward_id,
+                self.connector.streams_endpoint,
+                error,
+            )
+            self._reply(HostError.STREAM.text())
+        self._finished()
+
+    # -- the task path ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start over with connects that may wait; answer, then relay."""
+        sockets: list[socket.socket] = []
+        try:
+            failure = await self._open(sockets)
+            if failure is not None:
+                error, reason = failure
+                self.stats.fail(reason)
+                self._reply(error.text())
+                return
+            if not self._reply(""):
+                self.stats.fail(REPLY_FAILED)
+                return
+            host_sock, data_sock = sockets
+            sockets.clear()
+            self.connector.start_relay(
+                self.stats, self.forward.forward_id, self.stream_id, host_sock, data_sock
+            )
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    def task_done(self, task: asyncio.Task[Any]) -> None:
+        # A done callback, not a finally: a task cancelled before its first
+        # step never runs the coroutine's finally.
+        if task.cancelled():
+            self.stats.fail(RPC_LOST)
+        self._finished()
+
+    async def _open(self, sockets: list[socket.socket]) -> tuple[HostError, str] | None:
+        """Dial the host socket, then open the data stream; both land in *sockets*.
+        Returns the error for the VM and the failure reason (None: success)."""
+        connector, forward, stream_id = self.connector, self.forward, self.stream_id
+        fid = forward.forward_id
+        try:
+            sockets.append(
+                await transport.connect(
+                    transport.UnixEndpoint(forward.host_path), timeout=connector.dial_timeout
+                )
+            )
+        except OSError as exc:
+            log.warning(
+                "host socket dial failed stream_id=%s forward_id=%s host_path=%s error=%r",
+                stream_id,
+                fid,
+                forward.host_path,
+                str(exc),
+            )
+            return HostError.DIAL, DIAL_TIMEOUT if isinstance(exc, TimeoutError) else DIAL_FAILED
+        try:
+            sockets.append(
+                await streams.open_stream(
+                    connector.streams_endpoint,
+                    stream_id,
+                    timeout=connector.stream_timeout,
+                    retry_for=connector.stream_retry_for,
+                )
+            )
+        except (OSError, streams.HandshakeError) as exc:
+            log.warning(
+                "data stream open failed stream_id=%s forward_id=%s streams=%s error=%r",
+                stream_id,
+                fid,
+                connector.streams_endpoint,
+                str(exc),
+            )
+            return HostError.STREAM, STREAM_FAILED
+        return None

@@ -1,0 +1,488 @@
+"""The :class:`Forwarder`: the host side for one VM (docs/protocol.md
+1.4, 4.3-4.5, 4.9).
+
+On each RPC connection it Binds every forward, then holds an Accept call
+announcing its forward_ids and hands each ConnectRequest read from it to
+:mod:`socketforward.host.connect`. The table may change while it runs
+(:meth:`Forwarder.add`, :meth:`Forwarder.remove`): the guest is told, and a
+new Accept call replaces the old one, which is retired once its requests are
+answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Coroutine, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Final
+
+from socketforward import transport, ttrpc
+from socketforward.api import socketforward_pb2 as pb
+from socketforward.api.socketforward_ttrpc import SocketForwardStub
+from socketforward.deadlines import Deadlines
+from socketforward.host.connect import Connector, ConnectRequest, short
+from socketforward.host.forwards import Forward
+from socketforward.protocol import FORWARD_IDS_METADATA
+from socketforward.stats import ForwardStats
+
+__all__ = ["AcceptCall", "Forwarder"]
+
+log = logging.getLogger("socketforward.host")
+
+_BACKOFF_MIN: Final = 0.05
+_RETIRE_TIMEOUT: Final = 30.0
+
+
+class AcceptCall:
+    """One Accept call (the ttrpc stream of ConnectRequests and their results,
+    not a data stream) and the requests read from it still being answered."""
+
+    def __init__(
+        self, stream: ttrpc.ClientStream[pb.ConnectResult, pb.ConnectRequest], announced: int
+    ) -> None:
+        self.stream = stream
+        self.announced = announced
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.closing = False
+        """Retiring: its send side is closed, requests still arriving are dropped."""
+
+    def send_result(self, result: pb.ConnectResult) -> None:
+        self.stream.send_nowait(result)
+
+    def begin(self) -> None:
+        self.inflight += 1
+        self.idle.clear()
+
+    def end(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+
+class _Session:
+    """One RPC connection to the guest and what lives only as long as it: its
+    tasks, and the fast-path ConnectRequests awaiting their ack."""
+
+    def __init__(self, client: ttrpc.Client, ack_timeout: float) -> None:
+        self.client = client
+        self.stub = SocketForwardStub(client)
+        self.refresh = asyncio.Event()
+        self.ready = False
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.acks: Deadlines[ConnectRequest] = Deadlines(ack_timeout, ConnectRequest.ack_timed_out)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        for connect in self.acks.drain():
+            connect.abandon()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.client.close()
+
+
+class Forwarder:
+    """The host side for one VM.
+
+    Give it RPC connections with :meth:`serve` (one at a time; a new one
+    replaces the old), or let :meth:`run_listening` / :meth:`run_dialing` get
+    them. Relays outlive the RPC connection they were set up on; :meth:`close`
+    ends everything.
+    """
+
+    def __init__(
+        self,
+        forwards: Iterable[Forward],
+        streams_endpoint: transport.Endpoint,
+        *,
+        dial_timeout: float = 5.0,
+        stream_timeout: float = 10.0,
+        stream_retry_for: float = 30.0,
+        rpc_timeout: float = 10.0,
+        max_pending: int = 1024,
+    ) -> None:
+        self._forwards: dict[str, Forward] = {}
+        for forward in forwards:
+            self._check_new(forward, self._forwards)
+            self._forwards[forward.forward_id] = forward
+        self._stats = {fid: ForwardStats() for fid in self._forwards}
+        self.streams_endpoint = streams_endpoint
+        self.rpc_timeout = rpc_timeout
+        self._connector = Connector(
+            self._forwards,
+            self._stats,
+            streams_endpoint,
+            dial_timeout=dial_timeout,
+            stream_timeout=stream_timeout,
+            stream_retry_for=stream_retry_for,
+            max_pending=max_pending,
+        )
+        self.sessions = 0
+        """RPC connections that got as far as an open Accept call."""
+        self._session: _Session | None = None
+        self._ready = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def dial_timeout(self) -> float:
+        return self._connector.dial_timeout
+
+    @property
+    def stream_timeout(self) -> float:
+        return self._connector.stream_timeout
+
+    @property
+    def stream_retry_for(self) -> float:
+        return self._connector.stream_retry_for
+
+    @property
+    def max_pending(self) -> int:
+        return self._connector.max_pending
+
+    @property
+    def unknown_requests(self) -> int:
+        """ConnectRequests naming a forward_id not in the table (rejected, never dialed)."""
+        return self._connector.unknown_requests
+
+    # -- the table ----------------------------------------------------------
+
+    @property
+    def forwards(self) -> Mapping[str, Forward]:
+        return dict(self._forwards)
+
+    @staticmethod
+    def _check_new(forward: Forward, table: Mapping[str, Forward]) -> bool:
+        """True when *forward* is new; False when the identical entry is there."""
+        existing = table.get(forward.forward_id)
+        if existing is None:
+            return True
+        if existing == forward:
+            return False
+        raise ValueError(f"forward ID {forward.forward_id} is already used by another forward")
+
+    async def add(self, forwards: Iterable[Forward]) -> None:
+        """Add forwards; Bind them now when a guest is connected (else on connect).
+
+        Identical entries are no-ops; a forward_id with other paths is a
+        ValueError. A Bind the guest refuses raises its TtrpcError and adds nothing.
+        """
+        async with self._lock:
+            new: dict[str, Forward] = {}
+            for forward in forwards:
+                if self._check_new(forward, self._forwards) and self._check_new(forward, new):
+                    new[forward.forward_id] = forward
+            if not new:
+                return
+            session = self._current()
+            if session is not None:
+                try:
+                    await self._bind_call(session, list(new.values()))
+                except ttrpc.TtrpcError as exc:
+                    if exc.code != ttrpc.Code.UNAVAILABLE:
+                        raise
+                    # The connection is going away: the next one Binds everything.
+            self._forwards.update(new)
+            for fid in new:
+                self._stats.setdefault(fid, ForwardStats())
+            log.info("forwards added forward_ids=%s", ",".join(new))
+            if session is not None:
+                session.refresh.set()
+
+    async def remove(self, forward_ids: Iterable[str]) -> None:
+        """Remove forwards: their ConnectRequests are refused from now on, and the
+        guest is asked to Unbind them (a guest without Unbind is tolerated).
+        Relays already running are left alone."""
+        async with self._lock:
+            ids = []
+            for fid in forward_ids:
+                if self._forwards.pop(fid, None) is None:
+                    log.info("remove: no such forward forward_id=%s", short(fid))
+                else:
+                    ids.append(fid)
+            if not ids:
+                return
+            log.info("forwards removed forward_ids=%s", ",".join(ids))
+            session = self._current()
+            if session is None:
+                return
+            session.refresh.set()
+            try:
+                await session.stub.Unbind(
+                    pb.UnbindRequest(forward_ids=ids), timeout=self.rpc_timeout
+                )
+            except ttrpc.TtrpcError as exc:
+                if exc.code == ttrpc.Code.UNIMPLEMENTED:
+                    log.warning(
+                        "guest does not implement Unbind; its listeners stay, connections "
+                        "to them are refused forward_ids=%s",
+                        ",".join(ids),
+                    )
+                else:
+                    log.warning("unbind failed forward_ids=%s error=%r", ",".join(ids), str(exc))
+            else:
+                log.info("unbound forward_ids=%s", ",".join(ids))
+
+    # -- stats ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, ForwardStats]:
+        """A snapshot per forward_id (forwards removed since keep their figures)."""
+        snapshot = {fid: s.copy() for fid, s in self._stats.items()}
+        for running, fid in self._connector.relays.items():
+            snapshot[fid].bytes_to_vm += running.stats.bytes_a_to_b
+            snapshot[fid].bytes_to_host += running.stats.bytes_b_to_a
+        return snapshot
+
+    @property
+    def connected(self) -> bool:
+        return self._current() is not None
+
+    async def wait_ready(self) -> None:
+        """Return once a guest is connected, bound and an Accept call is open."""
+        await self._ready.wait()
+
+    # -- RPC connections --------------------------------------------------------
+
+    def _current(self) -> _Session | None:
+        session = self._session
+        if session is None or session.client.closed:
+            return None
+        return session
+
+    async def serve(self, sock: socket.socket) -> None:
+        """Run over one RPC connection (dialed or accepted; owned from here) until
+        it closes: Bind every forward, then hold Accept and answer ConnectRequests."""
+        if self._closed:
+            sock.close()
+            raise RuntimeError("Forwarder is closed")
+        try:
+            client = await ttrpc.Client.connect(sock)
+        except OSError as exc:
+            log.warning("rpc connection failed error=%r", exc)
+            return
+        session = _Session(client, self._connector.stream_timeout)
+        previous, self._session = self._session, session
+        try:
+            if previous is not None:
+                log.warning("new rpc connection replaces the current one")
+                await previous.client.close()
+            log.info(
+                "rpc connected streams=%s forwards=%d", self.streams_endpoint, len(self._forwards)
+            )
+            async with self._lock:
+                await self._bind_all(session)
+            accept = session.spawn(self._accept_calls(session))
+            closed = session.spawn(client.wait_closed())
+            await asyncio.wait({accept, closed}, return_when=asyncio.FIRST_COMPLETED)
+        except ttrpc.TtrpcError as exc:
+            if exc.code != ttrpc.Code.UNAVAILABLE:
+                raise
+        finally:
+            if self._session is session:
+                self._session = None
+                self._ready.clear()
+            await session.close()
+            log.info("rpc connection closed")
+
+    async def _bind_call(self, session: _Session, forwards: list[Forward]) -> None:
+        request = pb.BindRequest(
+            sockets=[pb.Socket(forward_id=f.forward_id, socket_path=f.vm_path) for f in forwards]
+        )
+        await session.stub.Bind(request, timeout=self.rpc_timeout)
+        log.info(
+            "bound forward_ids=%s count=%d",
+            ",".join(f.forward_id for f in forwards),
+            len(forwards),
+        )
+
+    async def _bind_all(self, session: _Session) -> None:
+        """Bind the table (idempotent in the guest). Bind is all-or-nothing, so
+        when the guest refuses the whole set, each forward is tried on its own:
+        one bad entry does not take the others down."""
+        forwards = list(self._forwards.values())
+        if not forwards:
+            return
+        try:
+            await self._bind_call(session, forwards)
+            return
+        except ttrpc.TtrpcError as exc:
+            if exc.code == ttrpc.Code.UNAVAILABLE:
+                raise
+            log.error("bind failed count=%d error=%r", len(forwards), str(exc))
+            if len(forwards) == 1:
+                return
+        for forward in forwards:
+            try:
+                await self._bind_call(session, [forward])
+            except ttrpc.TtrpcError as exc:
+                if exc.code == ttrpc.Code.UNAVAILABLE:
+                    raise
+                log.error("bind failed forward_id=%s error=%r", forward.forward_id, str(exc))
+
+    # -- the Accept call -----------------------------------------------------------
+
+    async def _accept_calls(self, session: _Session) -> None:
+        """Keep one Accept call open announcing the current table; reopen it
+        when the guest ends it, and replace it when the table changes."""
+        backoff = transport.Backoff(_BACKOFF_MIN, 5.0)
+        while not session.client.closed:
+            session.refresh.clear()
+            announced = ",".join(sorted(self._forwards))
+            try:
+                stream = await session.stub.Accept(metadata={FORWARD_IDS_METADATA: announced})
+            except ttrpc.TtrpcError as exc:
+                if session.client.closed:
+                    return
+                log.warning("accept open failed error=%r", str(exc))
+                await asyncio.sleep(backoff.next())
+                continue
+            call = AcceptCall(stream, len(self._forwards))
+            log.info("accept stream opened announced=%d", call.announced)
+            if self._session is session:
+                if not session.ready:
+                    session.ready = True
+                    self.sessions += 1
+                self._ready.set()
+            reader = session.spawn(self._read_requests(session, call))
+            refresh = session.spawn(session.refresh.wait())
+            try:
+                await asyncio.wait({reader, refresh}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                refresh.cancel()
+            if not reader.done():
+                session.spawn(self._retire(call, reader))
+                backoff.reset()
+                continue
+            await stream.aclose()
+            if session.client.closed:
+                return
+            self._ready.clear()
+            if reader.result():
+                backoff.reset()
+            log.warning("accept stream ended by the guest; reopening")
+            await asyncio.sleep(backoff.next())
+
+    async def _read_requests(self, session: _Session, call: AcceptCall) -> int:
+        """Start answering each ConnectRequest at once, never waiting on one (the
+        call's receive queue must never stall); returns how many were read."""
+        count = 0
+        try:
+            async for request in call.stream:
+                count += 1
+                if call.closing:
+                    log.warning(
+                        "connect request on a closed accept stream dropped "
+                        "stream_id=%s forward_id=%s",
+                        short(request.stream_id),
+                        short(request.forward_id),
+                    )
+                    continue
+                self._connector.receive(call, request, session.acks, session.spawn)
+        except (ttrpc.TtrpcError, ttrpc.ProtocolError) as exc:
+            if not session.client.closed:
+                log.warning("accept stream failed error=%r", str(exc))
+        return count
+
+    async def _retire(self, old: AcceptCall, reader: asyncio.Task[int]) -> None:
+        """End a superseded Accept call once its requests are answered."""
+        try:
+            await old.idle.wait()
+            old.closing = True
+            with contextlib.suppress(ttrpc.TtrpcError, ttrpc.ProtocolError):
+                await old.stream.close_send()
+            # The guest ends its side in answer; bounded in case it never does.
+            await asyncio.wait({reader}, timeout=_RETIRE_TIMEOUT)
+        finally:
+            reader.cancel()
+            await old.stream.aclose()
+
+    # -- getting connections --------------------------------------------------------
+
+    async def run_listening(self, listener: transport.Listener) -> None:
+        """Accept the guest's RPC dials on *listener* (not owned) and serve each;
+        a new dial replaces the current connection (the guest restarted)."""
+        current: asyncio.Task[None] | None = None
+        try:
+            while True:
+                try:
+                    sock = await listener.accept()
+                except OSError as exc:
+                    log.warning("rpc accept failed endpoint=%s error=%r", listener.endpoint, exc)
+                    await asyncio.sleep(0.1)
+                    continue
+                if current is not None and not current.done():
+                    current.cancel()
+                    await asyncio.wait({current})
+                current = asyncio.get_running_loop().create_task(self._serve_logged(sock))
+        finally:
+            if current is not None:
+                current.cancel()
+                await asyncio.wait({current})
+
+    async def run_dialing(
+        self,
+        endpoint: transport.Endpoint,
+        *,
+        connect_timeout: float = 5.0,
+        backoff_max: float = 5.0,
+    ) -> None:
+        """Dial the guest's RPC endpoint and serve it; when the connection drops
+        or cannot be made, dial again with jittered backoff capped at *backoff_max*."""
+        backoff = transport.Backoff(_BACKOFF_MIN, backoff_max)
+        failures = 0
+        while True:
+            try:
+                sock = await transport.connect(endpoint, timeout=connect_timeout)
+            except OSError as exc:
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(
+                    level,
+                    "rpc dial failed endpoint=%s attempt=%d error=%r",
+                    endpoint,
+                    failures,
+                    str(exc),
+                )
+            else:
+                failures = 0
+                before = self.sessions
+                await self._serve_logged(sock)
+                if self.sessions != before:
+                    backoff.reset()
+            await asyncio.sleep(backoff.next())
+
+    async def _serve_logged(self, sock: socket.socket) -> None:
+        try:
+            await self.serve(sock)
+        except Exception:
+            log.exception("rpc connection failed")
+
+    async def close(self) -> None:
+        """Drop the RPC connection and end every relay. Idempotent."""
+        self._closed = True
+        session, self._session = self._session, None
+        self._ready.clear()
+        if session is not None:
+            await session.close()
+        self._connector.close()
+
+    async def __aenter__(self) -> Forwarder:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
