@@ -91,6 +91,24 @@ async def test_missing_host_socket_error_names_no_host_path(
             assert env.forwarder.stats()["fwd-missing"].failed == {"dial": 1}
 
 
+async def test_vm_supplied_stream_id_cannot_forge_log_lines(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream id with a line break (valid on the wire) is logged quoted, so
+    the VM cannot write a line of its own into the host's log."""
+    caplog.set_level(logging.INFO, logger="socketforward.host")
+    forward = fwd(short_tmp, "missing")
+    forged = "s-1\n2026-01-01 00:00:00 INFO socketforward.host: forged"
+    async with running_host(short_tmp, [forward]) as env:
+        guest = FakeGuest(registry=env.registry)
+        async with guest_dialing(guest, env.rpc):
+            call = await guest.next_accept()
+            result = await call.connect(forged, "fwd-missing")
+            assert result.error == "failed to dial host socket"
+    assert "host socket dial failed stream_id='s-1\\n2026" in caplog.text
+    assert not any(m.startswith("2026-01-01") for m in caplog.text.splitlines())
+
+
 def _black_hole(path: Path) -> tuple[socket.socket, list[socket.socket]]:
     """A UNIX listener that never accepts, its backlog already full: a dial to it
     hangs until the dialer gives up."""

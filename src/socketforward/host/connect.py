@@ -172,7 +172,7 @@ class Connector:
         if pending > self.max_pending:
             log.warning(
                 "too many pending connections stream_id=%s forward_id=%s pending=%d",
-                stream_id,
+                short(stream_id),
                 fid,
                 pending,
             )
@@ -330,7 +330,7 @@ class ConnectRequest:
         if error is not None:
             log.warning(
                 "data stream open failed stream_id=%s forward_id=%s streams=%s error=%r",
-                self.stream_id,
+                short(self.stream_id),
                 self.forward.forward_id,
                 self.connector.streams_endpoint,
                 error,
@@ -383,7 +383,7 @@ class ConnectRequest:
         except OSError as exc:
             log.warning(
                 "host socket dial failed stream_id=%s forward_id=%s host_path=%s error=%r",
-                stream_id,
+                short(stream_id),
                 fid,
                 forward.host_path,
                 str(exc),
@@ -401,7 +401,7 @@ class ConnectRequest:
         except (OSError, streams.HandshakeError) as exc:
             log.warning(
                 "data stream open failed stream_id=%s forward_id=%s streams=%s error=%r",
-                stream_id,
+                short(stream_id),
                 fid,
                 connector.streams_endpoint,
                 str(exc),
