@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import socket
 import stat
@@ -29,6 +30,7 @@ from socketforward.transport import (
     connect_nonblocking,
     listen,
     parse_endpoint,
+    redial,
 )
 
 # -- parsing -------------------------------------------------------------------
@@ -512,3 +514,67 @@ async def test_callback_accepting_backs_off_on_emfile_and_resumes(tmp_path: Path
         finally:
             for sock in [*got, client]:
                 sock.close()
+
+
+async def test_redial_waits_for_the_peer_and_dials_again_after_a_drop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that is not there yet is dialed again (one warning, then quieter
+    lines), each connection is served, and a dropped one is dialed again."""
+    caplog.set_level(logging.DEBUG, logger="test.redial")
+    path = tmp_path / "peer.sock"
+    served: list[socket.socket] = []
+
+    async def serve(sock: socket.socket) -> bool:
+        served.append(sock)
+        sock.close()
+        return True
+
+    task = asyncio.create_task(
+        redial(
+            UnixEndpoint(str(path)),
+            serve,
+            Backoff(0.01, 0.02),
+            connect_timeout=1,
+            log=logging.getLogger("test.redial"),
+        )
+    )
+    try:
+        for _ in range(500):
+            if caplog.text.count("rpc dial failed") >= 3:
+                break
+            await asyncio.sleep(0.01)
+        levels = [r.levelno for r in caplog.records if "rpc dial failed" in r.message]
+        assert levels[0] == logging.WARNING and set(levels[1:]) == {logging.DEBUG}
+        async with await listen(UnixEndpoint(str(path))) as listener:
+            first = await asyncio.wait_for(listener.accept(), 5)
+            second = await asyncio.wait_for(listener.accept(), 5)
+            first.close()
+            second.close()
+        assert len(served) >= 2
+        assert "rpc connection lost" in caplog.text
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_redial_gives_up_at_once_on_an_address_that_cannot_work(tmp_path: Path) -> None:
+    """A first dial failing with an errno retrying cannot fix is raised, not retried."""
+    (tmp_path / "file").write_text("not a directory")
+    endpoint = UnixEndpoint(str(tmp_path / "file" / "peer.sock"))
+
+    async def serve(sock: socket.socket) -> bool:
+        raise AssertionError("nothing to serve")
+
+    with pytest.raises(NotADirectoryError):
+        await asyncio.wait_for(
+            redial(
+                endpoint,
+                serve,
+                Backoff(0.01, 0.02),
+                connect_timeout=1,
+                log=logging.getLogger("test.redial"),
+                fatal_errnos={errno.ENOTDIR},
+            ),
+            5,
+        )

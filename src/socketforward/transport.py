@@ -10,14 +10,15 @@ import _socket
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import random
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, NoReturn
 
 __all__ = [
     "MAX_UNIX_PATH",
@@ -35,6 +36,7 @@ __all__ = [
     "connect_unix_now",
     "listen",
     "parse_endpoint",
+    "redial",
     "unix_path_problem",
     "wait_ready",
 ]
@@ -72,6 +74,51 @@ class Backoff:
 
     def reset(self) -> None:
         self._delay = self.initial
+
+
+async def redial(
+    endpoint: Endpoint,
+    serve: Callable[[socket.socket], Awaitable[bool]],
+    backoff: Backoff,
+    *,
+    connect_timeout: float,
+    log: logging.Logger,
+    fatal_errnos: Collection[int] = (),
+) -> NoReturn:
+    """Dial *endpoint* and hand each connection to *serve* (which owns it);
+    when the connection drops or cannot be made, wait *backoff* and dial again.
+
+    *serve* returns True when the connection was a good one: the backoff then
+    starts over. A first dial failing with an errno in *fatal_errnos* (a wrong
+    address, not a peer still booting) is raised. The first failure of a run
+    of them is a warning, the rest debug lines with their count."""
+    failures = 0
+    connected_once = False
+    while True:
+        try:
+            sock = await connect(endpoint, timeout=connect_timeout)
+        except OSError as exc:  # TimeoutError included
+            if not connected_once and failures == 0 and exc.errno in fatal_errnos:
+                raise
+            failures += 1
+            delay = backoff.next()
+            log.log(
+                logging.WARNING if failures == 1 else logging.DEBUG,
+                "rpc dial failed endpoint=%s attempt=%d error=%r retry_in=%.2fs",
+                endpoint,
+                failures,
+                str(exc),
+                delay,
+            )
+        else:
+            connected_once = True
+            failures = 0
+            log.info("rpc connected endpoint=%s", endpoint)
+            if await serve(sock):
+                backoff.reset()
+            delay = backoff.next()
+            log.warning("rpc connection lost endpoint=%s redial_in=%.2fs", endpoint, delay)
+        await asyncio.sleep(delay)
 
 
 class EndpointError(ValueError):

@@ -4,9 +4,9 @@ SocketForward on that one connection, or listen for hosts that dial
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
+import socket
 import time
 from typing import Final
 
@@ -61,37 +61,20 @@ class Agent:
             await self._listen_loop(self._listen)
 
     async def _dial_loop(self, ep: transport.Endpoint) -> None:
-        attempt = 0
-        first = True
-        while True:
-            try:
-                sock = await transport.connect(ep, timeout=self._connect_timeout)
-            except (OSError, TimeoutError) as exc:
-                if first and isinstance(exc, OSError) and exc.errno in _FATAL_DIAL_ERRNOS:
-                    raise
-                delay = self._backoff.next()
-                attempt += 1
-                log.warning(
-                    "rpc dial failed endpoint=%s attempt=%d error=%r retry_in=%.2fs",
-                    ep,
-                    attempt,
-                    str(exc),
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                continue
-            first = False
-            log.info("rpc connected endpoint=%s", ep)
+        async def serve(sock: socket.socket) -> bool:
             started = time.monotonic()
             await self._server.serve_connection(sock)
             # A connection that lived long enough resets the backoff.
-            if time.monotonic() - started >= self._backoff.maximum:
-                attempt = 0
-                self._backoff.reset()
-            delay = self._backoff.next()
-            attempt += 1
-            log.warning("rpc connection lost endpoint=%s redial_in=%.2fs", ep, delay)
-            await asyncio.sleep(delay)
+            return time.monotonic() - started >= self._backoff.maximum
+
+        await transport.redial(
+            ep,
+            serve,
+            self._backoff,
+            connect_timeout=self._connect_timeout,
+            log=log,
+            fatal_errnos=_FATAL_DIAL_ERRNOS,
+        )
 
     async def _listen_loop(self, ep: transport.Endpoint) -> None:
         listener = await transport.listen(ep, mode=0o600)

@@ -438,28 +438,19 @@ class Forwarder:
     ) -> None:
         """Dial the guest's RPC endpoint and serve it; when the connection drops
         or cannot be made, dial again with jittered backoff capped at *backoff_max*."""
-        backoff = transport.Backoff(_BACKOFF_MIN, backoff_max)
-        failures = 0
-        while True:
-            try:
-                sock = await transport.connect(endpoint, timeout=connect_timeout)
-            except OSError as exc:
-                failures += 1
-                level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(
-                    level,
-                    "rpc dial failed endpoint=%s attempt=%d error=%r",
-                    endpoint,
-                    failures,
-                    str(exc),
-                )
-            else:
-                failures = 0
-                before = self.sessions
-                await self._serve_logged(sock)
-                if self.sessions != before:
-                    backoff.reset()
-            await asyncio.sleep(backoff.next())
+
+        async def serve(sock: socket.socket) -> bool:
+            before = self.sessions
+            await self._serve_logged(sock)
+            return self.sessions != before  # it got as far as an Accept call
+
+        await transport.redial(
+            endpoint,
+            serve,
+            transport.Backoff(_BACKOFF_MIN, backoff_max),
+            connect_timeout=connect_timeout,
+            log=log,
+        )
 
     async def _serve_logged(self, sock: socket.socket) -> None:
         try:
