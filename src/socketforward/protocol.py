@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from typing import Final
 
-from socketforward import streams
+from socketforward import datastream
 
 __all__ = [
     "DEFAULT_RPC_DIAL",
@@ -45,7 +45,7 @@ DEFAULT_STREAMS: Final = f"vsock://:{STREAM_PORT}"
 
 STREAM_ID_PREFIX: Final = "socketfwd"
 """Prefix of the stream ids the guest hands out (as nerdbox's vminitd)."""
-MAX_STREAM_ID_LEN: Final = streams.MAX_ID_LEN
+MAX_STREAM_ID_LEN: Final = datastream.MAX_ID_LEN
 """Longest stream id (UTF-8 bytes) the data-stream channel writes, reads or acks."""
 MAX_FORWARD_ID_LEN: Final = 256
 """Longest forward_id the host accepts in its table (and echoes in an error)."""

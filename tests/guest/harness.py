@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from socketforward import relay, streams, transport, ttrpc
+from socketforward import datastream, relay, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
 from socketforward.guest import Service
@@ -188,7 +188,7 @@ class HostStream:
             )
         host_sock = await transport.connect(target, timeout=PATIENCE)
         try:
-            data = await streams.open_stream(self.streams_ep, request.stream_id)
+            data = await datastream.open_stream(self.streams_ep, request.stream_id)
         except BaseException:
             host_sock.close()
             raise
@@ -217,7 +217,7 @@ class Guest:
     """A guest Service in this process, its stream registry, and ttrpc
     connections to it over real socket pairs (the host is the client)."""
 
-    def __init__(self, root: Path, service: Service, registry: streams.StreamRegistry) -> None:
+    def __init__(self, root: Path, service: Service, registry: datastream.StreamRegistry) -> None:
         self.root = root
         self.service = service
         self.registry = registry
@@ -260,7 +260,7 @@ async def running_guest(
     """A Service on a fresh short temporary directory, shut down afterwards."""
     with short_tmp() as root:
         listener = await transport.listen(transport.UnixEndpoint(str(root / "streams.sock")))
-        registry = streams.StreamRegistry(listener)
+        registry = datastream.StreamRegistry(listener)
         registry.start()
         service = Service(
             registry,

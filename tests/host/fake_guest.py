@@ -12,7 +12,7 @@ from pathlib import Path
 
 from google.protobuf import empty_pb2
 
-from socketforward import streams, transport, ttrpc
+from socketforward import datastream, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
 from socketforward.protocol import FORWARD_IDS_METADATA
@@ -51,7 +51,7 @@ class FakeGuest(SocketForwardBase):
     """
 
     def __init__(
-        self, *, registry: streams.StreamRegistry | None = None, unbind: bool = True
+        self, *, registry: datastream.StreamRegistry | None = None, unbind: bool = True
     ) -> None:
         self.registry = registry
         self.unbind_supported = unbind
@@ -80,7 +80,7 @@ class FakeGuest(SocketForwardBase):
                 if self.registry is not None and not result.error:
                     try:
                         self.claimed[result.stream_id] = self.registry.get(result.stream_id)
-                    except streams.StreamNotFound:
+                    except datastream.StreamNotFound:
                         self.claimed[result.stream_id] = None
                 future = call.results.get(result.stream_id)
                 if future is not None and not future.done():
@@ -228,7 +228,7 @@ class HugeAckEndpoint:
                 await loop.sock_sendall(conn, struct.pack(">I", 0xFFFFFFFF) + b"x" * 16)
                 await recv_all(conn)  # hold it until the host gives up
             return
-        ack = streams.encode_string(stream_id)
+        ack = datastream.encode_string(stream_id)
         if stream_id.startswith("slow-"):  # the ack in three pieces
             for piece in (ack[:2], ack[2:5], ack[5:-1]):
                 await loop.sock_sendall(conn, piece)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from socketforward import streams, transport
+from socketforward import datastream, transport
 from socketforward.host import Forward, Forwarder
 from tests.host.fake_guest import HugeAckEndpoint
 
@@ -18,7 +18,7 @@ from tests.host.fake_guest import HugeAckEndpoint
 @dataclass
 class HostEnv:
     rpc: transport.UnixEndpoint
-    registry: streams.StreamRegistry
+    registry: datastream.StreamRegistry
     forwarder: Forwarder
     listener: transport.Listener
 
@@ -31,7 +31,7 @@ async def running_host(
     StreamRegistry as the guest's stream endpoint."""
     rpc = transport.UnixEndpoint(str(tmp / "host" / "rpc.sock"))
     streams_ep = transport.UnixEndpoint(str(tmp / "vm" / "streams.sock"))
-    registry = streams.StreamRegistry(await transport.listen(streams_ep))
+    registry = datastream.StreamRegistry(await transport.listen(streams_ep))
     registry.start()
     listener = await transport.listen(rpc, mode=0o600)
     forwarder = Forwarder(forwards, options.pop("streams", streams_ep), **options)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from socketforward import streams, transport
+from socketforward import datastream, transport
 from socketforward.host import oci
 from tests.host.fake_guest import (
     FakeGuest,
@@ -115,7 +115,7 @@ async def test_host_process_forwards_and_stops_cleanly_on_sigterm(short_tmp: Pat
     log_path = short_tmp / "host.log"
     async with (
         unix_service(target_path, reverse_after_eof),
-        streams.StreamRegistry(await transport.listen(streams_ep)) as registry,
+        datastream.StreamRegistry(await transport.listen(streams_ep)) as registry,
     ):
         with log_path.open("wb") as log_file:
             proc = await asyncio.create_subprocess_exec(
@@ -195,7 +195,7 @@ async def test_sighup_rereads_the_forwards_file(short_tmp: Path) -> None:
         unix_service(a_path, reverse_after_eof),
         unix_service(b_path, reverse_after_eof),
         unix_service(c_path, reverse_after_eof),
-        streams.StreamRegistry(await transport.listen(streams_ep)) as registry,
+        datastream.StreamRegistry(await transport.listen(streams_ep)) as registry,
     ):
         with log_path.open("wb") as log_file:
             proc = await asyncio.create_subprocess_exec(
@@ -259,7 +259,7 @@ async def test_sighup_without_forwards_file_is_logged_and_the_host_keeps_forward
     log_path = short_tmp / "host.log"
     async with (
         unix_service(a_path, reverse_after_eof),
-        streams.StreamRegistry(await transport.listen(streams_ep)) as registry,
+        datastream.StreamRegistry(await transport.listen(streams_ep)) as registry,
     ):
         with log_path.open("wb") as log_file:
             proc = await asyncio.create_subprocess_exec(

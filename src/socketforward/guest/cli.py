@@ -8,10 +8,10 @@ import sys
 from dataclasses import dataclass
 
 from socketforward import daemon, runner, stats, transport
+from socketforward.datastream import StreamRegistry
 from socketforward.guest.agent import Agent
 from socketforward.guest.service import Service
 from socketforward.protocol import DEFAULT_RPC_DIAL, DEFAULT_STREAMS
-from socketforward.streams import StreamRegistry
 
 __all__ = ["AgentConfig", "add_parser", "config_from_args", "main"]
 

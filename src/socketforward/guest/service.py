@@ -50,7 +50,7 @@ class StreamManager(Protocol):
 
     ``get`` raises a ``LookupError`` (``StreamNotFound``) for an unknown or
     already-claimed id; ``wait_for`` waits a bounded time for a stream still
-    on its way; ``close`` ends it. :class:`~socketforward.streams.StreamRegistry`
+    on its way; ``close`` ends it. :class:`~socketforward.datastream.StreamRegistry`
     is the one the agent uses.
     """
 

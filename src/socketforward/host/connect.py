@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final, Protocol
 
-from socketforward import relay, streams, transport, ttrpc
+from socketforward import datastream, relay, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.deadlines import Deadlines
 from socketforward.host.forwards import Forward
@@ -250,7 +250,7 @@ class ConnectRequest:
         # Set on the fast path only.
         self.host_sock: socket.socket | None = None
         self.data_sock: socket.socket | None = None
-        self.ack: streams.AckReader | None = None
+        self.ack: datastream.AckReader | None = None
         self.acks: Deadlines[ConnectRequest] | None = None
 
     def _reply(self, error: str) -> bool:
@@ -269,12 +269,12 @@ class ConnectRequest:
         host_sock = transport.connect_unix_now(self.forward.host_path)
         if host_sock is None:
             return False
-        data_sock = streams.open_stream_now(endpoint, self.stream_id)
+        data_sock = datastream.open_stream_now(endpoint, self.stream_id)
         if data_sock is None:
             host_sock.close()
             return False
         self.host_sock, self.data_sock = host_sock, data_sock
-        self.ack = streams.AckReader(endpoint, self.stream_id)
+        self.ack = datastream.AckReader(endpoint, self.stream_id)
         self.acks = acks
         acks.add(self)
         asyncio.get_running_loop().add_reader(data_sock.fileno(), self._on_ack)
@@ -286,7 +286,7 @@ class ConnectRequest:
         try:
             if not self.ack.read(self.data_sock):
                 return
-        except (OSError, streams.HandshakeError) as exc:
+        except (OSError, datastream.HandshakeError) as exc:
             self._open_failed(STREAM_FAILED, str(exc))
             return
         if not self._reply(""):
@@ -391,14 +391,14 @@ class ConnectRequest:
             return HostError.DIAL, DIAL_TIMEOUT if isinstance(exc, TimeoutError) else DIAL_FAILED
         try:
             sockets.append(
-                await streams.open_stream(
+                await datastream.open_stream(
                     connector.streams_endpoint,
                     stream_id,
                     timeout=connector.stream_timeout,
                     retry_for=connector.stream_retry_for,
                 )
             )
-        except (OSError, streams.HandshakeError) as exc:
+        except (OSError, datastream.HandshakeError) as exc:
             log.warning(
                 "data stream open failed stream_id=%s forward_id=%s streams=%s error=%r",
                 short(stream_id),

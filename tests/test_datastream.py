@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from socketforward.streams import (
+from socketforward.datastream import (
     MAX_ID_LEN,
     HandshakeError,
     StreamEndpointUnavailable,
@@ -102,7 +102,7 @@ async def test_short_read_is_dropped(
     registry: StreamRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An opener that hangs up mid-id is dropped and logged, not registered."""
-    caplog.set_level(logging.WARNING, logger="socketforward.streams")
+    caplog.set_level(logging.WARNING, logger="socketforward.datastream")
     await _raw_handshake(registry, struct.pack(">I", 10) + b"abc", half_close=True)
     assert len(registry) == 0
     assert "closed after 3 of 10 bytes" in caplog.text
@@ -125,7 +125,7 @@ async def test_silent_opener_times_out_alone(
     registry: StreamRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A peer that never sends its id is closed after the timeout; others get through."""
-    caplog.set_level(logging.WARNING, logger="socketforward.streams")
+    caplog.set_level(logging.WARNING, logger="socketforward.datastream")
     loop = asyncio.get_running_loop()
     silent = await connect(registry.endpoint, timeout=5)
     with silent:
