@@ -515,3 +515,25 @@ async def test_python_callers_bind_and_unbind_without_rpc() -> None:
         assert path.is_socket()
         await guest.service.unbind(pb.UnbindRequest(forward_ids=["d"]))
         assert not path.exists()
+
+
+async def test_public_surface_mirrors_nerdboxs_package(tmp_path: Path) -> None:
+    """What an embedder of the VM side uses (as nerdbox's socketforward package
+    offers it) is importable from socketforward.guest: generate_stream_id,
+    Service(streams) registered on a ttrpc server, and a StreamManager whose
+    get() hands a data stream out exactly once."""
+    from socketforward import guest  # noqa: PLC0415 - the import is the test
+    from socketforward.datastream import StreamRegistry  # noqa: PLC0415
+
+    assert guest.generate_stream_id("x").startswith("x-")
+    endpoint = transport.UnixEndpoint(str(tmp_path / "s.sock"))
+    registry: guest.StreamManager = StreamRegistry(await transport.listen(endpoint))
+    service = guest.Service(registry)
+    server = ttrpc.Server()
+    service.register(server)
+    assert service.SERVICE_NAME in server.services
+    with pytest.raises(LookupError):
+        registry.get("never-opened")
+    await service.shutdown()
+    await server.shutdown(0)
+    assert not (tmp_path / "s.sock").exists()
