@@ -1,13 +1,17 @@
-"""The data-stream channel: handshake, registry hand-out, TTL, opener retries."""
+"""The data-stream channel: handshake, registry hand-out, TTL, budgets, opener retries."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
+import random
 import socket
 import struct
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ import pytest
 from socketforward.datastream import (
     MAX_ID_LEN,
     HandshakeError,
+    RegistryStats,
     StreamEndpointUnavailable,
     StreamNotFound,
     StreamRegistry,
@@ -25,10 +30,21 @@ from socketforward.transport import UnixEndpoint, connect, listen
 
 @contextlib.asynccontextmanager
 async def registry_at(
-    path: Path, *, handshake_timeout: float = 10.0, ttl: float = 30.0
+    path: Path,
+    *,
+    handshake_timeout: float = 10.0,
+    ttl: float = 30.0,
+    max_handshakes: int = 256,
+    max_unclaimed: int = 1024,
 ) -> AsyncIterator[StreamRegistry]:
     listener = await listen(UnixEndpoint(str(path)))
-    async with StreamRegistry(listener, handshake_timeout=handshake_timeout, ttl=ttl) as reg:
+    async with StreamRegistry(
+        listener,
+        handshake_timeout=handshake_timeout,
+        ttl=ttl,
+        max_handshakes=max_handshakes,
+        max_unclaimed=max_unclaimed,
+    ) as reg:
         yield reg
 
 
@@ -351,3 +367,277 @@ async def test_close_drops_a_handshake_half_way(tmp_path: Path) -> None:
             await asyncio.sleep(0.1)  # accepted, the two bytes read, waiting for more
             await reg.close()
             assert await asyncio.wait_for(loop.sock_recv(half, 1), 5) == b""
+
+
+# -- budgets: concurrent handshakes, unclaimed streams ---------------------------
+
+
+def _open_fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _until(predicate: Callable[[], bool], patience: float = 5.0) -> None:
+    async with asyncio.timeout(patience):
+        for _ in itertools.count():
+            if predicate():
+                return
+            await asyncio.sleep(0.005)
+
+
+def _idle(stats: RegistryStats) -> bool:
+    return stats.handshakes == 0 and stats.unclaimed == 0 and not stats.paused
+
+
+async def _silent_clients(reg: StreamRegistry, count: int) -> list[socket.socket]:
+    """*count* connections that never send a byte (queued in the backlog if need be)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(await connect(reg.endpoint, timeout=5))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+async def test_silent_clients_hold_at_most_the_handshake_cap(tmp_path: Path) -> None:
+    """A client opening many silent connections on the stream port makes the
+    VM hold at most max_handshakes of them (the rest wait in the kernel's
+    backlog, costing the guest no fd); the registry pauses accepting and,
+    once the silent ones time out, a genuine stream from the host gets through
+    within about a handshake timeout per batch."""
+    cap, timeout = 8, 0.3
+    async with registry_at(
+        tmp_path / "s.sock", handshake_timeout=timeout, max_handshakes=cap
+    ) as reg:
+        baseline = _open_fd_count()
+        silent = await _silent_clients(reg, 3 * cap)
+        try:
+            await _until(lambda: reg.stats().paused)
+            await asyncio.sleep(0.05)  # give it the chance to accept more (it must not)
+            stats = reg.stats()
+            assert stats.handshakes == cap
+            # Our own client sockets plus the registry's accepted ones.
+            assert _open_fd_count() - baseline - len(silent) == cap
+            started = time.monotonic()
+            host = await open_stream(reg.endpoint, "genuine", timeout=10)
+            with host, reg.get("genuine") as vm:
+                await _echo_check(host, vm)
+            # 3 batches of silent handshakes time out before the host's turn.
+            assert time.monotonic() - started < 3 * timeout + 2.0
+            await _until(lambda: reg.stats().handshakes == 0)
+            assert reg.stats().refused["timeout"] == 3 * cap
+            assert _open_fd_count() - baseline - len(silent) == 0
+        finally:
+            for sock in silent:
+                sock.close()
+        await _until(lambda: _idle(reg.stats()))
+
+
+async def test_accepting_resumes_as_soon_as_a_slot_frees(tmp_path: Path) -> None:
+    """With the handshake slots taken by silent peers, one of them going away
+    lets the next waiting connection in at once: a genuine stream does not wait
+    for the (here long) handshake timeout."""
+    cap = 4
+    async with registry_at(tmp_path / "s.sock", handshake_timeout=30, max_handshakes=cap) as reg:
+        silent = await _silent_clients(reg, cap)
+        try:
+            await _until(lambda: reg.stats().paused)
+            opener = asyncio.create_task(open_stream(reg.endpoint, "next", timeout=10))
+            await asyncio.sleep(0.1)
+            assert not opener.done()  # waiting in the backlog
+            silent.pop().close()
+            async with asyncio.timeout(5):
+                host = await opener
+            with host, reg.get("next"):
+                pass
+            assert reg.stats().handshakes == cap - 1
+            assert not reg.stats().paused
+        finally:
+            for sock in silent:
+                sock.close()
+        await reg.close()
+        assert reg.stats().handshakes == 0
+
+
+async def test_prompt_handshakes_are_not_held_back_by_a_small_cap(tmp_path: Path) -> None:
+    """A burst of 300 genuine streams all register even with room for only 4
+    handshakes at a time: a prompt handshake finishes in the callback that
+    accepts it and never holds its slot."""
+    async with registry_at(tmp_path / "s.sock", max_handshakes=4) as reg:
+        ids = [f"b-{i}" for i in range(300)]
+        hosts = await asyncio.gather(*(open_stream(reg.endpoint, i) for i in ids))
+        try:
+            assert len(reg) == 300
+            for i in ids:
+                reg.get(i).close()
+        finally:
+            for sock in hosts:
+                sock.close()
+        assert _idle(reg.stats())
+
+
+async def test_unclaimed_cap_refuses_the_next_stream(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When max_unclaimed streams already wait to be claimed, the host's next
+    open fails with a HandshakeError saying "too many unclaimed streams" (and
+    the guest logs it); once one is claimed, opening works again."""
+    caplog.set_level(logging.WARNING, logger="socketforward.datastream")
+    async with registry_at(tmp_path / "s.sock", max_unclaimed=3) as reg:
+        hosts = [await open_stream(reg.endpoint, f"u-{i}") for i in range(3)]
+        try:
+            with pytest.raises(HandshakeError, match="too many unclaimed streams") as info:
+                await open_stream(reg.endpoint, "one-too-many")
+            assert "one-too-many" in str(info.value)
+            assert "too_many_unclaimed" in caplog.text
+            stats = reg.stats()
+            assert stats.unclaimed == 3
+            assert stats.refused == {"too_many_unclaimed": 1}
+            with pytest.raises(StreamNotFound):
+                reg.get("one-too-many")
+            reg.get("u-0").close()
+            host = await open_stream(reg.endpoint, "now-fits")
+            with host, reg.get("now-fits") as vm:
+                await _echo_check(host, vm)
+        finally:
+            for sock in hosts:
+                sock.close()
+        await reg.close()
+        assert _idle(reg.stats())
+
+
+async def test_racing_clients_never_pass_the_unclaimed_cap(tmp_path: Path) -> None:
+    """Raw clients racing for the last unclaimed places never get more
+    streams registered than the cap: exactly max_unclaimed acks, the rest
+    refused with the error text (acks still being written count as taken)."""
+    async with registry_at(tmp_path / "s.sock", max_unclaimed=5) as reg:
+        replies = await asyncio.gather(
+            *(_raw_handshake_kept(reg, f"r-{i}".encode()) for i in range(20))
+        )
+        acks = [r for r in replies if r.startswith(b"r-")]
+        refusals = [r for r in replies if r.startswith(b"too many unclaimed streams")]
+        assert len(acks) == 5
+        assert len(refusals) == 15
+        assert len(reg) == 5
+        assert reg.stats().refused == {"too_many_unclaimed": 15}
+
+
+async def _raw_handshake_kept(reg: StreamRegistry, stream_id: bytes) -> bytes:
+    """Send an id and read the one string that comes back (the connection is
+    closed right after, so a registered stream stays registered)."""
+    loop = asyncio.get_running_loop()
+    sock = await connect(reg.endpoint, timeout=5)
+    with sock:
+        await loop.sock_sendall(sock, _string(stream_id))
+        header = b""
+        while len(header) < 4:
+            chunk = await loop.sock_recv(sock, 4 - len(header))
+            assert chunk
+            header += chunk
+        (size,) = struct.unpack(">I", header)
+        body = b""
+        while len(body) < size:
+            chunk = await loop.sock_recv(sock, size - len(body))
+            assert chunk
+            body += chunk
+        return body
+
+
+async def test_error_text_for_a_long_duplicate_id_stays_readable(registry: StreamRegistry) -> None:
+    """Re-opening a 256-byte id gets a "already exists" refusal the opener can
+    read (cut to the 256-byte bound), not an "ack length exceeds the limit"."""
+    long_id = "d" * MAX_ID_LEN
+    with await open_stream(registry.endpoint, long_id):
+        with pytest.raises(HandshakeError, match="rejected by") as info:
+            await open_stream(registry.endpoint, long_id)
+        assert "exceeds the limit" not in str(info.value)
+        registry.get(long_id).close()
+
+
+async def _hostile(reg: StreamRegistry, kind: int, rng: random.Random) -> None:
+    """One hostile or broken client; never raises (the registry may reset it)."""
+    loop = asyncio.get_running_loop()
+    try:
+        sock = await connect(reg.endpoint, timeout=5)
+    except OSError:
+        return
+    with sock, contextlib.suppress(OSError):
+        if kind == 0:  # silent until the registry gives up on it
+            await asyncio.wait_for(loop.sock_recv(sock, 1), 5)
+        elif kind == 1:  # garbage
+            await loop.sock_sendall(sock, rng.randbytes(rng.randrange(1, 64)))
+        elif kind == 2:  # a huge claimed length
+            await loop.sock_sendall(sock, struct.pack(">I", rng.randrange(257, 2**32)))
+        elif kind == 3:  # half an id, then hang up
+            await loop.sock_sendall(sock, struct.pack(">I", 50) + b"half")
+        elif kind == 4:  # reset at once
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif kind == 5:  # a valid id, never claimed, ack not read
+            await loop.sock_sendall(sock, _string(f"h-{rng.randrange(40)}".encode()))
+            await asyncio.sleep(rng.random() * 0.1)
+        elif kind == 6:  # a valid id, then read the answer
+            await loop.sock_sendall(sock, _string(f"h-{rng.randrange(40)}".encode()))
+            await asyncio.wait_for(loop.sock_recv(sock, 300), 5)
+        else:  # invalid UTF-8
+            await loop.sock_sendall(sock, _string(b"\xff" * rng.randrange(1, 9)))
+
+
+async def test_hostile_storm_leaves_no_count_or_fd_behind(tmp_path: Path) -> None:
+    """A storm of silent, garbage, oversized, cut-off, reset, duplicate and
+    unclaimed handshakes never takes the registry past its caps, and once the
+    registry is closed every figure is back to zero and no fd is left open
+    (the fd check runs after every test)."""
+    cap, unclaimed_cap = 16, 10
+    rng = random.Random(1234)
+    async with registry_at(
+        tmp_path / "s.sock",
+        handshake_timeout=0.2,
+        ttl=0.3,
+        max_handshakes=cap,
+        max_unclaimed=unclaimed_cap,
+    ) as reg:
+        peaks = {"handshakes": 0, "unclaimed": 0}
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            while not stop.is_set():
+                stats = reg.stats()
+                peaks["handshakes"] = max(peaks["handshakes"], stats.handshakes)
+                peaks["unclaimed"] = max(peaks["unclaimed"], stats.unclaimed)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await asyncio.gather(*(_hostile(reg, rng.randrange(8), rng) for _ in range(400)))
+        finally:
+            stop.set()
+            await watcher
+        assert 0 < peaks["handshakes"] <= cap
+        assert 0 < peaks["unclaimed"] <= unclaimed_cap
+        refused = reg.stats().refused
+        assert {"invalid", "timeout", "duplicate", "too_many_unclaimed"} <= set(refused)
+        # The storm's leftovers time out or expire; then a genuine stream gets through.
+        await _until(lambda: _idle(reg.stats()))
+        with await open_stream(reg.endpoint, "after-the-storm"), reg.get("after-the-storm"):
+            pass
+        # Leave some handshakes and unclaimed streams for close() to clean up.
+        left = await _silent_clients(reg, 5)
+        extra = await open_stream(reg.endpoint, "left-unclaimed")
+        with extra, contextlib.ExitStack() as stack:
+            for sock in left:
+                stack.enter_context(sock)
+            await _until(lambda: reg.stats().handshakes == 5)
+            await reg.close()
+            assert _idle(reg.stats())
+            assert len(reg) == 0
+
+
+async def test_budgets_must_be_positive(tmp_path: Path) -> None:
+    """A zero cap is a configuration mistake, reported at construction."""
+    async with await listen(UnixEndpoint(str(tmp_path / "s.sock"))) as listener:
+        with pytest.raises(ValueError, match="max_handshakes"):
+            StreamRegistry(listener, max_handshakes=0)
+        with pytest.raises(ValueError, match="max_unclaimed"):
+            StreamRegistry(listener, max_unclaimed=0)

@@ -17,6 +17,8 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
@@ -32,9 +34,12 @@ from socketforward.transport import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_HANDSHAKES",
+    "DEFAULT_MAX_UNCLAIMED",
     "MAX_ID_LEN",
     "AckReader",
     "HandshakeError",
+    "RegistryStats",
     "StreamEndpointUnavailable",
     "StreamNotFound",
     "StreamRegistry",
@@ -47,6 +52,10 @@ log = logging.getLogger(__name__)
 
 MAX_ID_LEN: Final = 256
 _LEN: Final = struct.Struct(">I")
+# Budgets of one StreamRegistry (docs/protocol.md 5.2, 9.2): at most this many
+# accepted connections whose id is not in yet, and registered ones unclaimed.
+DEFAULT_MAX_HANDSHAKES: Final = 256
+DEFAULT_MAX_UNCLAIMED: Final = 1024
 
 
 class StreamNotFound(KeyError):
@@ -119,18 +128,49 @@ def _decode_id(raw: bytes) -> str:
 
 
 class _Handshake:
-    """One data-stream connection between accept and registration."""
+    """One data-stream connection between accept and registration; while it
+    exists (until :meth:`StreamRegistry._finish`) it holds a handshake slot."""
 
-    __slots__ = ("conn", "fd", "out", "reader", "reading", "stream_id", "writing")
+    __slots__ = (
+        "conn",
+        "fd",
+        "finished",
+        "out",
+        "reader",
+        "reading",
+        "refusal",
+        "stream_id",
+        "writing",
+    )
 
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
         self.fd = conn.fileno()
         self.reader = StringReader("stream id")
-        self.stream_id: str | None = None  # set once the id is read and acceptable
+        self.stream_id: str | None = None  # set once the id is read and reserved
+        self.refusal: str | None = None  # the reason, once an error text is on its way
         self.out = b""  # what is left to write: the ack, or an error text
         self.reading = False
         self.writing = False
+        self.finished = False
+
+
+@dataclass(frozen=True)
+class RegistryStats:
+    """A snapshot of a :class:`StreamRegistry`'s figures."""
+
+    handshakes: int
+    """Connections accepted whose handshake is in progress (at most max_handshakes)."""
+    unclaimed: int
+    """Registered streams waiting to be claimed (at most max_unclaimed)."""
+    paused: bool
+    """Accepting is paused because handshakes are at their cap."""
+    refused: Mapping[str, int]
+    """Handshakes that ended without registering, by reason: ``too_many_unclaimed``,
+    ``duplicate``, ``invalid`` (bad, oversized or cut-off id), ``timeout``,
+    ``error`` (the connection failed)."""
+    expired: int
+    """Registered streams closed because nobody claimed them within the TTL."""
 
 
 class StreamRegistry:
@@ -141,6 +181,12 @@ class StreamRegistry:
     already there when the connection is accepted, and the ack fits the
     empty send buffer. Unclaimed connections are closed after *ttl*
     seconds. Takes ownership of *listener*.
+
+    Budgets: while *max_handshakes* handshakes are in progress the registry
+    stops accepting (new connections wait in the kernel's backlog) and resumes
+    as soon as one completes, fails or times out. A handshake that would make
+    more than *max_unclaimed* streams wait to be claimed is answered
+    ``too many unclaimed streams`` instead of the ack, and closed.
     """
 
     def __init__(
@@ -149,12 +195,21 @@ class StreamRegistry:
         *,
         handshake_timeout: float = 10.0,
         ttl: float = 30.0,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        max_unclaimed: int = DEFAULT_MAX_UNCLAIMED,
     ) -> None:
+        if max_handshakes < 1:
+            raise ValueError(f"max_handshakes must be >= 1, got {max_handshakes}")
+        if max_unclaimed < 1:
+            raise ValueError(f"max_unclaimed must be >= 1, got {max_unclaimed}")
         self._listener = listener
         self._handshake_timeout = handshake_timeout
         self._ttl = ttl
+        self._max_handshakes = max_handshakes
+        self._max_unclaimed = max_unclaimed
         self._streams: dict[str, socket.socket] = {}
         self._unclaimed: Deadlines[str] = Deadlines(ttl, self._expire)
+        # A handshake holds its slot while it is in here: the one count of them.
         self._handshakes: Deadlines[_Handshake] = Deadlines(
             handshake_timeout, self._handshake_timed_out
         )
@@ -162,6 +217,9 @@ class StreamRegistry:
         self._arrivals: dict[str, list[asyncio.Future[None]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._paused = False  # accepting stopped: handshakes at their cap
+        self._refused: dict[str, int] = {}
+        self._expired = 0
 
     @property
     def endpoint(self) -> Endpoint:
@@ -170,6 +228,16 @@ class StreamRegistry:
     def __len__(self) -> int:
         """Registered connections waiting to be claimed."""
         return len(self._streams)
+
+    def stats(self) -> RegistryStats:
+        """The current figures (a copy; the registry keeps counting)."""
+        return RegistryStats(
+            handshakes=len(self._handshakes),
+            unclaimed=len(self._streams),
+            paused=self._paused,
+            refused=dict(self._refused),
+            expired=self._expired,
+        )
 
     def start(self) -> None:
         """Start accepting (idempotent); needs a running loop."""
@@ -197,8 +265,9 @@ class StreamRegistry:
         if self._closed:
             return
         self._closed = True
+        self._paused = False
         for h in self._handshakes.drain():
-            self._drop(h)
+            self._finish(h, None)
         for sock in self._streams.values():
             sock.close()
         self._streams.clear()
@@ -252,8 +321,17 @@ class StreamRegistry:
 
     def _on_connection(self, conn: socket.socket) -> None:
         h = _Handshake(conn)
-        self._handshakes.add(h)
+        self._handshakes.add(h)  # the slot; given back only by _finish
         self._read(h)
+        # Checked after the first read: a prompt handshake is already done here.
+        if len(self._handshakes) >= self._max_handshakes and not self._paused:
+            self._paused = True
+            self._listener.stop_accepting()
+            log.warning(
+                "stream handshakes at their limit, accepting paused limit=%d endpoint=%s",
+                self._max_handshakes,
+                self.endpoint,
+            )
 
     def _read(self, h: _Handshake) -> None:
         try:
@@ -264,19 +342,38 @@ class StreamRegistry:
             stream_id = _decode_id(raw)
         except HandshakeError as exc:
             log.warning("stream handshake rejected error=%r", str(exc))
-            self._reply(h, str(exc))
+            self._refuse(h, "invalid", str(exc))
             return
         except OSError as exc:
             log.warning("stream handshake failed stream_id=None error=%r", exc)
-            self._drop(h)
+            self._finish(h, "error")
             return
         if stream_id in self._streams or stream_id in self._reserved:
-            log.warning("stream handshake rejected stream_id=%s error=duplicate", stream_id)
-            self._reply(h, f"stream {stream_id!r} already exists")
+            log.warning("stream handshake rejected stream_id=%r error=duplicate", stream_id)
+            self._refuse(h, "duplicate", f"stream {stream_id!r} already exists")
+            return
+        # Acks being written count: each is about to become an unclaimed stream.
+        if len(self._streams) + len(self._reserved) >= self._max_unclaimed:
+            log.warning(
+                "stream handshake rejected stream_id=%r error=too_many_unclaimed limit=%d",
+                stream_id,
+                self._max_unclaimed,
+            )
+            self._refuse(
+                h, "too_many_unclaimed", f"too many unclaimed streams (limit {self._max_unclaimed})"
+            )
             return
         h.stream_id = stream_id
         self._reserved.add(stream_id)
         self._reply(h, stream_id)
+
+    def _refuse(self, h: _Handshake, reason: str, text: str) -> None:
+        """Answer an error text instead of the ack, then close (counted as *reason*)."""
+        h.refusal = reason
+        data = text.encode()
+        if len(data) > MAX_ID_LEN:  # the opener would not read a longer one
+            text = data[:MAX_ID_LEN].decode(errors="ignore")
+        self._reply(h, text)
 
     def _reply(self, h: _Handshake, text: str) -> None:
         """Write the ack (the id itself) or an error text; then register or close."""
@@ -296,15 +393,14 @@ class StreamRegistry:
         except OSError as exc:
             if h.stream_id is not None:
                 log.warning("stream handshake failed stream_id=%s error=%r", h.stream_id, exc)
-            self._drop(h)
+            self._finish(h, "error")
             return
         stream_id = h.stream_id
         if stream_id is None:  # an error text went out: done with this one
-            self._drop(h)
+            assert h.refusal is not None
+            self._finish(h, h.refusal)
             return
-        self._watch(h, write=False)
-        self._handshakes.discard(h)
-        self._reserved.discard(stream_id)
+        self._finish(h, None)
         self._streams[stream_id] = h.conn
         self._unclaimed.add(stream_id)
         log.debug("stream registered stream_id=%s", stream_id)
@@ -328,31 +424,48 @@ class StreamRegistry:
 
     def _handshake_timed_out(self, h: _Handshake) -> None:
         log.warning(
-            "stream handshake timed out stream_id=%s timeout=%s",
+            "stream handshake timed out stream_id=%r timeout=%s",
             h.stream_id,
             self._handshake_timeout,
         )
-        self._drop(h)
+        self._finish(h, "timeout")
 
-    def _drop(self, h: _Handshake) -> None:
-        """Close a connection that will not be registered (watchers go first)."""
+    def _finish(self, h: _Handshake, failure: str | None) -> None:
+        """The one way out of a handshake, on every path: its watchers go, its
+        slot and reserved id are given back (accepting resumes if it was paused
+        for want of a slot). With a *failure* (the reason counted, unless an
+        error text already named one) the connection is closed; with None the
+        caller registers it, or the registry is closing and closes it."""
+        if h.finished:
+            return
+        h.finished = True
         self._watch(h, read=False, write=False)
-        self._handshakes.discard(h)
+        self._handshakes.discard(h)  # no-op when its timeout removed it
         if h.stream_id is not None:
             self._reserved.discard(h.stream_id)
-        h.conn.close()
+        reason = h.refusal or failure
+        if reason is not None:
+            self._refused[reason] = self._refused.get(reason, 0) + 1
+        if failure is not None or self._closed:
+            h.conn.close()
+        if self._paused and len(self._handshakes) < self._max_handshakes:
+            self._paused = False
+            self._listener.start_accepting(self._on_connection, self._on_accept_error)
+            log.debug("stream accepting resumed endpoint=%s", self.endpoint)
 
     def _expire(self, stream_id: str) -> None:
         sock = self._streams.pop(stream_id, None)
         if sock is not None:
             sock.close()
+            self._expired += 1
             log.warning("stream never claimed, closed stream_id=%s ttl=%s", stream_id, self._ttl)
 
 
 def open_stream_now(ep: Endpoint, stream_id: str) -> socket.socket | None:
     """Connect to a ``unix:`` stream endpoint and write the id, if neither has to
     wait: the socket, whose ack is then read with :class:`AckReader`; None
-    otherwise (use :func:`open_stream`, which waits, retries and names errors)."""
+    otherwise (use :func:`open_stream`, which waits, retries and names errors).
+    OSError (EMFILE, ENFILE, ENOBUFS...) when no socket can be made at all."""
     if not isinstance(ep, UnixEndpoint):
         return None
     sock = connect_unix_now(ep.path)

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from socketforward import daemon, runner, stats, transport
-from socketforward.datastream import StreamRegistry
+from socketforward.datastream import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_UNCLAIMED, StreamRegistry
 from socketforward.guest.agent import Agent
 from socketforward.guest.service import Service
 from socketforward.protocol import DEFAULT_RPC_DIAL, DEFAULT_STREAMS
@@ -67,6 +67,22 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="SECONDS",
         help="close a connection the host has not answered within this (default 30)",
     )
+    parser.add_argument(
+        "--max-stream-handshakes",
+        type=daemon.positive_int,
+        default=DEFAULT_MAX_HANDSHAKES,
+        metavar="N",
+        help="data-stream handshakes in progress at once; more wait in the listen "
+        f"backlog (default {DEFAULT_MAX_HANDSHAKES})",
+    )
+    parser.add_argument(
+        "--max-unclaimed-streams",
+        type=daemon.positive_int,
+        default=DEFAULT_MAX_UNCLAIMED,
+        metavar="N",
+        help="data streams waiting to be claimed; more are refused "
+        f"(default {DEFAULT_MAX_UNCLAIMED})",
+    )
     parser.set_defaults(run=main)
 
 
@@ -81,6 +97,8 @@ class AgentConfig:
     max_unanswered: int
     pending_limit: int
     pending_timeout: float
+    max_stream_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    max_unclaimed_streams: int = DEFAULT_MAX_UNCLAIMED
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
@@ -110,12 +128,21 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         max_unanswered=args.max_unanswered,
         pending_limit=args.pending_limit,
         pending_timeout=args.pending_timeout,
+        max_stream_handshakes=args.max_stream_handshakes,
+        max_unclaimed_streams=args.max_unclaimed_streams,
     )
 
 
-def _log_stats(service: Service) -> None:
+def _log_stats(service: Service, registry: StreamRegistry) -> None:
     """One line per forward (SIGUSR1, and at exit), as the host's."""
-    stats.log_stats(log, service.stats(), pending=service.pending)
+    streams = registry.stats()
+    stats.log_stats(
+        log,
+        service.stats(),
+        pending=service.pending,
+        stream_handshakes=streams.handshakes,
+        unclaimed_streams=streams.unclaimed,
+    )
 
 
 class _Fatal(Exception):
@@ -127,7 +154,11 @@ async def _serve(cfg: AgentConfig) -> None:
         streams_listener = await transport.listen(cfg.streams, mode=0o600)
     except (OSError, transport.EndpointError) as exc:
         raise _Fatal(f"--streams {cfg.streams}: {exc}") from None
-    registry = StreamRegistry(streams_listener)
+    registry = StreamRegistry(
+        streams_listener,
+        max_handshakes=cfg.max_stream_handshakes,
+        max_unclaimed=cfg.max_unclaimed_streams,
+    )
     service = Service(
         registry,
         socket_mode=cfg.socket_mode,
@@ -137,7 +168,7 @@ async def _serve(cfg: AgentConfig) -> None:
     )
     agent = Agent(service, rpc_dial=cfg.rpc_dial, rpc_listen=cfg.rpc_listen)
     try:
-        async with daemon.handle_signals(on_stats=lambda: _log_stats(service)) as stop:
+        async with daemon.handle_signals(on_stats=lambda: _log_stats(service, registry)) as stop:
             registry.start()
             log.info(
                 "guest started rpc=%s streams=%s",
@@ -152,7 +183,7 @@ async def _serve(cfg: AgentConfig) -> None:
             log.info("signal received, shutting down")
     finally:
         await agent.shutdown()
-        _log_stats(service)
+        _log_stats(service, registry)
 
 
 def main(args: argparse.Namespace) -> int:
