@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from socketforward import transport
 from socketforward.transport import (
     MAX_UNIX_PATH,
     Backoff,
@@ -28,7 +29,9 @@ from socketforward.transport import (
     VsockEndpoint,
     connect,
     connect_nonblocking,
+    connect_unix_now,
     listen,
+    out_of_resources,
     parse_endpoint,
     redial,
 )
@@ -578,3 +581,47 @@ async def test_redial_gives_up_at_once_on_an_address_that_cannot_work(tmp_path: 
             ),
             5,
         )
+
+
+# -- running out of descriptors ------------------------------------------------------
+
+
+async def test_no_socket_to_be_made_is_an_error_naming_the_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the process is out of descriptors, the fast connect raises (instead of
+    deferring to a slow path that would fail the same way) and the waiting
+    connect fails at once; both keep the errno and name the endpoint."""
+
+    def no_fds(family: int) -> socket.socket:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    async with await listen(UnixEndpoint(str(tmp_path / "s.sock"))):
+        monkeypatch.setattr(transport, "_new_socket", no_fds)
+        with pytest.raises(OSError) as fast:
+            connect_unix_now(str(tmp_path / "s.sock"))
+        with pytest.raises(OSError) as slow:
+            await connect(UnixEndpoint(str(tmp_path / "s.sock")), timeout=5)
+        with pytest.raises(OSError) as hvsock:
+            await connect(HvsockEndpoint(str(tmp_path / "s.sock"), 1026), timeout=5)
+    for caught in (fast, slow, hvsock):
+        assert caught.value.errno == errno.EMFILE and out_of_resources(caught.value)
+        assert f"{tmp_path}/s.sock" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (errno.EMFILE, True),
+        (errno.ENFILE, True),
+        (errno.ENOBUFS, True),
+        (errno.ENOMEM, True),
+        (errno.ECONNREFUSED, False),
+        (errno.ENOENT, False),
+    ],
+)
+def test_out_of_resources_tells_load_from_peer_problems(code: int, expected: bool) -> None:
+    """Only descriptor and memory exhaustion count as running out of resources;
+    a refused or missing peer does not."""
+    assert out_of_resources(OSError(code, os.strerror(code))) is expected
+    assert not out_of_resources(ValueError("not an OSError"))

@@ -22,6 +22,7 @@ from typing import Final, NoReturn
 
 __all__ = [
     "MAX_UNIX_PATH",
+    "RESOURCE_ERRNOS",
     "VMADDR_CID_ANY",
     "Endpoint",
     "EndpointError",
@@ -35,6 +36,7 @@ __all__ = [
     "connect",
     "connect_unix_now",
     "listen",
+    "out_of_resources",
     "parse_endpoint",
     "redial",
     "unix_path_problem",
@@ -49,6 +51,9 @@ VMADDR_CID_ANY: Final = 0xFFFFFFFF
 # The hybrid-vsock reply is "OK <u32>\n": anything longer is not a reply.
 HVSOCK_REPLY_MAX: Final = 64
 _EAGER_ACCEPTS: Final = 64
+# A socket (or what it needs) could not be allocated: the process or the
+# system is out of descriptors or memory, not a problem of the peer.
+RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 # The C-level attributes, plain ints: socket.socket's properties build an enum
 # member on every access, a measurable share of a short forwarded connection.
@@ -234,6 +239,12 @@ def parse_endpoint(uri: str) -> Endpoint:
     raise _bad(uri, f"unknown scheme {scheme!r} (expected unix:, vsock:// or hvsock:)")
 
 
+def out_of_resources(exc: BaseException) -> bool:
+    """Whether *exc* says descriptors or memory ran out (EMFILE, ENFILE, ENOBUFS,
+    ENOMEM): retrying at once fails the same way; it is nobody's fault but load."""
+    return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
+
+
 def _new_socket(family: int) -> socket.socket:
     return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
 
@@ -249,8 +260,14 @@ def _named(exc: OSError, what: str) -> OSError:
 def connect_unix_now(path: str) -> socket.socket | None:
     """Connect to a UNIX socket if that needs no waiting: the socket, or None when
     the listener's backlog is full or the connect fails (:func:`connect` then
-    waits, retries or names the error). A fast path for per-connection dials."""
-    sock = _new_socket(socket.AF_UNIX)
+    waits, retries or names the error). A fast path for per-connection dials.
+
+    Raises OSError (EMFILE, ENFILE, ENOBUFS...) when no socket can be made:
+    waiting would not help, so the caller fails that one connection."""
+    try:
+        sock = _new_socket(socket.AF_UNIX)
+    except OSError as exc:
+        raise _named(exc, f"socket for unix:{path}") from None
     try:
         sock.connect(path)
     except OSError:
@@ -260,7 +277,10 @@ def connect_unix_now(path: str) -> socket.socket | None:
 
 
 async def _connect_unix(path: str, what: str) -> socket.socket:
-    sock = _new_socket(socket.AF_UNIX)
+    try:
+        sock = _new_socket(socket.AF_UNIX)
+    except OSError as exc:
+        raise _named(exc, f"socket for {what}") from None
     try:
         delay = 0.001
         while True:
@@ -366,7 +386,10 @@ async def _connect(ep: Endpoint) -> socket.socket:
         return sock
     if ep.cid is None:
         raise EndpointError(f"invalid endpoint {str(ep)!r}: connecting needs a CID")
-    sock = _new_socket(socket.AF_VSOCK)
+    try:
+        sock = _new_socket(socket.AF_VSOCK)
+    except OSError as exc:
+        raise _named(exc, f"socket for {ep}") from None
     try:
         await connect_nonblocking(sock, (ep.cid, ep.port))
     except OSError as exc:

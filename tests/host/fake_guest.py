@@ -9,8 +9,9 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
-from google.protobuf import empty_pb2
+from google.protobuf import any_pb2, empty_pb2
 
 from socketforward import datastream, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
@@ -35,6 +36,14 @@ class AcceptCall:
         self.results[stream_id] = future
         await self.stream.send(pb.ConnectRequest(stream_id=stream_id, forward_id=forward_id))
         return future
+
+    async def send_undecodable(self, stream_id: str, forward_id: bytes) -> None:
+        """Send a ConnectRequest whose forward_id is raw bytes (say, not UTF-8,
+        which protobuf refuses to decode as a string)."""
+        # Any{string type_url = 1; bytes value = 2} is ConnectRequest's wire
+        # shape with bytes where forward_id has a string.
+        raw = any_pb2.Any(type_url=stream_id, value=forward_id)
+        await self.stream.send(cast("pb.ConnectRequest", raw))
 
     async def connect(self, stream_id: str, forward_id: str) -> pb.ConnectResult:
         future = await self.request(stream_id, forward_id)

@@ -198,3 +198,34 @@ async def test_forward_table_rejects_conflicting_entries(short_tmp: Path) -> Non
     with pytest.raises(ValueError, match="forward ID"):
         Forward("a,b", "/h.sock", "/v.sock")
     assert FORWARD_IDS_METADATA == "socketforward-forward-ids"
+
+
+async def test_an_undecodable_connect_request_is_dropped_and_the_call_goes_on(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ConnectRequest that does not decode (its forward_id is not UTF-8) is
+    dropped with one escaped log line and counted; the Accept call stays open
+    and serves the request right behind it."""
+    caplog.set_level(logging.INFO, logger="socketforward.host")
+    forward = fwd(short_tmp, "a")
+    async with (
+        unix_service(Path(forward.host_path), reverse_after_eof),
+        running_host(short_tmp, [forward]) as env,
+    ):
+        guest = FakeGuest(registry=env.registry)
+        async with guest_dialing(guest, env.rpc):
+            call = await guest.next_accept()
+            await call.send_undecodable("s-bad", b"fwd-\xff\n\x1b[2J")
+            good = await call.request("s-good", "fwd-a")
+            async with asyncio.timeout(30):
+                assert (await good).error == ""
+            sock = guest.claimed.pop("s-good")
+            assert sock is not None
+            with sock:
+                assert await exchange(sock, b"after") == b"retfa"
+            assert env.forwarder.undecodable_requests == 1
+            assert not call.ended.is_set() and guest.accepts.empty()
+            assert env.forwarder.sessions == 1 and env.forwarder.pending == 0
+    lines = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
+    assert len(lines) == 1
+    assert "\\xff\\n\\x1b[2J" in lines[0] and "\n" not in lines[0]

@@ -32,7 +32,8 @@ def _host_cmd(*args: str) -> list[str]:
 
 def test_bad_arguments_exit_nonzero_naming_the_argument(short_tmp: Path) -> None:
     """Every malformed argument makes `socketforward host` exit non-zero with a
-    message that names the argument and the problem, before anything starts."""
+    message that names the argument and the problem, before anything starts;
+    so does a --streams path in a directory other users can write."""
     private = short_tmp / "p"
     private.mkdir(mode=0o700)
     rpc = f"unix:{private}/rpc.sock"
@@ -48,6 +49,11 @@ def test_bad_arguments_exit_nonzero_naming_the_argument(short_tmp: Path) -> None
     open_dir = short_tmp / "open"
     open_dir.mkdir()
     os.chmod(open_dir, 0o755)
+    world, sticky = short_tmp / "world", short_tmp / "sticky"
+    world.mkdir()
+    os.chmod(world, 0o777)
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)  # like /tmp: a missing path can still be taken
     cases: dict[str, tuple[list[str], str]] = {
         "no rpc flag": (["--streams", "unix:/s.sock", good], "--rpc-listen"),
         "both rpc flags": ([*base, "--rpc-dial", "unix:/x.sock", good], "not allowed with"),
@@ -75,6 +81,16 @@ def test_bad_arguments_exit_nonzero_naming_the_argument(short_tmp: Path) -> None
         "timeout": ([*base, good, "--dial-timeout", "-1"], "argument --dial-timeout"),
         "open dir": (["--rpc-listen", f"unix:{open_dir}/rpc.sock", "--streams", "unix:/s", good],
                      "open to other users"),
+        "streams in world-writable dir": (["--rpc-listen", rpc, "--streams",
+                                           f"unix:{world}/s.sock", good],
+                                          f"--streams unix:{world}/s.sock: directory {world} "
+                                          "can be written by other users"),
+        "streams in sticky dir": (["--rpc-listen", rpc, "--streams", f"unix:{sticky}/s.sock",
+                                   good], "--streams unix:"),
+        "hvsock streams in open dir": (["--rpc-listen", rpc, "--streams",
+                                        f"hvsock:{world}/v.sock:1026", good],
+                                       f"--streams hvsock:{world}/v.sock:1026: directory"),
+        "streams uid": ([*base, good, "--streams-uid", "-1"], "argument --streams-uid"),
     }  # fmt: skip
     procs = {
         name: subprocess.Popen(
@@ -88,6 +104,7 @@ def test_bad_arguments_exit_nonzero_naming_the_argument(short_tmp: Path) -> None
         assert cases[name][1] in stderr, (name, stderr)
     assert not (open_dir / "rpc.sock").exists()
     assert not (private / "rpc.sock").exists()
+    assert not (world / "s.sock").exists()
 
 
 async def _wait_for(path: Path, proc: asyncio.subprocess.Process) -> None:
@@ -298,3 +315,47 @@ async def test_sighup_without_forwards_file_is_logged_and_the_host_keeps_forward
                 await proc.wait()
     assert not rpc_path.exists()
     assert "stats unknown_forward_requests=0" in log_path.read_text()
+
+
+async def test_streams_uid_option_is_the_user_the_stream_endpoint_must_be(
+    short_tmp: Path,
+) -> None:
+    """`--streams-uid UID` names the user whose process must serve the data-stream
+    endpoint: with another user's uid than the endpoint's, each connection fails
+    with `failed to open data stream` and the host log names both uids."""
+    host_dir, vm_dir = short_tmp / "host", short_tmp / "vm"
+    a_path = host_dir / "a.sock"
+    rpc_path = host_dir / "rpc" / "rpc.sock"
+    streams_ep = transport.UnixEndpoint(str(vm_dir / "streams.sock"))
+    log_path = short_tmp / "host.log"
+    other = os.geteuid() + 1
+    async with (
+        unix_service(a_path, reverse_after_eof),
+        datastream.StreamRegistry(await transport.listen(streams_ep)) as registry,
+    ):
+        with log_path.open("wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *_host_cmd(
+                    "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
+                    "--forward", f"a={a_path}:/run/a.sock", "--streams-uid", str(other),
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )  # fmt: skip
+        try:
+            await _wait_for(rpc_path, proc)
+            guest = FakeGuest(registry=registry)
+            async with guest_dialing(guest, transport.UnixEndpoint(str(rpc_path))):
+                call = await guest.next_accept()
+                assert (await call.connect("s-1", "a")).error == "failed to open data stream"
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    log = log_path.read_text()
+    assert f"peer_uid={os.geteuid()}" in log and f"expected_uid={other}" in log
+    assert "failed=stream_peer:1" in log

@@ -128,3 +128,31 @@ async def test_close_cuts_a_peer_that_stopped_reading() -> None:
             with pytest.raises(ttrpc.TtrpcError) as info:
                 await call
             assert info.value.code == ttrpc.Code.UNAVAILABLE
+
+
+async def test_an_undecodable_message_fails_alone_and_the_stream_goes_on(
+    client: ttrpc.Client,
+) -> None:
+    """A streamed message that does not decode as the expected type (here a
+    string field that is not UTF-8) raises MessageDecodeError, an INTERNAL
+    TtrpcError carrying the raw bytes, for that message only: the next receive
+    on the same stream returns the next message."""
+    stream: ttrpc.ClientStream[echo_pb2.EchoRequest, echo_pb2.Pair] = await client.stream(
+        echo_ttrpc.EchoStub.SERVICE_NAME,
+        "Bidi",
+        echo_pb2.Pair,  # field 1 a string where EchoResponse has payload bytes
+        client_streaming=True,
+        server_streaming=True,
+    )
+    async with stream:
+        await stream.send(Req(payload=b"\xff\xfe"))
+        await stream.send(Req(payload=b"fine"))
+        with pytest.raises(ttrpc.MessageDecodeError) as caught:
+            await stream.recv()
+        assert caught.value.code == ttrpc.Code.INTERNAL
+        assert b"\xff\xfe" in caught.value.data
+        assert "Pair" in str(caught.value)
+        following = await stream.recv()
+        assert following is not None and following.key == "fine"
+        await stream.close_send()
+        assert await stream.recv() is None

@@ -49,6 +49,13 @@ def _listen_endpoint_arg(text: str) -> transport.Endpoint:
     return ep
 
 
+def _uid_arg(text: str) -> int:
+    # isdigit() alone accepts non-ASCII digits such as "²".
+    if not (text.isascii() and text.isdigit()) or int(text) > 2**32 - 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a numeric user id")
+    return int(text)
+
+
 def _forward_arg(text: str) -> Forward:
     try:
         return parse_forward(text)
@@ -84,6 +91,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=_endpoint_arg,
         required=True,
         help="the guest's data-stream endpoint, e.g. vsock://3:1026 or unix:/path/vm.sock_1026",
+    )
+    parser.add_argument(
+        "--streams-uid",
+        metavar="UID",
+        type=_uid_arg,
+        help="the user whose process listens at a unix: or hvsock: --streams endpoint "
+        "(default: this process's own); a data stream served by anyone else is closed",
     )
     parser.add_argument(
         "--forward",
@@ -197,8 +211,37 @@ def _check_private_dir(ep: transport.UnixEndpoint) -> None:
         )
 
 
+def _check_streams_dir(ep: transport.Endpoint, streams_uid: int | None) -> None:
+    """Whoever can write the directory of a UNIX stream endpoint can put their own
+    socket at its path (a sticky bit does not stop that while the path is still
+    missing, as when the VM boots) and receive host connections: refuse a
+    directory writable by group or others, or owned by someone not trusted."""
+    if isinstance(ep, transport.VsockEndpoint):
+        return
+    parent = os.path.dirname(ep.path)
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        return  # nothing there yet: the SO_PEERCRED check of each stream still holds
+    except OSError as exc:
+        raise _UsageError(f"--streams {ep}: directory {parent}: {exc}") from None
+    trusted = {os.geteuid(), 0, os.geteuid() if streams_uid is None else streams_uid}
+    if st.st_mode & 0o022 or st.st_uid not in trusted:
+        raise _UsageError(
+            f"--streams {ep}: directory {parent} can be written by other users "
+            f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}), who could put "
+            "their own socket at that path and receive forwarded connections; use a "
+            "directory that only you (or --streams-uid) can write"
+        )
+
+
 def _log_stats(forwarder: Forwarder) -> None:
-    stats.log_stats(log, forwarder.stats(), unknown_forward_requests=forwarder.unknown_requests)
+    stats.log_stats(
+        log,
+        forwarder.stats(),
+        unknown_forward_requests=forwarder.unknown_requests,
+        undecodable_requests=forwarder.undecodable_requests,
+    )
 
 
 class _ForwardsFile:
@@ -263,6 +306,7 @@ async def _serve(
     """Listen or dial until *stop* is set; the exit status."""
     listener: transport.Listener | None = None
     try:
+        _check_streams_dir(args.streams, args.streams_uid)
         if args.rpc_listen is not None:
             ep = args.rpc_listen
             if isinstance(ep, transport.UnixEndpoint):
@@ -296,6 +340,7 @@ async def _run(args: argparse.Namespace, forwards: list[Forward], file_ids: list
         dial_timeout=args.dial_timeout,
         stream_timeout=args.stream_timeout,
         stream_retry_for=args.stream_retry_for,
+        streams_uid=args.streams_uid,
     )
     from_file = (
         _ForwardsFile(args.forwards_file, forwarder, file_ids) if args.forwards_file else None

@@ -12,6 +12,16 @@ on callbacks: no task and no Future per connection, only a readiness
 callback for the ack whose reader the relay then takes over. Everything else
 (errors to report, backlogs to wait out, a VM still booting, vsock) takes a
 task of its own that waits, retries and names what failed.
+
+Running out of descriptors or memory (EMFILE, ENOBUFS...) fails the one
+request that hit it, with an answer, a count and a log line: never the
+Accept call, the RPC connection or a counter. An admitted request holds its
+slot among the pending ones (and in its Accept call's count) from
+construction to :meth:`ConnectRequest.release`, which every path reaches once.
+
+The data stream's listener must be the expected user (SO_PEERCRED, for
+``unix:`` and ``hvsock:`` endpoints): another local user who got to the path
+first must not receive host connections (docs/protocol.md 9.4).
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final, Protocol
@@ -27,6 +38,7 @@ from socketforward import datastream, relay, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.deadlines import Deadlines
 from socketforward.host.forwards import Forward
+from socketforward.logs import escape
 from socketforward.protocol import HostError, valid_stream_id
 from socketforward.stats import ForwardStats
 
@@ -34,14 +46,15 @@ __all__ = [
     "BAD_STREAM_ID",
     "DIAL_FAILED",
     "DIAL_TIMEOUT",
+    "EXHAUSTED",
     "OVERLOADED",
     "REPLY_FAILED",
     "RPC_LOST",
     "STREAM_FAILED",
+    "STREAM_PEER",
     "ConnectRequest",
     "Connector",
     "ResultSink",
-    "short",
 ]
 
 # Every module of the host side logs as "socketforward.host": one name in the log.
@@ -55,12 +68,14 @@ REPLY_FAILED: Final = "reply"
 OVERLOADED: Final = "overload"
 BAD_STREAM_ID: Final = "bad_stream_id"
 RPC_LOST: Final = "rpc_lost"
+EXHAUSTED: Final = "exhausted"  # no descriptor or memory for a socket (EMFILE, ENOBUFS...)
+STREAM_PEER: Final = "stream_peer"  # the data stream's listener is another user
 
 
-def short(text: str, limit: int = 128) -> str:
-    """A VM-supplied string for a log line: bounded, quoted when it has odd characters."""
-    cut = text[:limit] + ("..." if len(text) > limit else "")
-    return cut if cut.isprintable() and " " not in cut and cut else repr(cut)
+def _reason(exc: BaseException, otherwise: str) -> str:
+    """The failure reason to count for *exc*: running out of descriptors or
+    memory is told apart from a peer's problem."""
+    return EXHAUSTED if transport.out_of_resources(exc) else otherwise
 
 
 class ResultSink(Protocol):
@@ -87,8 +102,8 @@ def _reply(call: ResultSink, stream_id: str, fid: str, error: str) -> bool:
     except (ttrpc.TtrpcError, ttrpc.ProtocolError) as exc:
         log.warning(
             "connect result not delivered stream_id=%s forward_id=%s error=%r",
-            short(stream_id),
-            short(fid),
+            escape(stream_id),
+            escape(fid),
             str(exc),
         )
         return False
@@ -109,10 +124,15 @@ class Connector:
         stream_timeout: float,
         stream_retry_for: float,
         max_pending: int,
+        streams_uid: int | None = None,
     ) -> None:
         self.forwards = forwards  # the Forwarder's table, read live
         self.stats = stats  # likewise
         self.streams_endpoint = streams_endpoint
+        self.streams_uid = os.geteuid() if streams_uid is None else streams_uid
+        """The user the data-stream listener must run as (SO_PEERCRED)."""
+        # AF_VSOCK has no SO_PEERCRED; unix: and hvsock: are UNIX sockets here.
+        self._check_peer = not isinstance(streams_endpoint, transport.VsockEndpoint)
         self.dial_timeout = dial_timeout
         self.stream_timeout = stream_timeout
         self.stream_retry_for = stream_retry_for
@@ -141,8 +161,8 @@ class Connector:
             self.unknown_requests += 1
             log.warning(
                 "unknown forward ID rejected stream_id=%s forward_id=%s",
-                short(stream_id),
-                short(fid),
+                escape(stream_id),
+                escape(fid),
             )
             _reply(call, stream_id, fid, HostError.UNKNOWN_FORWARD.text(fid))
             return
@@ -154,30 +174,45 @@ class Connector:
             stats.fail(reason)
             _reply(call, stream_id, fid, error.text())
             return
-        connect = ConnectRequest(self, call, forward, stats, stream_id)
-        self.pending += 1
-        call.begin()
-        if connect.open_now(acks):
-            return
-        spawn(connect.run()).add_done_callback(connect.task_done)
+        connect = ConnectRequest(self, call, forward, stats, stream_id)  # holds a slot
+        try:
+            if connect.open_now(acks):
+                return
+            spawn(connect.run()).add_done_callback(connect.task_done)
+        except BaseException:
+            connect.release()  # nothing else will: the request went nowhere
+            raise
 
     def _refusal(self, stream_id: str, fid: str) -> tuple[HostError, str] | None:
         """Why a request for a known forward is refused before anything is dialed."""
         if not valid_stream_id(stream_id):
             log.warning(
-                "invalid stream ID rejected stream_id=%s forward_id=%s", short(stream_id), fid
+                "invalid stream ID rejected stream_id=%s forward_id=%s", escape(stream_id), fid
             )
             return HostError.STREAM_ID, BAD_STREAM_ID
         pending = self.pending + 1  # counting this one
         if pending > self.max_pending:
             log.warning(
                 "too many pending connections stream_id=%s forward_id=%s pending=%d",
-                short(stream_id),
+                escape(stream_id),
                 fid,
                 pending,
             )
             return HostError.OVERLOAD, OVERLOADED
         return None
+
+    def stream_peer_problem(self, sock: socket.socket) -> str | None:
+        """Why the listener behind the data stream *sock* is not to be trusted,
+        as key=value words for a log line; None when it is the expected user."""
+        if not self._check_peer:
+            return None
+        try:
+            peer = ttrpc.PeerCredentials.of(sock)
+        except OSError as exc:
+            return f"peer_uid=unknown expected_uid={self.streams_uid} error={str(exc)!r}"
+        if peer is None or peer.uid == self.streams_uid:
+            return None
+        return f"peer_uid={peer.uid} peer_pid={peer.pid} expected_uid={self.streams_uid}"
 
     def start_relay(
         self,
@@ -229,6 +264,7 @@ class ConnectRequest:
         "connector",
         "data_sock",
         "forward",
+        "holding",
         "host_sock",
         "stats",
         "stream_id",
@@ -252,33 +288,83 @@ class ConnectRequest:
         self.data_sock: socket.socket | None = None
         self.ack: datastream.AckReader | None = None
         self.acks: Deadlines[ConnectRequest] | None = None
+        # The slot: taken here, given back by release() alone.
+        connector.pending += 1
+        call.begin()
+        self.holding = True
 
     def _reply(self, error: str) -> bool:
         return _reply(self.call, self.stream_id, self.forward.forward_id, error)
 
-    def _finished(self) -> None:
-        self.call.end()
-        self.connector.pending -= 1
+    def release(self) -> None:
+        """Give back the slot this request holds among the pending ones and in its
+        Accept call; only the first call counts, so no path can give it twice."""
+        if self.holding:
+            self.holding = False
+            self.connector.pending -= 1
+            self.call.end()
+
+    def _fail(self, error: HostError, reason: str) -> None:
+        """Count, answer the VM and release: the end of a request that failed
+        before its ack was awaited (its caller closes what it opened)."""
+        self.stats.fail(reason)
+        self._reply(error.text())
+        self.release()
 
     # -- the fast path, on callbacks --------------------------------------------------
 
     def open_now(self, acks: Deadlines[ConnectRequest]) -> bool:
         """Connect both sockets without waiting and await the ack on a readiness
-        callback; False (nothing left open) when either connect would wait."""
-        endpoint = self.connector.streams_endpoint
-        host_sock = transport.connect_unix_now(self.forward.host_path)
-        if host_sock is None:
-            return False
-        data_sock = datastream.open_stream_now(endpoint, self.stream_id)
-        if data_sock is None:
-            host_sock.close()
-            return False
-        self.host_sock, self.data_sock = host_sock, data_sock
-        self.ack = datastream.AckReader(endpoint, self.stream_id)
-        self.acks = acks
-        acks.add(self)
-        asyncio.get_running_loop().add_reader(data_sock.fileno(), self._on_ack)
-        return True
+        callback. True when the fast path took the request (its ack awaited, or
+        already failed and answered: no socket could be made, or the stream's
+        listener is another user); False (nothing left open) when a connect
+        would wait."""
+        connector = self.connector
+        endpoint = connector.streams_endpoint
+        opened: list[socket.socket] = []  # closed on the way out unless handed over
+        try:
+            try:
+                host_sock = transport.connect_unix_now(self.forward.host_path)
+            except OSError as exc:  # no socket to be had: waiting would not help
+                reason = _reason(exc, DIAL_FAILED)
+                self._log_dial_failed(exc, reason)
+                self._fail(HostError.DIAL, reason)
+                return True
+            if host_sock is None:
+                return False
+            opened.append(host_sock)
+            try:
+                data_sock = datastream.open_stream_now(endpoint, self.stream_id)
+            except OSError as exc:
+                reason = _reason(exc, STREAM_FAILED)
+                self._log_stream_failed(exc, reason)
+                self._fail(HostError.STREAM, reason)
+                return True
+            if data_sock is None:
+                return False
+            opened.append(data_sock)
+            problem = connector.stream_peer_problem(data_sock)
+            if problem is not None:
+                self._log_stream_peer(problem)
+                self._fail(HostError.STREAM, STREAM_PEER)
+                return True
+            try:
+                # epoll_ctl may fail for want of memory too (ENOMEM, ENOSPC).
+                asyncio.get_running_loop().add_reader(data_sock.fileno(), self._on_ack)
+            except OSError as exc:
+                reason = _reason(exc, STREAM_FAILED)
+                self._log_stream_failed(exc, reason)
+                self._fail(HostError.STREAM, reason)
+                return True
+            opened.clear()  # the ack callback owns them now
+            self.host_sock, self.data_sock = host_sock, data_sock
+            self.ack = datastream.AckReader(endpoint, self.stream_id)
+            self.acks = acks
+            acks.add(self)
+            return True
+        finally:
+            for sock in opened:
+                sock.close()
 
     def _on_ack(self) -> None:
         assert self.ack is not None and self.data_sock is not None and self.host_sock is not None
@@ -293,7 +379,7 @@ class ConnectRequest:
             self._open_failed(REPLY_FAILED, None)
             return
         self.acks.discard(self)
-        self._finished()
+        self.release()
         # The data socket's reader stays registered: the relay replaces its
         # callback instead of a remove and an add (uvloop: seven syscalls).
         fd = self.data_sock.fileno()
@@ -330,13 +416,45 @@ class ConnectRequest:
         if error is not None:
             log.warning(
                 "data stream open failed stream_id=%s forward_id=%s streams=%s error=%r",
-                short(self.stream_id),
+                escape(self.stream_id),
                 self.forward.forward_id,
                 self.connector.streams_endpoint,
                 error,
             )
             self._reply(HostError.STREAM.text())
-        self._finished()
+        self.release()
+
+    # -- one log line per failure -----------------------------------------------
+
+    def _log_dial_failed(self, exc: OSError, reason: str) -> None:
+        log.warning(
+            "host socket dial failed stream_id=%s forward_id=%s host_path=%s reason=%s error=%r",
+            escape(self.stream_id),
+            self.forward.forward_id,
+            self.forward.host_path,
+            reason,
+            str(exc),
+        )
+
+    def _log_stream_failed(self, exc: BaseException, reason: str) -> None:
+        log.warning(
+            "data stream open failed stream_id=%s forward_id=%s streams=%s reason=%s error=%r",
+            escape(self.stream_id),
+            self.forward.forward_id,
+            self.connector.streams_endpoint,
+            reason,
+            str(exc),
+        )
+
+    def _log_stream_peer(self, problem: str) -> None:
+        log.warning(
+            "data stream endpoint served by another user, stream closed stream_id=%s "
+            "forward_id=%s streams=%s %s",
+            escape(self.stream_id),
+            self.forward.forward_id,
+            self.connector.streams_endpoint,
+            problem,
+        )
 
     # -- the task path ------------------------------------------------------------------
 
@@ -367,13 +485,12 @@ class ConnectRequest:
         # step never runs the coroutine's finally.
         if task.cancelled():
             self.stats.fail(RPC_LOST)
-        self._finished()
+        self.release()
 
     async def _open(self, sockets: list[socket.socket]) -> tuple[HostError, str] | None:
         """Dial the host socket, then open the data stream; both land in *sockets*.
         Returns the error for the VM and the failure reason (None: success)."""
         connector, forward, stream_id = self.connector, self.forward, self.stream_id
-        fid = forward.forward_id
         try:
             sockets.append(
                 await transport.connect(
@@ -381,14 +498,9 @@ class ConnectRequest:
                 )
             )
         except OSError as exc:
-            log.warning(
-                "host socket dial failed stream_id=%s forward_id=%s host_path=%s error=%r",
-                short(stream_id),
-                fid,
-                forward.host_path,
-                str(exc),
-            )
-            return HostError.DIAL, DIAL_TIMEOUT if isinstance(exc, TimeoutError) else DIAL_FAILED
+            reason = DIAL_TIMEOUT if isinstance(exc, TimeoutError) else _reason(exc, DIAL_FAILED)
+            self._log_dial_failed(exc, reason)
+            return HostError.DIAL, reason
         try:
             sockets.append(
                 await datastream.open_stream(
@@ -399,12 +511,11 @@ class ConnectRequest:
                 )
             )
         except (OSError, datastream.HandshakeError) as exc:
-            log.warning(
-                "data stream open failed stream_id=%s forward_id=%s streams=%s error=%r",
-                short(stream_id),
-                fid,
-                connector.streams_endpoint,
-                str(exc),
-            )
-            return HostError.STREAM, STREAM_FAILED
+            reason = _reason(exc, STREAM_FAILED)
+            self._log_stream_failed(exc, reason)
+            return HostError.STREAM, reason
+        problem = connector.stream_peer_problem(sockets[-1])
+        if problem is not None:
+            self._log_stream_peer(problem)
+            return HostError.STREAM, STREAM_PEER
         return None

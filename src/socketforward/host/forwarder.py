@@ -23,8 +23,9 @@ from socketforward import transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
 from socketforward.deadlines import Deadlines
-from socketforward.host.connect import Connector, ConnectRequest, short
+from socketforward.host.connect import Connector, ConnectRequest
 from socketforward.host.forwards import Forward
+from socketforward.logs import escape
 from socketforward.protocol import FORWARD_IDS_METADATA
 from socketforward.stats import ForwardStats
 
@@ -110,7 +111,10 @@ class Forwarder:
         stream_retry_for: float = 30.0,
         rpc_timeout: float = 10.0,
         max_pending: int = 1024,
+        streams_uid: int | None = None,
     ) -> None:
+        """*streams_uid*: the user the data-stream listener must run as (SO_PEERCRED
+        of ``unix:`` and ``hvsock:`` endpoints); None means this process's own."""
         self._forwards: dict[str, Forward] = {}
         for forward in forwards:
             self._check_new(forward, self._forwards)
@@ -126,7 +130,9 @@ class Forwarder:
             stream_timeout=stream_timeout,
             stream_retry_for=stream_retry_for,
             max_pending=max_pending,
+            streams_uid=streams_uid,
         )
+        self._undecodable = 0
         self.sessions = 0
         """RPC connections that got as far as an open Accept call."""
         self._session: _Session | None = None
@@ -151,9 +157,25 @@ class Forwarder:
         return self._connector.max_pending
 
     @property
+    def streams_uid(self) -> int:
+        """The user the data-stream listener must run as."""
+        return self._connector.streams_uid
+
+    @property
     def unknown_requests(self) -> int:
         """ConnectRequests naming a forward_id not in the table (rejected, never dialed)."""
         return self._connector.unknown_requests
+
+    @property
+    def undecodable_requests(self) -> int:
+        """ConnectRequests that did not decode (e.g. a string field that is not
+        UTF-8): dropped, nothing to answer them by."""
+        return self._undecodable
+
+    @property
+    def pending(self) -> int:
+        """ConnectRequests admitted and not answered yet (bounded by max_pending)."""
+        return self._connector.pending
 
     # -- the table ----------------------------------------------------------
 
@@ -207,7 +229,7 @@ class Forwarder:
             ids = []
             for fid in forward_ids:
                 if self._forwards.pop(fid, None) is None:
-                    log.info("remove: no such forward forward_id=%s", short(fid))
+                    log.info("remove: no such forward forward_id=%s", escape(fid))
                 else:
                     ids.append(fid)
             if not ids:
@@ -376,15 +398,31 @@ class Forwarder:
         """Start answering each ConnectRequest at once, never waiting on one (the
         call's receive queue must never stall); returns how many were read."""
         count = 0
+        stream = call.stream
         try:
-            async for request in call.stream:
+            while True:
+                try:
+                    request = await stream.recv()
+                except ttrpc.MessageDecodeError as exc:
+                    # No stream_id to answer by: only this message is lost.
+                    count += 1
+                    self._undecodable += 1
+                    log.warning(
+                        "undecodable connect request dropped size=%d data=%r error=%r",
+                        len(exc.data),
+                        exc.data[:64],
+                        str(exc)[:256],
+                    )
+                    continue
+                if request is None:
+                    break
                 count += 1
                 if call.closing:
                     log.warning(
                         "connect request on a closed accept stream dropped "
                         "stream_id=%s forward_id=%s",
-                        short(request.stream_id),
-                        short(request.forward_id),
+                        escape(request.stream_id),
+                        escape(request.forward_id),
                     )
                     continue
                 self._connector.receive(call, request, session.acks, session.spawn)

@@ -54,6 +54,17 @@ class TtrpcError(Error):
         return f"{type(self).__name__}({self.code!r}, {self.message!r})"
 
 
+class MessageDecodeError(TtrpcError):
+    """One received message did not decode as its type (INTERNAL, as before this
+    class existed). Only that message is lost: the stream stays usable and the
+    next ``recv()`` returns the next message. ``data`` is the raw payload."""
+
+    def __init__(self, message_type: str, data: bytes, reason: str) -> None:
+        super().__init__(Code.INTERNAL, f"ttrpc: error unmarshalling {message_type}: {reason}")
+        self.message_type = message_type
+        self.data = data
+
+
 class ProtocolError(Error):
     """The ttrpc protocol was broken; see the two subclasses for who broke it."""
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from .errors import Code, StreamClosedError, TtrpcError
+from .errors import MessageDecodeError, StreamClosedError, TtrpcError
 
 if TYPE_CHECKING:
     from .context import CallContext
@@ -93,12 +93,11 @@ class MessageQueue:
 
 
 def decode(message_type: type[RecvT], data: bytes) -> RecvT:
+    """*data* as a *message_type*; MessageDecodeError (that message only) when it is not one."""
     try:
         return message_type.FromString(data)
     except DecodeError as exc:
-        raise TtrpcError(
-            Code.INTERNAL, f"ttrpc: error unmarshalling {message_type.__name__}: {exc}"
-        ) from exc
+        raise MessageDecodeError(message_type.__name__, data, str(exc)) from exc
 
 
 class ClientStream(Generic[SendT, RecvT]):
@@ -160,7 +159,11 @@ class ClientStream(Generic[SendT, RecvT]):
             await self._send_close(self.stream_id)
 
     async def recv(self) -> RecvT | None:
-        """The next message, or None once the server ended the stream successfully."""
+        """The next message, or None once the server ended the stream successfully.
+
+        A message that does not decode raises :class:`MessageDecodeError` and is
+        dropped; the stream goes on (call ``recv`` again, or start a new
+        ``async for``). Any other error ends the stream."""
         if self._done:
             return None
         try:
@@ -220,7 +223,8 @@ class ServerStream(Generic[RecvT, SendT]):
         self._send_data_nowait = send_data_nowait
 
     async def recv(self) -> RecvT | None:
-        """The client's next message, or None when it closed its side."""
+        """The client's next message, or None when it closed its side. An
+        undecodable message raises :class:`MessageDecodeError`; the stream goes on."""
         data = await self._queue.get()
         return None if data is None else decode(self._request_type, data)
 
