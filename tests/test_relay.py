@@ -470,3 +470,25 @@ async def test_send_buffer_grows_for_bulk_transfers_only(mode: str) -> None:
             await task
         client.close()
         server.close()
+
+
+async def test_an_established_relay_survives_running_out_of_pipes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When no pipe can be opened (EMFILE) as bytes start to flow, the relay
+    copies through a buffer instead: every byte arrives, nothing is cut."""
+    from socketforward import relay as relay_module  # noqa: PLC0415
+
+    def no_pipe(size: int) -> tuple[int, int]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(relay_module, "_open_pipe", no_pipe)
+    async with relayed_pair("splice") as (client, server, _, task):
+        _, got = await asyncio.gather(send_all(client, 4 * MiB, 7), recv_all(server))
+        assert got == (4 * MiB, _digest(4 * MiB, 7))
+        server.shutdown(socket.SHUT_WR)
+        assert await recv_all(client) == (0, _digest(0, 0))
+        stats = await task
+    assert stats.ended == "eof"
+    assert stats.bytes_a_to_b == 4 * MiB
+    assert stats.pipe_shortages >= 1

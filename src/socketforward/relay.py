@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from socketforward.transport import family_of, type_of
+from socketforward.transport import RESOURCE_ERRNOS, family_of, type_of
 
 __all__ = [
     "BULK_SNDBUF",
@@ -65,6 +65,8 @@ class RelayStats:
     ended: Ending | None = None
     mode: Literal["splice", "copy"] = "copy"
     error: str | None = None
+    pipe_shortages: int = 0
+    """Directions that found no pipe to be had (EMFILE...) and copied instead."""
 
 
 def _can_splice(sock: socket.socket) -> bool:
@@ -330,7 +332,18 @@ class _Direction:
     def _pump_splice(self) -> None:
         pipe = self._pipe
         if pipe is None:
-            pipe = self._pipe = self.pipes.get()
+            try:
+                pipe = self._pipe = self.pipes.get()
+            except OSError as exc:
+                if exc.errno not in RESOURCE_ERRNOS:
+                    raise
+                # No descriptor for a pipe: an established connection must not
+                # die of it, so this direction copies through a buffer instead.
+                log.debug("no pipe to be had (%s), this direction copies", exc)
+                self.mode = "copy"
+                self.relay.stats.pipe_shortages += 1
+                self._pump_copy()
+                return
         w = pipe[1]
         for _ in range(_MAX_PASSES):
             try:
