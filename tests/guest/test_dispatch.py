@@ -197,15 +197,50 @@ def test_announced_calls_get_only_their_forwards() -> None:
     assert r.sink.sent_on(2) == ["s2", "s4"]
 
 
-def test_forward_nobody_announced_waits_while_announcing_calls_exist() -> None:
-    """With only announcing calls open, a forward none of them serves waits
-    (until its timeout) instead of going to a call that cannot serve it."""
+def test_forward_no_open_call_announced_fails_at_once() -> None:
+    """When every open call announced its forwards and none has this one (a host
+    restarted without it), the connection is closed at once as unknown_forward
+    instead of waiting for its timeout, and nothing is sent."""
     r = Routing()
+    r.d.forward_bound("gone")
     r.call("fa")
-    p = r.connect("other")
-    assert p.state is State.QUEUED and r.sink.sent == []
-    r.d.expire(p)
-    assert r.sink.closed["s1"] == (Failure.TIMEOUT, "no answer from the host within 30.0s (queued)")
+    p = Pending("s1", "gone")
+    assert r.d.connection(p) is False
+    assert p.state is State.FAILED and r.sink.sent == []
+    reason, detail = r.sink.closed["s1"]
+    assert reason is Failure.UNKNOWN_FORWARD and "announced: fa" in detail
+
+
+def test_forward_bound_after_the_calls_opened_waits_for_a_call_that_serves_it() -> None:
+    """A host Binds a new forward before it opens the Accept call announcing it:
+    a connection made in between waits for that call instead of failing, and
+    fails fast only once every older call is gone."""
+    r = Routing()
+    old = r.call("fa")
+    r.d.forward_bound("fb")
+    p = r.connect("fb")
+    assert p.state is State.QUEUED
+    r.call("fa", "fb")
+    assert r.sink.sent == [(2, "s1")]
+    late = r.connect("fc")  # bound before both calls opened: nobody will serve it
+    assert late.state is State.FAILED
+    r.d.forward_bound("fd")
+    waiting = r.connect("fd")
+    assert waiting.state is State.QUEUED
+    r.d.end_call(old)
+    r.d.result(r.d.calls[0], "s1", "")  # a window opens: the queue is walked again
+    assert waiting.state is State.QUEUED  # the newest call predates fd's binding too
+
+
+def test_unannounced_calls_keep_a_forward_waiting() -> None:
+    """A call that announced nothing (nerdbox's host) might serve any forward:
+    nothing fails fast while one is open."""
+    r = Routing(window=1)
+    c = r.call()
+    r.call("fa")
+    r.connect("x")
+    p = r.connect("x")
+    assert c.unanswered and p.state is State.QUEUED
 
 
 def test_unannounced_calls_are_tried_in_turn() -> None:

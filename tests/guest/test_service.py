@@ -477,9 +477,12 @@ async def test_shutdown_leaves_no_socket_file_fd_or_task() -> None:
         echo = await EchoService.start(root / "target.sock")
         async with running_guest(pending_timeout=60) as guest:
             stub = await guest.connect()
-            await bind(stub, {"fwd": guest.root / "a.sock", "idle": guest.root / "i.sock"})
+            await bind(stub, {"fwd": guest.root / "a.sock"})
             host = HostStream(stub, guest.streams_ep, {"fwd": echo.endpoint}, announce=True)
             await host.open()
+            # Bound after the host's call opened: its connection waits for a call
+            # announcing it, so it is pending when shutdown comes.
+            await bind(stub, {"idle": guest.root / "i.sock"})
             ep = transport.UnixEndpoint(str(guest.root / "a.sock"))
             active = await transport.connect(ep)
             waiting = await transport.connect(transport.UnixEndpoint(str(guest.root / "i.sock")))
@@ -537,3 +540,58 @@ async def test_public_surface_mirrors_nerdboxs_package(tmp_path: Path) -> None:
     await service.shutdown()
     await server.shutdown(0)
     assert not (tmp_path / "s.sock").exists()
+
+
+async def test_forward_no_announcing_host_serves_fails_at_once() -> None:
+    """A host restarted without forward `b` announces only `a`: a connection to
+    b's socket in the VM is closed at once (unknown_forward), not after the
+    pending timeout, and `a` keeps working."""
+    async with running_guest(pending_timeout=60) as guest:
+        echo = await EchoService.start(guest.root / "t.sock")
+        stub = await guest.connect()
+        await bind(stub, {"a": guest.root / "a.sock", "b": guest.root / "b.sock"})
+        host = HostStream(stub, guest.streams_ep, {"a": echo.endpoint}, announce=True)
+        await host.open()
+        try:
+            sock = await transport.connect(transport.UnixEndpoint(str(guest.root / "b.sock")))
+            with sock:
+                async with asyncio.timeout(5):
+                    assert await read_to_eof(sock) == b""
+            assert guest.service.stats()["b"].failed == {"unknown_forward": 1}
+            assert host.received == []
+            assert await roundtrip(guest.root / "a.sock", b"hi") == b"hi" + trailer(b"hi")
+        finally:
+            await host.close()
+            await host.stop_relays()
+            await echo.close()
+
+
+async def test_an_undecodable_answer_is_dropped_and_the_call_goes_on() -> None:
+    """A ConnectResult that does not decode (a stream_id that is not UTF-8) is
+    logged and dropped; the Accept call stays open and the next answer on it
+    is served."""
+    from google.protobuf import wrappers_pb2  # noqa: PLC0415
+
+    async with running_guest(pending_timeout=60) as guest:
+        echo = await EchoService.start(guest.root / "t.sock")
+        stub = await guest.connect()
+        await bind(stub, {"fwd": guest.root / "a.sock"})
+        host = HostStream(stub, guest.streams_ep, {"fwd": echo.endpoint})
+
+        def garbage_first(request: pb.ConnectRequest) -> None:
+            # Field 1 (stream_id, a string) as bytes that are not UTF-8.
+            bad = wrappers_pb2.BytesValue(value=b"\xff\xfe")
+            assert host._stream is not None
+            host._stream.send_nowait(bad)  # type: ignore[arg-type]
+
+        host.before_answer = garbage_first
+        await host.open()
+        try:
+            for payload in (b"one", b"two"):
+                answer = await roundtrip(guest.root / "a.sock", payload)
+                assert answer == payload + trailer(payload)
+            assert guest.service.stats()["fwd"].failed == {}
+        finally:
+            await host.close()
+            await host.stop_relays()
+            await echo.close()

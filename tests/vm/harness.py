@@ -99,7 +99,8 @@ def guest_script(share: Path, clients: str, socat: bool = False) -> str:
         "wait $AGENT\n",
         'echo "agent_exit=$?" >>"$SHARE/status"\n',
         f'echo "vm_socket_left=$([ -e {VM_SOCKET} ] && echo yes || echo no)" >>"$SHARE/status"\n',
-        'echo "run_socketfwd=$(ls -A /run/socketfwd 2>&1 | tr "\\n" " ")" >>"$SHARE/status"\n',
+        # Bind made /run/socketfwd; shutdown removes it with the socket in it.
+        'echo "run_socketfwd=$(ls -A /run/socketfwd 2>/dev/null || echo gone)" >>"$SHARE/status"\n',
     ]
     if socat:
         lines.append("kill $SOCAT\n")

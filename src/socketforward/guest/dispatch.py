@@ -17,20 +17,25 @@ Rules (docs/protocol.md 4.6-4.8):
   unless their data stream already arrived (the answer was lost, not the
   connection);
 * a request answered after its timeout is remembered (bounded), so a late
-  success's data stream is closed rather than left to its TTL.
+  success's data stream is closed rather than left to its TTL;
+* a connection no host call can serve fails at once (``unknown_forward``):
+  every open call announced its forwards, none has this one, and all of them
+  opened after the forward was bound (a host Binds before it announces, so a
+  call older than the binding may yet be replaced by one that serves it).
 
 A pending connection moves through a small table (:data:`TRANSITIONS`)::
 
     QUEUED --SEND--> SENT --SUCCESS/CLAIMED--> RELAY
       ^               |--TRY_NEXT/CALL_ENDED--> QUEUED
       |               '--REFUSED/TIMEOUT/SHUTDOWN--> FAILED
-      '--QUEUE_FULL/TIMEOUT/SHUTDOWN--> FAILED
+      '--QUEUE_FULL/UNSERVED/TIMEOUT/SHUTDOWN--> FAILED
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import itertools
 import logging
 from typing import Any, Final, Generic, Protocol, TypeVar
 
@@ -74,6 +79,8 @@ class Input(enum.Enum):
     REFUSED = "refused"
     TIMEOUT = "timeout"
     QUEUE_FULL = "queue_full"
+    UNSERVED = "unserved"
+    """Every open call announced its forwards, none has this one."""
     SHUTDOWN = "shutdown"
 
 
@@ -93,6 +100,7 @@ TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
     (State.QUEUED, Input.SEND): State.SENT,
     (State.QUEUED, Input.QUEUE_FULL): State.FAILED,
     (State.QUEUED, Input.TIMEOUT): State.FAILED,
+    (State.QUEUED, Input.UNSERVED): State.FAILED,
     (State.QUEUED, Input.SHUTDOWN): State.FAILED,
     (State.SENT, Input.SUCCESS): State.RELAY,
     (State.SENT, Input.CLAIMED): State.RELAY,
@@ -155,6 +163,8 @@ class HostCall(Generic[P]):
         self.announced = announced
         self.unanswered: dict[str, P] = {}
         self.live = True
+        self.opened = -1
+        """When it was added, on the dispatcher's own clock of events."""
 
     def serves(self, forward_id: str) -> bool:
         return self.announced is not None and forward_id in self.announced
@@ -215,6 +225,9 @@ class Dispatcher(Generic[P, C]):
         self._queue: collections.OrderedDict[str, P] = collections.OrderedDict()
         self._late: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._late_limit = 4 * queue_limit + 64
+        # Order of bindings and calls opening: no clock needed to tell which came first.
+        self._events = itertools.count()
+        self._bound_at: dict[str, int] = {}
         self.closed = False
 
     @property
@@ -235,16 +248,23 @@ class Dispatcher(Generic[P, C]):
             self._fail(p, Input.SHUTDOWN, Failure.SHUTDOWN, "service shutting down")
             return False
         self._queue[p.stream_id] = p
-        self._dispatch()
-        if p.state is State.QUEUED and len(self._queue) > self._queue_limit:
+        self._dispatch()  # may fail it already (unserved)
+        if p.state is State.QUEUED and self._unserved(p):
+            self._fail_unserved(p)
+        elif p.state is State.QUEUED and len(self._queue) > self._queue_limit:
             # No call took it and the waiting room is full.
             detail = f"pending queue full limit={self._queue_limit}"
             self._fail(p, Input.QUEUE_FULL, Failure.QUEUE_FULL, detail)
-            return False
-        return True
+        return p.state is not State.FAILED
+
+    def forward_bound(self, forward_id: str) -> None:
+        """*forward_id* was bound (or bound again): calls opened before this may
+        be replaced by ones that serve it, so its connections wait for them."""
+        self._bound_at[forward_id] = next(self._events)
 
     def add_call(self, call: C) -> None:
         """A host Accept call opened."""
+        call.opened = next(self._events)
         self._calls.append(call)
         self._dispatch()
 
@@ -353,6 +373,21 @@ class Dispatcher(Generic[P, C]):
             return announcing
         return [c for c in live if c.announced is None and c not in p.tried]
 
+    def _unserved(self, p: Pending) -> bool:
+        """No open call can serve *p*, and no call it waits for is on its way."""
+        if not self._calls:
+            return False
+        bound = self._bound_at.get(p.forward_id, -1)
+        for c in self._calls:
+            if c.announced is None or c.serves(p.forward_id) or c.opened < bound:
+                return False
+        return True
+
+    def _fail_unserved(self, p: P) -> None:
+        ids = ",".join(sorted({i for c in self._calls for i in c.announced or ()}))
+        detail = f"no host stream serves this forward (announced: {ids})"
+        self._fail(p, Input.UNSERVED, Failure.UNKNOWN_FORWARD, detail)
+
     def _dispatch(self) -> None:
         """Hand queued requests, oldest first, to calls with room."""
         if not self._queue or not self._calls:
@@ -363,12 +398,16 @@ class Dispatcher(Generic[P, C]):
         # Forwards whose every candidate is full: later requests for them are
         # skipped without looking (keeps a long queue cheap to walk).
         no_room: set[str] = set()
+        unserved: list[P] = []
         for p in self._queue.values():
             if free <= 0:
                 break
             if p.forward_id in no_room:
                 continue
             candidates = self._candidates(p)
+            if not candidates and self._unserved(p):
+                unserved.append(p)
+                continue
             best: C | None = None
             for c in candidates:
                 if room[c] > 0 and (best is None or room[c] > room[best]):
@@ -379,6 +418,8 @@ class Dispatcher(Generic[P, C]):
                 placed.append((p, best))
             elif not p.tried or (candidates and candidates[0].serves(p.forward_id)):
                 no_room.add(p.forward_id)
+        for p in unserved:
+            self._fail_unserved(p)
         for p, c in placed:
             del self._queue[p.stream_id]
             advance(p, Input.SEND)

@@ -27,8 +27,15 @@ from socketforward import relay, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
 from socketforward.deadlines import Deadlines
-from socketforward.guest.bind import BindTable, Bound, create_listeners, validate
+from socketforward.guest.bind import (
+    BindError,
+    BindTable,
+    Bound,
+    create_listeners,
+    validate,
+)
 from socketforward.guest.dispatch import Dispatcher, Failure, HostCall, Pending
+from socketforward.logs import escape
 from socketforward.protocol import (
     FORWARD_IDS_METADATA,
     STREAM_ID_PREFIX,
@@ -178,8 +185,8 @@ class Service(SocketForwardBase):
         log.info("service shutting down forwards=%d", len(self._bound))
         async with self._bind_lock:
             for bound in self._bound:
-                bound.listener.close()  # stops accepting, removes the file
-                self._bound.pop(bound.forward_id)
+                # Stops accepting, removes the file, then the directories Bind made.
+                self._bound.remove(bound.forward_id)
         self._dispatcher.shutdown()
         for call in self._dispatcher.calls:
             call.end(None)
@@ -198,38 +205,68 @@ class Service(SocketForwardBase):
     # for callers in this process (context may be None there).
 
     async def Bind(self, request: pb.BindRequest, context: ttrpc.CallContext) -> empty_pb2.Empty:
+        try:
+            await self._bind(request)
+        except ttrpc.TtrpcError as exc:
+            # One line per refused Bind (the ttrpc server logs no status a handler chose).
+            code = exc.code.name if isinstance(exc.code, ttrpc.Code) else exc.code
+            if isinstance(exc, BindError):
+                log.warning(
+                    "bind failed forward_id=%s socket_path=%s code=%s error=%r",
+                    escape(exc.forward_id),
+                    escape(exc.socket_path),
+                    code,
+                    exc.message,
+                )
+            else:
+                log.warning(
+                    "bind failed sockets=%d code=%s error=%r",
+                    len(request.sockets),
+                    code,
+                    exc.message,
+                )
+            raise
+        return empty_pb2.Empty()
+
+    async def _bind(self, request: pb.BindRequest) -> None:
         validate(request)
         async with self._bind_lock:
             if self._closed:
                 raise ttrpc.TtrpcError(ttrpc.Code.UNAVAILABLE, "socketforward: shutting down")
-            todo = [
-                (sock.forward_id, sock.socket_path)
-                for i, sock in enumerate(request.sockets)
-                if not self._bound.is_bound(i, sock)
-            ]
+            todo = []
+            for i, sock in enumerate(request.sockets):
+                if self._bound.is_bound(i, sock):
+                    # A host Binds again before it announces again (reconnect, reload).
+                    self._dispatcher.forward_bound(sock.forward_id)
+                else:
+                    todo.append((i, sock))
             for bound in await create_listeners(todo, self._socket_mode):
                 self._bound.add(bound)
+                self._dispatcher.forward_bound(bound.forward_id)
                 self._stats.setdefault(bound.forward_id, ForwardStats())
                 self._start_accepting(bound)
                 log.info(
                     "listening forward_id=%s socket_path=%s mode=%o",
-                    bound.forward_id,
-                    bound.path,
+                    escape(bound.forward_id),
+                    escape(bound.path),
                     self._socket_mode,
                 )
-        return empty_pb2.Empty()
 
     async def Unbind(
         self, request: pb.UnbindRequest, context: ttrpc.CallContext
     ) -> empty_pb2.Empty:
         async with self._bind_lock:
             for forward_id in request.forward_ids:
-                bound = self._bound.pop(forward_id)
+                # Stops accepting, removes the file, then the directories Bind made.
+                bound = self._bound.remove(forward_id)
                 if bound is None:
-                    log.info("unbind: not bound forward_id=%s", forward_id)
+                    log.info("unbind: not bound forward_id=%s", escape(forward_id))
                     continue
-                bound.listener.close()  # stops accepting, removes the file
-                log.info("unbound forward_id=%s socket_path=%s", forward_id, bound.path)
+                log.info(
+                    "unbound forward_id=%s socket_path=%s",
+                    escape(forward_id),
+                    escape(bound.path),
+                )
         return empty_pb2.Empty()
 
     async def bind(self, request: pb.BindRequest, context: ttrpc.CallContext | None = None) -> None:
@@ -314,7 +351,21 @@ class Service(SocketForwardBase):
         await self.Accept(stream)
 
     async def _receive(self, call: _AcceptCall) -> None:
-        async for result in call.stream:
+        while True:
+            try:
+                result = await call.stream.recv()
+            except ttrpc.MessageDecodeError as exc:
+                # No stream_id to route it by: only this answer is lost (its
+                # connection times out); the call and its other answers go on.
+                log.warning(
+                    "undecodable connect result dropped %s size=%d error=%r",
+                    call,
+                    len(exc.data),
+                    str(exc)[:256],
+                )
+                continue
+            if result is None:
+                return
             self._dispatcher.result(call, result.stream_id, result.error)
 
     # -- the dispatcher's sink ----------------------------------------------------
