@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from socketforward.logs import escape
+from socketforward.logs import RateLimitedLog, escape
 
 
 @pytest.mark.parametrize("plain", ["fwd-a", "socketfwd-1764-AbCd_-", "/run/socketfwd/a.sock"])
@@ -29,3 +31,22 @@ def test_long_values_are_cut() -> None:
     """A huge value costs the log a bounded number of characters."""
     assert escape("x" * 1_000_000) == "x" * 128 + "..."
     assert len(escape("\n" * 1_000_000)) < 300
+
+
+def test_a_flood_costs_a_bounded_number_of_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """Per kind, the first lines of an interval are written in full, the rest
+    counted; the next interval starts with one summary of what was left out."""
+    now = [0.0]
+    limited = RateLimitedLog(
+        logging.getLogger("test.flood"), burst=3, interval=10.0, clock=lambda: now[0]
+    )
+    caplog.set_level(logging.WARNING, "test.flood")
+    for i in range(1000):
+        limited.warning("bad_id", "bad id n=%d", i)
+    limited.warning("timeout", "timed out")
+    assert caplog.messages == ["bad id n=0", "bad id n=1", "bad id n=2", "timed out"]
+    now[0] = 10.0
+    limited.warning("bad_id", "bad id n=%d", 1000)
+    assert caplog.messages[4:] == ["log lines left out interval=10s bad_id=997", "bad id n=1000"]
+    limited.flush()
+    assert len(caplog.messages) == 6  # nothing left out since: no summary

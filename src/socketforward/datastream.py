@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Final
 
 from socketforward.deadlines import Deadlines
+from socketforward.logs import RateLimitedLog, escape
 from socketforward.transport import (
     Backoff,
     Endpoint,
@@ -220,6 +221,8 @@ class StreamRegistry:
         self._paused = False  # accepting stopped: handshakes at their cap
         self._refused: dict[str, int] = {}
         self._expired = 0
+        # Whoever reaches the stream port can cause these lines at will.
+        self._peer_log = RateLimitedLog(log)
 
     @property
     def endpoint(self) -> Endpoint:
@@ -274,6 +277,7 @@ class StreamRegistry:
         self._unclaimed.drain()
         for stream_id in list(self._arrivals):
             self._wake(stream_id)  # waiters re-check and find nothing
+        self._peer_log.flush()
 
     def get(self, stream_id: str) -> socket.socket:
         """Hand out the connection registered as *stream_id*; the caller owns it."""
@@ -317,7 +321,9 @@ class StreamRegistry:
 
     def _on_accept_error(self, exc: OSError) -> None:
         # EMFILE and friends: the listener backs off instead of spinning.
-        log.warning("stream accept failed endpoint=%s error=%r", self.endpoint, exc)
+        self._peer_log.warning(
+            "accept_failed", "stream accept failed endpoint=%s error=%r", self.endpoint, exc
+        )
 
     def _on_connection(self, conn: socket.socket) -> None:
         h = _Handshake(conn)
@@ -327,7 +333,8 @@ class StreamRegistry:
         if len(self._handshakes) >= self._max_handshakes and not self._paused:
             self._paused = True
             self._listener.stop_accepting()
-            log.warning(
+            self._peer_log.warning(
+                "paused",
                 "stream handshakes at their limit, accepting paused limit=%d endpoint=%s",
                 self._max_handshakes,
                 self.endpoint,
@@ -341,22 +348,27 @@ class StreamRegistry:
                 return
             stream_id = _decode_id(raw)
         except HandshakeError as exc:
-            log.warning("stream handshake rejected error=%r", str(exc))
+            self._peer_log.warning("invalid", "stream handshake rejected error=%r", str(exc))
             self._refuse(h, "invalid", str(exc))
             return
         except OSError as exc:
-            log.warning("stream handshake failed stream_id=None error=%r", exc)
+            self._peer_log.warning("error", "stream handshake failed stream_id=None error=%r", exc)
             self._finish(h, "error")
             return
         if stream_id in self._streams or stream_id in self._reserved:
-            log.warning("stream handshake rejected stream_id=%r error=duplicate", stream_id)
+            self._peer_log.warning(
+                "duplicate",
+                "stream handshake rejected stream_id=%s error=duplicate",
+                escape(stream_id),
+            )
             self._refuse(h, "duplicate", f"stream {stream_id!r} already exists")
             return
         # Acks being written count: each is about to become an unclaimed stream.
         if len(self._streams) + len(self._reserved) >= self._max_unclaimed:
-            log.warning(
-                "stream handshake rejected stream_id=%r error=too_many_unclaimed limit=%d",
-                stream_id,
+            self._peer_log.warning(
+                "too_many_unclaimed",
+                "stream handshake rejected stream_id=%s error=too_many_unclaimed limit=%d",
+                escape(stream_id),
                 self._max_unclaimed,
             )
             self._refuse(
@@ -392,7 +404,12 @@ class StreamRegistry:
                 h.out = h.out[sent:]
         except OSError as exc:
             if h.stream_id is not None:
-                log.warning("stream handshake failed stream_id=%s error=%r", h.stream_id, exc)
+                self._peer_log.warning(
+                    "error",
+                    "stream handshake failed stream_id=%s error=%r",
+                    escape(h.stream_id),
+                    exc,
+                )
             self._finish(h, "error")
             return
         stream_id = h.stream_id
@@ -423,9 +440,10 @@ class StreamRegistry:
                 loop.remove_writer(h.fd)
 
     def _handshake_timed_out(self, h: _Handshake) -> None:
-        log.warning(
-            "stream handshake timed out stream_id=%r timeout=%s",
-            h.stream_id,
+        self._peer_log.warning(
+            "timeout",
+            "stream handshake timed out stream_id=%s timeout=%s",
+            "-" if h.stream_id is None else escape(h.stream_id),
             self._handshake_timeout,
         )
         self._finish(h, "timeout")
@@ -458,7 +476,12 @@ class StreamRegistry:
         if sock is not None:
             sock.close()
             self._expired += 1
-            log.warning("stream never claimed, closed stream_id=%s ttl=%s", stream_id, self._ttl)
+            self._peer_log.warning(
+                "expired",
+                "stream never claimed, closed stream_id=%s ttl=%s",
+                escape(stream_id),
+                self._ttl,
+            )
 
 
 def open_stream_now(ep: Endpoint, stream_id: str) -> socket.socket | None:

@@ -595,3 +595,27 @@ async def test_an_undecodable_answer_is_dropped_and_the_call_goes_on() -> None:
             await host.close()
             await host.stop_relays()
             await echo.close()
+
+
+async def test_a_flood_of_refused_connections_costs_a_bounded_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A container opening hundreds of connections that are refused (queue full)
+    gets each one closed and counted, but the guest log holds only the first
+    lines of the flood and, at shutdown, one summary of the rest."""
+    caplog.set_level(logging.WARNING, logger="socketforward.guest")
+    async with running_guest(pending_limit=1) as guest:
+        stub = await guest.connect()
+        await bind(stub, {"fwd": guest.root / "vm.sock"})
+        ep = transport.UnixEndpoint(str(guest.root / "vm.sock"))
+        socks = [await transport.connect(ep) for _ in range(300)]
+        try:
+            await until(lambda: guest.service.stats()["fwd"].failed.get("queue_full") == 299)
+            await guest.service.shutdown()
+        finally:
+            for s in socks:
+                s.close()
+    closed = [m for m in caplog.messages if m.startswith("connection closed")]
+    assert len(closed) <= 2 * 20  # queue_full and shutdown, the first 20 of each
+    assert "log lines left out interval=" in caplog.text
+    assert "queue_full=279" in caplog.text

@@ -35,7 +35,7 @@ from socketforward.guest.bind import (
     validate,
 )
 from socketforward.guest.dispatch import Dispatcher, Failure, HostCall, Pending
-from socketforward.logs import escape
+from socketforward.logs import RateLimitedLog, escape
 from socketforward.protocol import (
     FORWARD_IDS_METADATA,
     STREAM_ID_PREFIX,
@@ -155,6 +155,8 @@ class Service(SocketForwardBase):
         self._stats: dict[str, ForwardStats] = {}
         self._call_numbers = itertools.count(1)
         self._pipes = relay.PipePool()  # splice pipes shared by every relay
+        # Containers can open (and abandon) connections at will.
+        self._peer_log = RateLimitedLog(log)
         self._closed = False
 
     # -- public -------------------------------------------------------------
@@ -198,6 +200,7 @@ class Service(SocketForwardBase):
             running.close()
         self._pipes.close()
         await self._streams.close()
+        self._peer_log.flush()
         log.info("service stopped")
 
     # -- Bind / Unbind ------------------------------------------------------
@@ -388,7 +391,13 @@ class Service(SocketForwardBase):
             pending.conn.close()
             pending.conn = None
         self._stats.setdefault(pending.forward_id, ForwardStats()).fail(reason.value)
-        log.warning("connection closed %s reason=%s detail=%r", pending, reason.value, detail)
+        self._peer_log.warning(
+            reason.value,
+            "connection closed %s reason=%s detail=%r",
+            pending,
+            reason.value,
+            detail,
+        )
 
     def claim(self, pending: _Connection) -> bool:
         try:
