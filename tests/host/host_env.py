@@ -1,18 +1,30 @@
 """A running host for the tests: a Forwarder accepting the guest's dial, a real
-StreamRegistry as the guest's stream endpoint, and the small helpers around it."""
+StreamRegistry as the guest's stream endpoint, `socketforward host` as a
+subprocess, and the small helpers around them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from socketforward import datastream, transport
 from socketforward.host import Forward, Forwarder
-from tests.host.fake_guest import HugeAckEndpoint
+from tests.host.fake_guest import (
+    AcceptCall,
+    FakeGuest,
+    HugeAckEndpoint,
+    UnixService,
+    guest_dialing,
+    reverse_after_eof,
+    unix_service,
+)
 
 
 @dataclass
@@ -69,3 +81,64 @@ async def misbehaving_streams(tmp: Path) -> AsyncIterator[HugeAckEndpoint]:
         serving.cancel()
         await asyncio.wait({serving})
         await evil.close()
+
+
+@contextlib.asynccontextmanager
+async def guest_accepting(
+    rpc: transport.Endpoint, registry: datastream.StreamRegistry | None = None
+) -> AsyncIterator[tuple[FakeGuest, AcceptCall]]:
+    """A FakeGuest (claiming data streams from *registry*, if given) dialed in
+    to the host at *rpc*, with the first Accept call the host opened."""
+    guest = FakeGuest(registry=registry)
+    async with guest_dialing(guest, rpc):
+        yield guest, await guest.next_accept()
+
+
+@contextlib.asynccontextmanager
+async def host_with_guest(
+    tmp: Path,
+    handler: Callable[[socket.socket], Awaitable[None]] = reverse_after_eof,
+    **options: Any,
+) -> AsyncIterator[tuple[HostEnv, UnixService, FakeGuest, AcceptCall]]:
+    """One forward, `fwd-a`, to a host service running *handler*; a host with
+    that forward (and *options*); a guest dialed in, with its first Accept call."""
+    forward = fwd(tmp, "a")
+    async with (
+        unix_service(Path(forward.host_path), handler) as target,
+        running_host(tmp, [forward], **options) as env,
+        guest_accepting(env.rpc, env.registry) as (guest, call),
+    ):
+        yield env, target, guest, call
+
+
+def host_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "socketforward", "host", *args]
+
+
+@contextlib.asynccontextmanager
+async def host_process(
+    *args: str,
+    log_path: Path,
+    rpc_path: Path,
+    preexec_fn: Callable[[], None] | None = None,
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`socketforward host *args` as a subprocess, its stderr to *log_path*,
+    yielded once its RPC socket exists; killed on the way out if still running."""
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            *host_command(*args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            preexec_fn=preexec_fn,
+        )
+    try:
+        async with asyncio.timeout(30):
+            while not rpc_path.exists():  # noqa: ASYNC240 (a stat of a local file)
+                assert proc.returncode is None, log_path.read_text()  # noqa: ASYNC240
+                await asyncio.sleep(0.02)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

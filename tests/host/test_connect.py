@@ -5,24 +5,31 @@ the data stream and its ack, the relay, and what each failure does."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from socketforward import transport
 from tests.host.fake_guest import (
     FakeGuest,
-    HugeAckEndpoint,
     exchange,
     guest_dialing,
     recv_all,
     reverse_after_eof,
     unix_service,
 )
-from tests.host.host_env import fwd, misbehaving_streams, running_host, wait_until
+from tests.host.host_env import (
+    fwd,
+    guest_accepting,
+    host_with_guest,
+    misbehaving_streams,
+    running_host,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,42 +41,29 @@ async def test_unknown_forward_id_is_rejected_and_nothing_dialed(
     gets `unknown forward ID: <id>`, is logged, and no host socket is dialed."""
     caplog.set_level(logging.INFO, logger="socketforward.host")
     forward = fwd(short_tmp, "a")
-    async with (
-        unix_service(Path(forward.host_path), reverse_after_eof) as target,
-        running_host(short_tmp, [forward]) as env,
-    ):
-        guest = FakeGuest(registry=env.registry)
-        async with guest_dialing(guest, env.rpc):
-            call = await guest.next_accept()
-            forged = [("s-1", "forged"), ("s-2", forward.host_path), ("s-3", "")]
-            for stream_id, forward_id in forged:
-                result = await call.connect(stream_id, forward_id)
-                assert result.error == f"unknown forward ID: {forward_id}"
-            assert target.accepted == 0
-            assert len(env.registry) == 0
-            assert env.forwarder.unknown_requests == 3
-            assert "unknown forward ID rejected stream_id=s-1 forward_id=forged" in caplog.text
+    async with host_with_guest(short_tmp) as (env, target, _, call):
+        forged = [("s-1", "forged"), ("s-2", forward.host_path), ("s-3", "")]
+        for stream_id, forward_id in forged:
+            result = await call.connect(stream_id, forward_id)
+            assert result.error == f"unknown forward ID: {forward_id}"
+        assert target.accepted == 0
+        assert len(env.registry) == 0
+        assert env.forwarder.unknown_requests == 3
+        assert "unknown forward ID rejected stream_id=s-1 forward_id=forged" in caplog.text
 
 
 async def test_unusable_stream_ids_are_refused_and_nothing_dialed(short_tmp: Path) -> None:
     """A ConnectRequest whose stream_id could not be sent on the data-stream
     channel (empty, or over 256 bytes) gets `invalid stream ID`, is counted,
     and no host socket is dialed; a good one right after works."""
-    forward = fwd(short_tmp, "a")
-    async with (
-        unix_service(Path(forward.host_path), reverse_after_eof) as target,
-        running_host(short_tmp, [forward]) as env,
-    ):
-        guest = FakeGuest(registry=env.registry)
-        async with guest_dialing(guest, env.rpc):
-            call = await guest.next_accept()
-            for stream_id in ("", "x" * 257):
-                assert (await call.connect(stream_id, "fwd-a")).error == "invalid stream ID"
-            assert target.accepted == 0
-            assert env.forwarder.stats()["fwd-a"].failed == {"bad_stream_id": 2}
-            assert (await call.connect("x" * 256, "fwd-a")).error == ""
-            assert target.accepted == 1
-            guest.close_claimed()
+    async with host_with_guest(short_tmp) as (env, target, guest, call):
+        for stream_id in ("", "x" * 257):
+            assert (await call.connect(stream_id, "fwd-a")).error == "invalid stream ID"
+        assert target.accepted == 0
+        assert env.forwarder.stats()["fwd-a"].failed == {"bad_stream_id": 2}
+        assert (await call.connect("x" * 256, "fwd-a")).error == ""
+        assert target.accepted == 1
+        guest.close_claimed()
 
 
 async def test_missing_host_socket_error_names_no_host_path(
@@ -79,16 +73,16 @@ async def test_missing_host_socket_error_names_no_host_path(
     (which only the host log shows), and no data stream is opened."""
     caplog.set_level(logging.INFO, logger="socketforward.host")
     forward = fwd(short_tmp, "missing")
-    async with running_host(short_tmp, [forward]) as env:
-        guest = FakeGuest(registry=env.registry)
-        async with guest_dialing(guest, env.rpc):
-            call = await guest.next_accept()
-            result = await call.connect("s-1", "fwd-missing")
-            assert result.error == "failed to dial host socket"
-            assert str(short_tmp) not in result.error
-            assert len(env.registry) == 0
-            assert f"host_path={forward.host_path}" in caplog.text
-            assert env.forwarder.stats()["fwd-missing"].failed == {"dial": 1}
+    async with (
+        running_host(short_tmp, [forward]) as env,
+        guest_accepting(env.rpc, env.registry) as (_, call),
+    ):
+        result = await call.connect("s-1", "fwd-missing")
+        assert result.error == "failed to dial host socket"
+        assert str(short_tmp) not in result.error
+        assert len(env.registry) == 0
+        assert f"host_path={forward.host_path}" in caplog.text
+        assert env.forwarder.stats()["fwd-missing"].failed == {"dial": 1}
 
 
 async def test_vm_supplied_stream_id_cannot_forge_log_lines(
@@ -99,32 +93,40 @@ async def test_vm_supplied_stream_id_cannot_forge_log_lines(
     caplog.set_level(logging.INFO, logger="socketforward.host")
     forward = fwd(short_tmp, "missing")
     forged = "s-1\n2026-01-01 00:00:00 INFO socketforward.host: forged"
-    async with running_host(short_tmp, [forward]) as env:
-        guest = FakeGuest(registry=env.registry)
-        async with guest_dialing(guest, env.rpc):
-            call = await guest.next_accept()
-            result = await call.connect(forged, "fwd-missing")
-            assert result.error == "failed to dial host socket"
+    async with (
+        running_host(short_tmp, [forward]) as env,
+        guest_accepting(env.rpc, env.registry) as (_, call),
+    ):
+        result = await call.connect(forged, "fwd-missing")
+        assert result.error == "failed to dial host socket"
     assert "host socket dial failed stream_id='s-1\\n2026" in caplog.text
     assert not any(m.startswith("2026-01-01") for m in caplog.text.splitlines())
 
 
-def _black_hole(path: Path) -> tuple[socket.socket, list[socket.socket]]:
+@contextlib.contextmanager
+def _black_hole(path: Path) -> Iterator[None]:
     """A UNIX listener that never accepts, its backlog already full: a dial to it
     hangs until the dialer gives up."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(0)
     fillers: list[socket.socket] = []
-    for _ in range(64):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.setblocking(False)
-        fillers.append(s)
-        try:
-            s.connect(str(path))
-        except BlockingIOError:
-            return listener, fillers
-    raise AssertionError("backlog never filled")
+    try:
+        listener.bind(str(path))
+        listener.listen(0)
+        for _ in range(64):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            fillers.append(s)
+            try:
+                s.connect(str(path))
+            except BlockingIOError:
+                break
+        else:
+            raise AssertionError("backlog never filled")
+        yield
+    finally:
+        listener.close()
+        for s in fillers:
+            s.close()
 
 
 async def test_concurrent_requests_are_not_held_up_by_a_black_hole_target(
@@ -134,27 +136,20 @@ async def test_concurrent_requests_are_not_held_up_by_a_black_hole_target(
     connections: twenty requests made after it all succeed while it still hangs."""
     slow, fast = fwd(short_tmp, "slow"), fwd(short_tmp, "fast")
     (short_tmp / "host").mkdir(mode=0o700)
-    hole, fillers = _black_hole(Path(slow.host_path))
-    try:
+    with _black_hole(Path(slow.host_path)):
         async with (
             unix_service(Path(fast.host_path), reverse_after_eof) as target,
             running_host(short_tmp, [slow, fast], dial_timeout=120) as env,
+            guest_accepting(env.rpc, env.registry) as (guest, call),
         ):
-            guest = FakeGuest(registry=env.registry)
-            async with guest_dialing(guest, env.rpc):
-                call = await guest.next_accept()
-                stuck = await call.request("s-slow", "fwd-slow")
-                futures = [await call.request(f"s-{i}", "fwd-fast") for i in range(20)]
-                async with asyncio.timeout(30):
-                    results = await asyncio.gather(*futures)
-                assert [r.error for r in results] == [""] * 20
-                assert not stuck.done()
-                assert target.accepted == 20
-                guest.close_claimed()
-    finally:
-        hole.close()
-        for s in fillers:
-            s.close()
+            stuck = await call.request("s-slow", "fwd-slow")
+            futures = [await call.request(f"s-{i}", "fwd-fast") for i in range(20)]
+            async with asyncio.timeout(30):
+                results = await asyncio.gather(*futures)
+            assert [r.error for r in results] == [""] * 20
+            assert not stuck.done()
+            assert target.accepted == 20
+            guest.close_claimed()
 
 
 async def test_requests_beyond_max_pending_are_refused_and_nothing_dialed(
@@ -166,28 +161,19 @@ async def test_requests_beyond_max_pending_are_refused_and_nothing_dialed(
     caplog.set_level(logging.INFO, logger="socketforward.host")
     slow, fast = fwd(short_tmp, "slow"), fwd(short_tmp, "fast")
     (short_tmp / "host").mkdir(mode=0o700)
-    hole, fillers = _black_hole(Path(slow.host_path))
-    try:
+    with _black_hole(Path(slow.host_path)):
         async with (
             unix_service(Path(fast.host_path), reverse_after_eof) as target,
             running_host(short_tmp, [slow, fast], dial_timeout=120, max_pending=1) as env,
+            guest_accepting(env.rpc, env.registry) as (_, call),
         ):
-            guest = FakeGuest(registry=env.registry)
-            async with guest_dialing(guest, env.rpc):
-                call = await guest.next_accept()
-                stuck = await call.request("s-slow", "fwd-slow")
-                result = await call.connect("s-1", "fwd-fast")
-                assert result.error == "too many pending connections"
-                assert env.forwarder.stats()["fwd-fast"].failed == {"overload": 1}
-                assert "too many pending connections stream_id=s-1 forward_id=fwd-fast" in (
-                    caplog.text
-                )
-                assert target.accepted == 0
-                assert not stuck.done()
-    finally:
-        hole.close()
-        for s in fillers:
-            s.close()
+            stuck = await call.request("s-slow", "fwd-slow")
+            result = await call.connect("s-1", "fwd-fast")
+            assert result.error == "too many pending connections"
+            assert env.forwarder.stats()["fwd-fast"].failed == {"overload": 1}
+            assert "too many pending connections stream_id=s-1 forward_id=fwd-fast" in caplog.text
+            assert target.accepted == 0
+            assert not stuck.done()
 
 
 async def test_huge_ack_length_fails_one_connection_without_allocating_it(
@@ -197,35 +183,25 @@ async def test_huge_ack_length_fails_one_connection_without_allocating_it(
     connection (its host socket is closed) without the host allocating it; the
     next connection works."""
     forward = fwd(short_tmp, "a")
-    evil = HugeAckEndpoint(
-        await transport.listen(transport.UnixEndpoint(str(short_tmp / "vm" / "evil.sock")))
-    )
-    serving = asyncio.get_running_loop().create_task(evil.serve())
-    try:
-        async with (
-            unix_service(Path(forward.host_path), reverse_after_eof) as target,
-            running_host(short_tmp, [forward], streams=evil.listener.endpoint) as env,
-        ):
-            guest = FakeGuest()
-            async with guest_dialing(guest, env.rpc):
-                call = await guest.next_accept()
-                tracemalloc.start()
-                try:
-                    result = await call.connect("evil-1", "fwd-a")
-                    _, peak = tracemalloc.get_traced_memory()
-                finally:
-                    tracemalloc.stop()
-                assert result.error == "failed to open data stream"
-                assert peak < 64 << 20
-                assert env.forwarder.stats()["fwd-a"].failed == {"stream": 1}
-                good = await call.connect("good-1", "fwd-a")
-                assert good.error == ""
-                assert await exchange(evil.streams["good-1"], b"ping") == b"gnip"
-                assert target.accepted == 2
-    finally:
-        serving.cancel()
-        await asyncio.wait({serving})
-        await evil.close()
+    async with (
+        misbehaving_streams(short_tmp) as evil,
+        unix_service(Path(forward.host_path), reverse_after_eof) as target,
+        running_host(short_tmp, [forward], streams=evil.listener.endpoint) as env,
+        guest_accepting(env.rpc) as (_, call),
+    ):
+        tracemalloc.start()
+        try:
+            result = await call.connect("evil-1", "fwd-a")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert result.error == "failed to open data stream"
+        assert peak < 64 << 20
+        assert env.forwarder.stats()["fwd-a"].failed == {"stream": 1}
+        good = await call.connect("good-1", "fwd-a")
+        assert good.error == ""
+        assert await exchange(evil.streams["good-1"], b"ping") == b"gnip"
+        assert target.accepted == 2
 
 
 async def test_silent_stream_endpoint_fails_that_connection_after_the_timeout(
@@ -241,24 +217,22 @@ async def test_silent_stream_endpoint_fails_that_connection_after_the_timeout(
         running_host(
             short_tmp, [forward], streams=evil.listener.endpoint, stream_timeout=0.5
         ) as env,
+        guest_accepting(env.rpc) as (_, call),
     ):
-        guest = FakeGuest()
-        async with guest_dialing(guest, env.rpc):
-            call = await guest.next_accept()
-            silent = await call.request("silent-1", "fwd-a")
-            good = await call.connect("good-1", "fwd-a")
-            assert good.error == "" and not silent.done()
-            assert await exchange(evil.streams["good-1"], b"ping") == b"gnip"
-            # An ack arriving in pieces is assembled, not mistaken for a bad one.
-            slow = await call.connect("slow-1", "fwd-a")
-            assert slow.error == "" and not silent.done()
-            assert await exchange(evil.streams["slow-1"], b"snail") == b"lians"
-            async with asyncio.timeout(10):
-                result = await silent
-            assert result.error == "failed to open data stream"
-            assert env.forwarder.stats()["fwd-a"].failed == {"stream": 1}
-            assert target.accepted == 3
-            await wait_until(lambda: evil.silent_closed == 1)  # the host hung up on it
+        silent = await call.request("silent-1", "fwd-a")
+        good = await call.connect("good-1", "fwd-a")
+        assert good.error == "" and not silent.done()
+        assert await exchange(evil.streams["good-1"], b"ping") == b"gnip"
+        # An ack arriving in pieces is assembled, not mistaken for a bad one.
+        slow = await call.connect("slow-1", "fwd-a")
+        assert slow.error == "" and not silent.done()
+        assert await exchange(evil.streams["slow-1"], b"snail") == b"lians"
+        async with asyncio.timeout(10):
+            result = await silent
+        assert result.error == "failed to open data stream"
+        assert env.forwarder.stats()["fwd-a"].failed == {"stream": 1}
+        assert target.accepted == 3
+        await wait_until(lambda: evil.silent_closed == 1)  # the host hung up on it
 
 
 async def test_rpc_loss_while_an_ack_is_awaited_closes_both_sockets(short_tmp: Path) -> None:

@@ -13,8 +13,6 @@ import os
 import resource
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,12 +24,18 @@ from tests.host.fake_guest import (
     AcceptCall,
     FakeGuest,
     exchange,
-    guest_dialing,
     recv_all,
     reverse_after_eof,
     unix_service,
 )
-from tests.host.host_env import HostEnv, fwd, running_host
+from tests.host.host_env import (
+    HostEnv,
+    fwd,
+    guest_accepting,
+    host_process,
+    host_with_guest,
+    running_host,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,24 +104,17 @@ async def test_emfile_on_the_host_dial_fails_only_those_requests(
     once sockets can be made again the same Accept call serves the next one,
     nothing stays pending, and the call can still be retired cleanly."""
     caplog.set_level(logging.INFO, logger="socketforward.host")
-    forward = fwd(short_tmp, "a")
-    async with (
-        unix_service(Path(forward.host_path), reverse_after_eof) as target,
-        running_host(short_tmp, [forward]) as env,
-    ):
-        guest = FakeGuest(registry=env.registry)
-        async with guest_dialing(guest, env.rpc):
-            call = await guest.next_accept()
-            faults = SocketFaults(monkeypatch, lambda n: n <= 3)
-            errors = await _results(call, ["s-1", "s-2", "s-3"])
-            assert errors == ["failed to dial host socket"] * 3
-            faults.stop()
-            assert env.forwarder.stats()["fwd-a"].failed == {"exhausted": 3}
-            assert env.forwarder.pending == 0
-            assert target.accepted == 0 and len(env.registry) == 0
-            assert caplog.text.count("host socket dial failed") == 3
-            assert "reason=exhausted" in caplog.text and "Too many open files" in caplog.text
-            await _still_served_and_retired(short_tmp, env, guest, call)
+    async with host_with_guest(short_tmp) as (env, target, guest, call):
+        faults = SocketFaults(monkeypatch, lambda n: n <= 3)
+        errors = await _results(call, ["s-1", "s-2", "s-3"])
+        assert errors == ["failed to dial host socket"] * 3
+        faults.stop()
+        assert env.forwarder.stats()["fwd-a"].failed == {"exhausted": 3}
+        assert env.forwarder.pending == 0
+        assert target.accepted == 0 and len(env.registry) == 0
+        assert caplog.text.count("host socket dial failed") == 3
+        assert "reason=exhausted" in caplog.text and "Too many open files" in caplog.text
+        await _still_served_and_retired(short_tmp, env, guest, call)
 
 
 async def test_emfile_on_the_data_stream_fails_only_those_requests(
@@ -126,32 +123,25 @@ async def test_emfile_on_the_data_stream_fails_only_those_requests(
     """While the host-side dial works but no socket can be made for the data
     stream, each request gets `failed to open data stream`, its host connection
     is closed (the service sees EOF), and the Accept call goes on."""
-    forward = fwd(short_tmp, "a")
     eofs: list[bytes] = []
 
     async def note_eof(sock: socket.socket) -> None:
         eofs.append(await recv_all(sock))
 
-    async with (
-        unix_service(Path(forward.host_path), note_eof),
-        running_host(short_tmp, [forward]) as env,
-    ):
-        guest = FakeGuest(registry=env.registry)
-        async with guest_dialing(guest, env.rpc):
-            call = await guest.next_accept()
-            # Each request dials (odd calls), then opens its stream (even ones).
-            faults = SocketFaults(monkeypatch, lambda n: n % 2 == 0 and n <= 6)
-            errors = await _results(call, ["s-1", "s-2", "s-3"])
-            assert errors == ["failed to open data stream"] * 3
-            assert faults.failed == 3
-            faults.stop()
-            assert env.forwarder.stats()["fwd-a"].failed == {"exhausted": 3}
-            assert env.forwarder.pending == 0
-            async with asyncio.timeout(10):
-                while len(eofs) < 3:  # noqa: ASYNC110 (no event of its own)
-                    await asyncio.sleep(0.01)
-            assert eofs == [b""] * 3
-            assert len(env.registry) == 0
+    async with host_with_guest(short_tmp, note_eof) as (env, _, _, call):
+        # Each request dials (odd calls), then opens its stream (even ones).
+        faults = SocketFaults(monkeypatch, lambda n: n % 2 == 0 and n <= 6)
+        errors = await _results(call, ["s-1", "s-2", "s-3"])
+        assert errors == ["failed to open data stream"] * 3
+        assert faults.failed == 3
+        faults.stop()
+        assert env.forwarder.stats()["fwd-a"].failed == {"exhausted": 3}
+        assert env.forwarder.pending == 0
+        async with asyncio.timeout(10):
+            while len(eofs) < 3:  # noqa: ASYNC110 (no event of its own)
+                await asyncio.sleep(0.01)
+        assert eofs == [b""] * 3
+        assert len(env.registry) == 0
 
 
 async def test_emfile_on_the_task_path_fails_only_those_requests(
@@ -162,22 +152,15 @@ async def test_emfile_on_the_task_path_fails_only_those_requests(
     answered with the matching error and counted; the Accept call goes on and
     nothing stays pending."""
     _force_task_path(monkeypatch)
-    forward = fwd(short_tmp, "a")
-    async with (
-        unix_service(Path(forward.host_path), reverse_after_eof),
-        running_host(short_tmp, [forward]) as env,
-    ):
-        guest = FakeGuest(registry=env.registry)
-        async with guest_dialing(guest, env.rpc):
-            call = await guest.next_accept()
-            # s-1: fast dial (1), task dial (2, fails). s-2: 3, 4, task stream (5, fails).
-            faults = SocketFaults(monkeypatch, lambda n: n in (2, 5))
-            assert (await call.connect("s-1", "fwd-a")).error == "failed to dial host socket"
-            assert (await call.connect("s-2", "fwd-a")).error == "failed to open data stream"
-            assert faults.failed == 2
-            assert env.forwarder.stats()["fwd-a"].failed == {"exhausted": 2}
-            assert env.forwarder.pending == 0
-            await _still_served_and_retired(short_tmp, env, guest, call)
+    async with host_with_guest(short_tmp) as (env, _, guest, call):
+        # s-1: fast dial (1), task dial (2, fails). s-2: 3, 4, task stream (5, fails).
+        faults = SocketFaults(monkeypatch, lambda n: n in (2, 5))
+        assert (await call.connect("s-1", "fwd-a")).error == "failed to dial host socket"
+        assert (await call.connect("s-2", "fwd-a")).error == "failed to open data stream"
+        assert faults.failed == 2
+        assert env.forwarder.stats()["fwd-a"].failed == {"exhausted": 2}
+        assert env.forwarder.pending == 0
+        await _still_served_and_retired(short_tmp, env, guest, call)
 
 
 async def test_unexpected_error_in_a_request_gives_its_slot_back(
@@ -198,16 +181,12 @@ async def test_unexpected_error_in_a_request_gives_its_slot_back(
     ):
         with monkeypatch.context() as patch:
             patch.setattr(datastream, "open_stream_now", broken)
-            guest = FakeGuest(registry=env.registry)
-            async with guest_dialing(guest, env.rpc):
-                call = await guest.next_accept()
+            async with guest_accepting(env.rpc, env.registry) as (_, call):
                 await call.request("s-bug", "fwd-a")
                 async with asyncio.timeout(10):
                     await call.ended.wait()  # the bug took the connection down
         assert env.forwarder.pending == 0
-        guest = FakeGuest(registry=env.registry)
-        async with guest_dialing(guest, env.rpc):
-            call = await guest.next_accept()
+        async with guest_accepting(env.rpc, env.registry) as (guest, call):
             assert (await call.connect("s-1", "fwd-a")).error == ""
             guest.close_claimed()
 
@@ -237,53 +216,38 @@ async def test_host_process_out_of_descriptors_survives_and_serves_again(
     async with (
         unix_service(target_path, reverse_after_eof),
         datastream.StreamRegistry(await transport.listen(streams_ep)) as registry,
-    ):
-        with log_path.open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "socketforward", "host",
-                "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
-                "--forward", f"a={target_path}:/run/a.sock",
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log_file,
-                preexec_fn=_limit_fds,
-            )  # fmt: skip
-        try:
+        host_process(
+            "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
+            "--forward", f"a={target_path}:/run/a.sock",
+            log_path=log_path, rpc_path=rpc_path, preexec_fn=_limit_fds,
+        ) as proc,
+    ):  # fmt: skip
+        rpc = transport.UnixEndpoint(str(rpc_path))
+        async with guest_accepting(rpc, registry) as (guest, call):
+            futures = [await call.request(f"s-{i}", "a") for i in range(3 * FD_LIMIT)]
             async with asyncio.timeout(30):
-                while not rpc_path.exists():
-                    assert proc.returncode is None, log_path.read_text()
-                    await asyncio.sleep(0.02)
-            guest = FakeGuest(registry=registry)
-            async with guest_dialing(guest, transport.UnixEndpoint(str(rpc_path))):
-                call = await guest.next_accept()
-                futures = [await call.request(f"s-{i}", "a") for i in range(3 * FD_LIMIT)]
-                async with asyncio.timeout(30):
-                    results: list[pb.ConnectResult] = await asyncio.gather(*futures)
-                errors = {r.error for r in results}
-                served = sum(1 for r in results if not r.error)
-                assert errors <= {"", "failed to dial host socket", "failed to open data stream"}
-                assert served < len(results), "the limit was never reached"
-                assert proc.returncode is None
-                assert not call.ended.is_set()
-                guest.close_claimed()  # the relays end, their descriptors come back
-                # Relays end on their own time: retry a few times for a free descriptor.
-                async with asyncio.timeout(30):
-                    attempt = 0
-                    while (await call.connect(f"after-{attempt}", "a")).error:
-                        attempt += 1
-                        await asyncio.sleep(0.05)
-                sock = guest.claimed.pop(f"after-{attempt}")
-                assert sock is not None
-                with sock:
-                    assert await exchange(sock, b"served again") == b"niaga devres"
-                assert not call.ended.is_set() and guest.accepts.empty()
-            proc.send_signal(signal.SIGTERM)
+                results: list[pb.ConnectResult] = await asyncio.gather(*futures)
+            errors = {r.error for r in results}
+            served = sum(1 for r in results if not r.error)
+            assert errors <= {"", "failed to dial host socket", "failed to open data stream"}
+            assert served < len(results), "the limit was never reached"
+            assert proc.returncode is None
+            assert not call.ended.is_set()
+            guest.close_claimed()  # the relays end, their descriptors come back
+            # Relays end on their own time: retry a few times for a free descriptor.
             async with asyncio.timeout(30):
-                assert await proc.wait() == 0, log_path.read_text()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+                attempt = 0
+                while (await call.connect(f"after-{attempt}", "a")).error:
+                    attempt += 1
+                    await asyncio.sleep(0.05)
+            sock = guest.claimed.pop(f"after-{attempt}")
+            assert sock is not None
+            with sock:
+                assert await exchange(sock, b"served again") == b"niaga devres"
+            assert not call.ended.is_set() and guest.accepts.empty()
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0, log_path.read_text()
     log = log_path.read_text()
     assert "reason=exhausted" in log
     assert "Traceback" not in log

@@ -20,7 +20,7 @@ from tests.host.fake_guest import (
     reverse_after_eof,
     unix_service,
 )
-from tests.host.host_env import fwd, running_host, wait_until
+from tests.host.host_env import fwd, guest_accepting, host_with_guest, running_host, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,17 +31,17 @@ async def test_bind_on_connect_and_accept_announces_forward_ids(short_tmp: Path)
     """When the guest dials in, the host Binds every configured forward (VM paths
     only, never host paths) and opens Accept announcing its forward_ids."""
     forwards = [fwd(short_tmp, "a"), fwd(short_tmp, "b")]
-    async with running_host(short_tmp, forwards) as env:
-        guest = FakeGuest()
-        async with guest_dialing(guest, env.rpc):
-            call = await guest.next_accept()
-            assert guest.binds == [
-                [("fwd-a", "/run/socketfwd/a.sock"), ("fwd-b", "/run/socketfwd/b.sock")]
-            ]
-            assert call.announced == ["fwd-a,fwd-b"]
-            async with asyncio.timeout(30):
-                await env.forwarder.wait_ready()
-            assert env.forwarder.connected
+    async with (
+        running_host(short_tmp, forwards) as env,
+        guest_accepting(env.rpc) as (guest, call),
+    ):
+        assert guest.binds == [
+            [("fwd-a", "/run/socketfwd/a.sock"), ("fwd-b", "/run/socketfwd/b.sock")]
+        ]
+        assert call.announced == ["fwd-a,fwd-b"]
+        async with asyncio.timeout(30):
+            await env.forwarder.wait_ready()
+        assert env.forwarder.connected
     assert oct(os.stat(short_tmp / "host").st_mode & 0o777) == "0o700"
 
 
@@ -49,25 +49,18 @@ async def test_relays_bytes_both_ways_with_half_close(short_tmp: Path) -> None:
     """A connection is forwarded byte-exact both ways; the host service sees EOF
     when the VM side half-closes and can still answer; the data stream is there
     when the success result arrives; stats count it."""
-    forward = fwd(short_tmp, "a")
-    async with (
-        unix_service(Path(forward.host_path), reverse_after_eof) as target,
-        running_host(short_tmp, [forward]) as env,
-    ):
-        guest = FakeGuest(registry=env.registry)
-        async with guest_dialing(guest, env.rpc):
-            call = await guest.next_accept()
-            result = await call.connect("s-1", "fwd-a")
-            assert result.error == ""
-            vm_side = guest.claimed.pop("s-1")
-            assert vm_side is not None, "data stream must be open before the success result"
-            with vm_side:
-                assert await exchange(vm_side, PAYLOAD) == PAYLOAD[::-1]
-            assert target.accepted == 1
-            await wait_until(lambda: env.forwarder.stats()["fwd-a"].active == 0)
-            stats = env.forwarder.stats()["fwd-a"]
-            assert (stats.requests, stats.connected, stats.failed) == (1, 1, {})
-            assert stats.bytes_to_host == stats.bytes_to_vm == len(PAYLOAD)
+    async with host_with_guest(short_tmp) as (env, target, guest, call):
+        result = await call.connect("s-1", "fwd-a")
+        assert result.error == ""
+        vm_side = guest.claimed.pop("s-1")
+        assert vm_side is not None, "data stream must be open before the success result"
+        with vm_side:
+            assert await exchange(vm_side, PAYLOAD) == PAYLOAD[::-1]
+        assert target.accepted == 1
+        await wait_until(lambda: env.forwarder.stats()["fwd-a"].active == 0)
+        stats = env.forwarder.stats()["fwd-a"]
+        assert (stats.requests, stats.connected, stats.failed) == (1, 1, {})
+        assert stats.bytes_to_host == stats.bytes_to_vm == len(PAYLOAD)
 
 
 async def test_guest_reconnect_rebinds_and_running_relays_continue(short_tmp: Path) -> None:
@@ -111,26 +104,24 @@ async def test_forwards_added_and_removed_at_run_time(short_tmp: Path) -> None:
     async with (
         unix_service(Path(c.host_path), reverse_after_eof),
         running_host(short_tmp, [a]) as env,
+        guest_accepting(env.rpc, env.registry) as (guest, first),
     ):
-        guest = FakeGuest(registry=env.registry)
-        async with guest_dialing(guest, env.rpc):
-            first = await guest.next_accept()
-            await env.forwarder.add([c])
-            assert guest.binds[-1] == [("fwd-c", "/run/socketfwd/c.sock")]
-            second = await guest.next_accept()
-            assert second.announced == ["fwd-a,fwd-c"]
-            assert (await second.connect("s-1", "fwd-c")).error == ""
-            async with asyncio.timeout(30):
-                await first.ended.wait()
+        await env.forwarder.add([c])
+        assert guest.binds[-1] == [("fwd-c", "/run/socketfwd/c.sock")]
+        second = await guest.next_accept()
+        assert second.announced == ["fwd-a,fwd-c"]
+        assert (await second.connect("s-1", "fwd-c")).error == ""
+        async with asyncio.timeout(30):
+            await first.ended.wait()
 
-            await env.forwarder.remove(["fwd-a"])
-            assert guest.unbinds == [["fwd-a"]]
-            third = await guest.next_accept()
-            assert third.announced == ["fwd-c"]
-            result = await third.connect("s-2", "fwd-a")
-            assert result.error == "unknown forward ID: fwd-a"
-            assert set(env.forwarder.forwards) == {"fwd-c"}
-            guest.close_claimed()
+        await env.forwarder.remove(["fwd-a"])
+        assert guest.unbinds == [["fwd-a"]]
+        third = await guest.next_accept()
+        assert third.announced == ["fwd-c"]
+        result = await third.connect("s-2", "fwd-a")
+        assert result.error == "unknown forward ID: fwd-a"
+        assert set(env.forwarder.forwards) == {"fwd-c"}
+        guest.close_claimed()
 
 
 async def test_unimplemented_unbind_is_tolerated(
@@ -207,25 +198,18 @@ async def test_an_undecodable_connect_request_is_dropped_and_the_call_goes_on(
     dropped with one escaped log line and counted; the Accept call stays open
     and serves the request right behind it."""
     caplog.set_level(logging.INFO, logger="socketforward.host")
-    forward = fwd(short_tmp, "a")
-    async with (
-        unix_service(Path(forward.host_path), reverse_after_eof),
-        running_host(short_tmp, [forward]) as env,
-    ):
-        guest = FakeGuest(registry=env.registry)
-        async with guest_dialing(guest, env.rpc):
-            call = await guest.next_accept()
-            await call.send_undecodable("s-bad", b"fwd-\xff\n\x1b[2J")
-            good = await call.request("s-good", "fwd-a")
-            async with asyncio.timeout(30):
-                assert (await good).error == ""
-            sock = guest.claimed.pop("s-good")
-            assert sock is not None
-            with sock:
-                assert await exchange(sock, b"after") == b"retfa"
-            assert env.forwarder.undecodable_requests == 1
-            assert not call.ended.is_set() and guest.accepts.empty()
-            assert env.forwarder.sessions == 1 and env.forwarder.pending == 0
+    async with host_with_guest(short_tmp) as (env, _, guest, call):
+        await call.send_undecodable("s-bad", b"fwd-\xff\n\x1b[2J")
+        good = await call.request("s-good", "fwd-a")
+        async with asyncio.timeout(30):
+            assert (await good).error == ""
+        sock = guest.claimed.pop("s-good")
+        assert sock is not None
+        with sock:
+            assert await exchange(sock, b"after") == b"retfa"
+        assert env.forwarder.undecodable_requests == 1
+        assert not call.ended.is_set() and guest.accepts.empty()
+        assert env.forwarder.sessions == 1 and env.forwarder.pending == 0
     lines = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
     assert len(lines) == 1
     assert "\\xff\\n\\x1b[2J" in lines[0] and "\n" not in lines[0]

@@ -7,27 +7,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from socketforward import datastream, transport
 from socketforward.host import oci
-from tests.host.fake_guest import (
-    FakeGuest,
-    exchange,
-    guest_dialing,
-    reverse_after_eof,
-    unix_service,
-)
+from tests.host.fake_guest import exchange, reverse_after_eof, unix_service
+from tests.host.host_env import guest_accepting, host_command, host_process, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _host_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "socketforward", "host", *args]
 
 
 def test_bad_arguments_exit_nonzero_naming_the_argument(short_tmp: Path) -> None:
@@ -94,7 +83,7 @@ def test_bad_arguments_exit_nonzero_naming_the_argument(short_tmp: Path) -> None
     }  # fmt: skip
     procs = {
         name: subprocess.Popen(
-            _host_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            host_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         for name, (args, _) in cases.items()
     }
@@ -105,13 +94,6 @@ def test_bad_arguments_exit_nonzero_naming_the_argument(short_tmp: Path) -> None
     assert not (open_dir / "rpc.sock").exists()
     assert not (private / "rpc.sock").exists()
     assert not (world / "s.sock").exists()
-
-
-async def _wait_for(path: Path, proc: asyncio.subprocess.Process) -> None:
-    async with asyncio.timeout(30):
-        while not os.path.exists(path):  # noqa: ASYNC240 (a stat of a local file)
-            assert proc.returncode is None, "host exited early"
-            await asyncio.sleep(0.02)
 
 
 async def test_host_process_forwards_and_stops_cleanly_on_sigterm(short_tmp: Path) -> None:
@@ -133,67 +115,41 @@ async def test_host_process_forwards_and_stops_cleanly_on_sigterm(short_tmp: Pat
     async with (
         unix_service(target_path, reverse_after_eof),
         datastream.StreamRegistry(await transport.listen(streams_ep)) as registry,
-    ):
-        with log_path.open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                *_host_cmd(
-                    "--rpc-listen",
-                    f"unix:{rpc_path}",
-                    "--streams",
-                    str(streams_ep),
-                    "--oci-spec",
-                    str(spec_path),
-                    "--container-id",
-                    "ctr-1",
-                    "--write-spec",
-                    str(out_path),
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log_file,
-            )
-        try:
-            await _wait_for(rpc_path, proc)
-            assert os.stat(rpc_path).st_mode & 0o777 == 0o600
-            assert os.stat(rpc_path.parent).st_mode & 0o777 == 0o700
-            assert json.loads(out_path.read_text())["mounts"] == [
-                {
-                    "destination": "/x.sock",
-                    "type": "bind",
-                    "source": f"/run/socketfwd/{forward_id}.sock",
-                    "options": ["bind"],
-                }
-            ]
-            guest = FakeGuest(registry=registry)
-            async with guest_dialing(guest, transport.UnixEndpoint(str(rpc_path))):
-                call = await guest.next_accept()
-                assert guest.binds == [[(forward_id, f"/run/socketfwd/{forward_id}.sock")]]
-                assert call.announced == [forward_id]
-                assert (await call.connect("s-1", forward_id)).error == ""
-                assert (await call.connect("s-2", forward_id)).error == ""
-                first, held = guest.claimed.pop("s-1"), guest.claimed.pop("s-2")
-                assert first is not None and held is not None
-                with first, held:
-                    assert await exchange(first, b"hello") == b"olleh"
-                    proc.send_signal(signal.SIGTERM)
-                    async with asyncio.timeout(30):
-                        assert await proc.wait() == 0
-                        # The relay still open when the host stopped is ended.
-                        assert await asyncio.get_running_loop().sock_recv(held, 10) == b""
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        host_process(
+            "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
+            "--oci-spec", str(spec_path), "--container-id", "ctr-1", "--write-spec", str(out_path),
+            log_path=log_path, rpc_path=rpc_path,
+        ) as proc,
+    ):  # fmt: skip
+        assert os.stat(rpc_path).st_mode & 0o777 == 0o600
+        assert os.stat(rpc_path.parent).st_mode & 0o777 == 0o700
+        assert json.loads(out_path.read_text())["mounts"] == [
+            {
+                "destination": "/x.sock",
+                "type": "bind",
+                "source": f"/run/socketfwd/{forward_id}.sock",
+                "options": ["bind"],
+            }
+        ]
+        rpc = transport.UnixEndpoint(str(rpc_path))
+        async with guest_accepting(rpc, registry) as (guest, call):
+            assert guest.binds == [[(forward_id, f"/run/socketfwd/{forward_id}.sock")]]
+            assert call.announced == [forward_id]
+            assert (await call.connect("s-1", forward_id)).error == ""
+            assert (await call.connect("s-2", forward_id)).error == ""
+            first, held = guest.claimed.pop("s-1"), guest.claimed.pop("s-2")
+            assert first is not None and held is not None
+            with first, held:
+                assert await exchange(first, b"hello") == b"olleh"
+                proc.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(30):
+                    assert await proc.wait() == 0
+                    # The relay still open when the host stopped is ended.
+                    assert await asyncio.get_running_loop().sock_recv(held, 10) == b""
     assert not rpc_path.exists()
     log = log_path.read_text()
     assert "host stopping" in log
     assert f"stats forward_id={forward_id} requests=2 connected=2" in log
-
-
-async def _wait_until(predicate: Callable[[], bool]) -> None:
-    async with asyncio.timeout(30):
-        while not predicate():  # noqa: ASYNC110 (state without an event of its own)
-            await asyncio.sleep(0.02)
 
 
 async def test_sighup_rereads_the_forwards_file(short_tmp: Path) -> None:
@@ -213,54 +169,42 @@ async def test_sighup_rereads_the_forwards_file(short_tmp: Path) -> None:
         unix_service(b_path, reverse_after_eof),
         unix_service(c_path, reverse_after_eof),
         datastream.StreamRegistry(await transport.listen(streams_ep)) as registry,
-    ):
-        with log_path.open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                *_host_cmd(
-                    "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
-                    "--forwards-file", str(table), "--forward", f"c={c_path}:/run/c.sock",
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log_file,
-            )  # fmt: skip
-        try:
-            await _wait_for(rpc_path, proc)
-            guest = FakeGuest(registry=registry)
-            async with guest_dialing(guest, transport.UnixEndpoint(str(rpc_path))):
-                call = await guest.next_accept()
-                assert sorted(guest.binds[0]) == [("a", "/run/a.sock"), ("c", "/run/c.sock")]
-                assert (await call.connect("s-1", "a")).error == ""
+        host_process(
+            "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
+            "--forwards-file", str(table), "--forward", f"c={c_path}:/run/c.sock",
+            log_path=log_path, rpc_path=rpc_path,
+        ) as proc,
+    ):  # fmt: skip
+        rpc = transport.UnixEndpoint(str(rpc_path))
+        async with guest_accepting(rpc, registry) as (guest, call):
+            assert sorted(guest.binds[0]) == [("a", "/run/a.sock"), ("c", "/run/c.sock")]
+            assert (await call.connect("s-1", "a")).error == ""
 
-                table.write_text(f"b={b_path}:/run/b.sock\n")
-                proc.send_signal(signal.SIGHUP)
-                # Each change of the table reopens Accept (after the removal,
-                # then after the addition): wait for the one announcing both.
-                while (call := await guest.next_accept()).announced != ["b,c"]:
-                    pass
-                assert guest.unbinds == [["a"]]
-                assert guest.binds[-1] == [("b", "/run/b.sock")]
-                assert (await call.connect("s-2", "a")).error.startswith("unknown forward ID")
-                assert (await call.connect("s-3", "b")).error == ""
-                assert (await call.connect("s-4", "c")).error == ""
-                sock = guest.claimed.pop("s-3")
-                assert sock is not None
-                with sock:
-                    assert await exchange(sock, b"bee") == b"eeb"
+            table.write_text(f"b={b_path}:/run/b.sock\n")
+            proc.send_signal(signal.SIGHUP)
+            # Each change of the table reopens Accept (after the removal,
+            # then after the addition): wait for the one announcing both.
+            while (call := await guest.next_accept()).announced != ["b,c"]:
+                pass
+            assert guest.unbinds == [["a"]]
+            assert guest.binds[-1] == [("b", "/run/b.sock")]
+            assert (await call.connect("s-2", "a")).error.startswith("unknown forward ID")
+            assert (await call.connect("s-3", "b")).error == ""
+            assert (await call.connect("s-4", "c")).error == ""
+            sock = guest.claimed.pop("s-3")
+            assert sock is not None
+            with sock:
+                assert await exchange(sock, b"bee") == b"eeb"
 
-                table.write_text(f"b={b_path}:/run/b.sock\nthis is not a forward\n")
-                proc.send_signal(signal.SIGHUP)
-                await _wait_until(lambda: b"not reloaded" in log_path.read_bytes())
-                assert f"{table}:2".encode() in log_path.read_bytes()
-                assert (await call.connect("s-5", "b")).error == ""
-                guest.close_claimed()
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(30):
-                assert await proc.wait() == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            table.write_text(f"b={b_path}:/run/b.sock\nthis is not a forward\n")
+            proc.send_signal(signal.SIGHUP)
+            await wait_until(lambda: b"not reloaded" in log_path.read_bytes())
+            assert f"{table}:2".encode() in log_path.read_bytes()
+            assert (await call.connect("s-5", "b")).error == ""
+            guest.close_claimed()
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
 
 
 async def test_sighup_without_forwards_file_is_logged_and_the_host_keeps_forwarding(
@@ -277,42 +221,30 @@ async def test_sighup_without_forwards_file_is_logged_and_the_host_keeps_forward
     async with (
         unix_service(a_path, reverse_after_eof),
         datastream.StreamRegistry(await transport.listen(streams_ep)) as registry,
-    ):
-        with log_path.open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                *_host_cmd(
-                    "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
-                    "--forward", f"a={a_path}:/run/a.sock",
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log_file,
-            )  # fmt: skip
-        try:
-            await _wait_for(rpc_path, proc)
-            guest = FakeGuest(registry=registry)
-            async with guest_dialing(guest, transport.UnixEndpoint(str(rpc_path))):
-                call = await guest.next_accept()
-                proc.send_signal(signal.SIGHUP)
-                await _wait_until(lambda: b"SIGHUP ignored" in log_path.read_bytes())
-                assert proc.returncode is None
-                assert (await call.connect("s-1", "a")).error == ""
-                sock = guest.claimed.pop("s-1")
-                assert sock is not None
-                with sock:
-                    assert await exchange(sock, b"still here") == b"ereh llits"
-                proc.send_signal(signal.SIGUSR1)
-                await _wait_until(
-                    lambda: b"stats forward_id=a requests=1 connected=1" in log_path.read_bytes()
-                )
-                assert guest.unbinds == []
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(30):
-                assert await proc.wait() == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        host_process(
+            "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
+            "--forward", f"a={a_path}:/run/a.sock",
+            log_path=log_path, rpc_path=rpc_path,
+        ) as proc,
+    ):  # fmt: skip
+        rpc = transport.UnixEndpoint(str(rpc_path))
+        async with guest_accepting(rpc, registry) as (guest, call):
+            proc.send_signal(signal.SIGHUP)
+            await wait_until(lambda: b"SIGHUP ignored" in log_path.read_bytes())
+            assert proc.returncode is None
+            assert (await call.connect("s-1", "a")).error == ""
+            sock = guest.claimed.pop("s-1")
+            assert sock is not None
+            with sock:
+                assert await exchange(sock, b"still here") == b"ereh llits"
+            proc.send_signal(signal.SIGUSR1)
+            await wait_until(
+                lambda: b"stats forward_id=a requests=1 connected=1" in log_path.read_bytes()
+            )
+            assert guest.unbinds == []
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
     assert not rpc_path.exists()
     assert "stats unknown_forward_requests=0" in log_path.read_text()
 
@@ -332,30 +264,18 @@ async def test_streams_uid_option_is_the_user_the_stream_endpoint_must_be(
     async with (
         unix_service(a_path, reverse_after_eof),
         datastream.StreamRegistry(await transport.listen(streams_ep)) as registry,
-    ):
-        with log_path.open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                *_host_cmd(
-                    "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
-                    "--forward", f"a={a_path}:/run/a.sock", "--streams-uid", str(other),
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log_file,
-            )  # fmt: skip
-        try:
-            await _wait_for(rpc_path, proc)
-            guest = FakeGuest(registry=registry)
-            async with guest_dialing(guest, transport.UnixEndpoint(str(rpc_path))):
-                call = await guest.next_accept()
-                assert (await call.connect("s-1", "a")).error == "failed to open data stream"
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(30):
-                assert await proc.wait() == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        host_process(
+            "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
+            "--forward", f"a={a_path}:/run/a.sock", "--streams-uid", str(other),
+            log_path=log_path, rpc_path=rpc_path,
+        ) as proc,
+    ):  # fmt: skip
+        rpc = transport.UnixEndpoint(str(rpc_path))
+        async with guest_accepting(rpc, registry) as (_, call):
+            assert (await call.connect("s-1", "a")).error == "failed to open data stream"
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
     log = log_path.read_text()
     assert f"peer_uid={os.geteuid()}" in log and f"expected_uid={other}" in log
     assert "failed=stream_peer:1" in log

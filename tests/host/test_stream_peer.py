@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from socketforward import datastream, transport
-from tests.host.fake_guest import FakeGuest, guest_dialing, reverse_after_eof, unix_service
-from tests.host.host_env import fwd, running_host
+from tests.host.fake_guest import reverse_after_eof, unix_service
+from tests.host.host_env import fwd, guest_accepting, host_with_guest, running_host
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,29 +84,29 @@ async def test_stream_endpoint_of_another_user_gets_no_connection(
     (short_tmp / "vm").mkdir(mode=0o700)
     async with unix_service(Path(forward.host_path), reverse_after_eof):
         with _endpoint_of_user(short_tmp / "vm" / "other.sock", NOBODY) as other:
-            async with running_host(short_tmp, [forward], streams=other) as env:
-                guest = FakeGuest()
-                async with guest_dialing(guest, env.rpc):
-                    call = await guest.next_accept()
-                    result = await call.connect("s-1", "fwd-a")
+            async with (
+                running_host(short_tmp, [forward], streams=other) as env,
+                guest_accepting(env.rpc) as (_, call),
+            ):
+                result = await call.connect("s-1", "fwd-a")
+                assert result.error == "failed to open data stream"
+                with monkeypatch.context() as patch:
+                    _force_task_path(patch)
+                    result = await call.connect("s-2", "fwd-a")
                     assert result.error == "failed to open data stream"
-                    with monkeypatch.context() as patch:
-                        _force_task_path(patch)
-                        result = await call.connect("s-2", "fwd-a")
-                        assert result.error == "failed to open data stream"
-                    assert env.forwarder.stats()["fwd-a"].failed == {"stream_peer": 2}
-                    assert env.forwarder.pending == 0
+                assert env.forwarder.stats()["fwd-a"].failed == {"stream_peer": 2}
+                assert env.forwarder.pending == 0
             warnings = [r for r in caplog.records if "served by another user" in r.message]
             assert len(warnings) == 2
             assert all(f"peer_uid={NOBODY}" in r.message for r in warnings)
             assert all(f"expected_uid={os.geteuid()}" in r.message for r in warnings)
 
-            async with running_host(short_tmp, [forward], streams=other, streams_uid=NOBODY) as env:
-                guest = FakeGuest()
-                async with guest_dialing(guest, env.rpc):
-                    call = await guest.next_accept()
-                    assert (await call.connect("s-3", "fwd-a")).error == ""
-                    assert env.forwarder.stats()["fwd-a"].failed == {}
+            async with (
+                running_host(short_tmp, [forward], streams=other, streams_uid=NOBODY) as env,
+                guest_accepting(env.rpc) as (_, call),
+            ):
+                assert (await call.connect("s-3", "fwd-a")).error == ""
+                assert env.forwarder.stats()["fwd-a"].failed == {}
 
 
 async def test_stream_endpoint_of_our_own_user_is_refused_when_another_is_configured(
@@ -115,21 +115,14 @@ async def test_stream_endpoint_of_our_own_user_is_refused_when_another_is_config
     """With streams_uid naming another user, a stream endpoint of this process's
     own user (root's, when the tests run as root: uid 0 is not special) is
     refused on both paths, and the host never answers success for it."""
-    forward = fwd(short_tmp, "a")
     other_uid = os.geteuid() + 1
-    async with (
-        unix_service(Path(forward.host_path), reverse_after_eof),
-        running_host(short_tmp, [forward], streams_uid=other_uid) as env,
-    ):
+    async with host_with_guest(short_tmp, streams_uid=other_uid) as (env, _, guest, call):
         assert env.forwarder.streams_uid == other_uid
-        guest = FakeGuest(registry=env.registry)
-        async with guest_dialing(guest, env.rpc):
-            call = await guest.next_accept()
-            assert (await call.connect("s-1", "fwd-a")).error == "failed to open data stream"
-            with monkeypatch.context() as patch:
-                _force_task_path(patch)
-                result = await call.connect("s-2", "fwd-a")
-                assert result.error == "failed to open data stream"
-            assert env.forwarder.stats()["fwd-a"].failed == {"stream_peer": 2}
-            assert guest.claimed == {}  # no success, so the guest claimed nothing
-            assert env.forwarder.pending == 0
+        assert (await call.connect("s-1", "fwd-a")).error == "failed to open data stream"
+        with monkeypatch.context() as patch:
+            _force_task_path(patch)
+            result = await call.connect("s-2", "fwd-a")
+            assert result.error == "failed to open data stream"
+        assert env.forwarder.stats()["fwd-a"].failed == {"stream_peer": 2}
+        assert guest.claimed == {}  # no success, so the guest claimed nothing
+        assert env.forwarder.pending == 0
