@@ -16,7 +16,7 @@ from google.protobuf import any_pb2, empty_pb2
 from socketforward import datastream, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
-from socketforward.protocol import FORWARD_IDS_METADATA
+from socketforward.protocol import FORWARD_IDS_METADATA, valid_stream_id
 
 AcceptServerStream = ttrpc.ServerStream[pb.ConnectResult, pb.ConnectRequest]
 
@@ -49,6 +49,14 @@ class AcceptCall:
         future = await self.request(stream_id, forward_id)
         async with asyncio.timeout(30):
             return await future
+
+    def unechoed(self) -> asyncio.Future[pb.ConnectResult] | None:
+        """The oldest unanswered request with an invalid stream_id: the host
+        answers those with an empty stream_id instead of echoing them."""
+        for stream_id, future in self.results.items():
+            if not future.done() and not valid_stream_id(stream_id):
+                return future
+        return None
 
 
 class FakeGuest(SocketForwardBase):
@@ -92,6 +100,8 @@ class FakeGuest(SocketForwardBase):
                     except datastream.StreamNotFound:
                         self.claimed[result.stream_id] = None
                 future = call.results.get(result.stream_id)
+                if (future is None or future.done()) and not result.stream_id:
+                    future = call.unechoed()
                 if future is not None and not future.done():
                     future.set_result(result)
         finally:

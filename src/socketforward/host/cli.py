@@ -241,6 +241,7 @@ def _log_stats(forwarder: Forwarder) -> None:
         forwarder.stats(),
         unknown_forward_requests=forwarder.unknown_requests,
         undecodable_requests=forwarder.undecodable_requests,
+        unread_drops=forwarder.unread_drops,
     )
 
 

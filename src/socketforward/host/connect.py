@@ -96,7 +96,8 @@ Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[Any]"]
 
 
 def _reply(call: ResultSink, stream_id: str, fid: str, error: str) -> bool:
-    # The guest's window of unanswered requests bounds these writes.
+    # Never waits: the Forwarder stops reading requests while too much is
+    # queued toward the VM (docs/protocol.md 9.2); each result is at most about 1.3 KiB.
     try:
         call.send_result(pb.ConnectResult(stream_id=stream_id, error=error))
     except (ttrpc.TtrpcError, ttrpc.ProtocolError) as exc:
@@ -157,6 +158,11 @@ class Connector:
         ack in *acks*; the others run in a task from *spawn*."""
         stream_id, fid = request.stream_id, request.forward_id
         forward = self.forwards.get(fid)
+        if not valid_stream_id(stream_id):
+            # Checked first: a VM-supplied id (up to a whole frame) is never
+            # echoed, so every result the host queues toward the VM stays small.
+            self._refuse_stream_id(call, stream_id, fid, forward is not None)
+            return
         if forward is None:
             self.unknown_requests += 1
             log.warning(
@@ -183,13 +189,25 @@ class Connector:
             connect.release()  # nothing else will: the request went nowhere
             raise
 
+    def _refuse_stream_id(self, call: ResultSink, stream_id: str, fid: str, known: bool) -> None:
+        """Answer a request whose stream_id the data-stream channel cannot carry:
+        `invalid stream ID` with an empty stream_id (the guest cannot match it)."""
+        log.warning(
+            "invalid stream ID rejected stream_id=%s stream_id_len=%d forward_id=%s",
+            escape(stream_id),
+            len(stream_id),
+            escape(fid),
+        )
+        if known:
+            stats = self.stats[fid]
+            stats.requests += 1
+            stats.fail(BAD_STREAM_ID)
+        else:
+            self.unknown_requests += 1
+        _reply(call, "", fid, HostError.STREAM_ID.text())
+
     def _refusal(self, stream_id: str, fid: str) -> tuple[HostError, str] | None:
         """Why a request for a known forward is refused before anything is dialed."""
-        if not valid_stream_id(stream_id):
-            log.warning(
-                "invalid stream ID rejected stream_id=%s forward_id=%s", escape(stream_id), fid
-            )
-            return HostError.STREAM_ID, BAD_STREAM_ID
         pending = self.pending + 1  # counting this one
         if pending > self.max_pending:
             log.warning(

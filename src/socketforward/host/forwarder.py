@@ -29,12 +29,16 @@ from socketforward.logs import escape
 from socketforward.protocol import FORWARD_IDS_METADATA
 from socketforward.stats import ForwardStats
 
-__all__ = ["AcceptCall", "Forwarder"]
+__all__ = ["MAX_QUEUED_TO_VM", "VM_READ_TIMEOUT", "AcceptCall", "Forwarder"]
 
 log = logging.getLogger("socketforward.host")
 
 _BACKOFF_MIN: Final = 0.05
 _RETIRE_TIMEOUT: Final = 30.0
+MAX_QUEUED_TO_VM: Final = 1 << 20
+"""Bytes queued toward the VM on the RPC connection past which ConnectRequests are not read."""
+VM_READ_TIMEOUT: Final = 30.0
+"""How long the VM may leave that queue unread before its RPC connection is dropped."""
 
 
 class AcceptCall:
@@ -112,9 +116,20 @@ class Forwarder:
         rpc_timeout: float = 10.0,
         max_pending: int = 1024,
         streams_uid: int | None = None,
+        max_queued_to_vm: int = MAX_QUEUED_TO_VM,
+        vm_read_timeout: float = VM_READ_TIMEOUT,
     ) -> None:
         """*streams_uid*: the user the data-stream listener must run as (SO_PEERCRED
-        of ``unix:`` and ``hvsock:`` endpoints); None means this process's own."""
+        of ``unix:`` and ``hvsock:`` endpoints); None means this process's own.
+
+        *max_queued_to_vm*: once more bytes than this wait to be read by the VM
+        on the RPC connection, the host stops reading ConnectRequests until the
+        queue is down to a quarter; if that takes over *vm_read_timeout* seconds
+        the RPC connection is dropped (the guest redials; relays go on)."""
+        if max_queued_to_vm <= 0 or vm_read_timeout <= 0:
+            raise ValueError("max_queued_to_vm and vm_read_timeout must be positive")
+        self.max_queued_to_vm = max_queued_to_vm
+        self.vm_read_timeout = vm_read_timeout
         self._forwards: dict[str, Forward] = {}
         for forward in forwards:
             self._check_new(forward, self._forwards)
@@ -133,6 +148,7 @@ class Forwarder:
             streams_uid=streams_uid,
         )
         self._undecodable = 0
+        self._unread_drops = 0
         self.sessions = 0
         """RPC connections that got as far as an open Accept call."""
         self._session: _Session | None = None
@@ -176,6 +192,19 @@ class Forwarder:
     def pending(self) -> int:
         """ConnectRequests admitted and not answered yet (bounded by max_pending)."""
         return self._connector.pending
+
+    @property
+    def queued_to_vm(self) -> int:
+        """Bytes the current RPC connection holds for the VM to read (0 when none);
+        past max_queued_to_vm no ConnectRequest is read."""
+        session = self._current()
+        return 0 if session is None else session.client.write_buffer_size
+
+    @property
+    def unread_drops(self) -> int:
+        """RPC connections dropped because the VM left max_queued_to_vm bytes
+        unread for vm_read_timeout."""
+        return self._unread_drops
 
     # -- the table ----------------------------------------------------------
 
@@ -292,6 +321,8 @@ class Forwarder:
         except OSError as exc:
             log.warning("rpc connection failed error=%r", exc)
             return
+        # Writers pause past the mark and resume at a quarter of it: drain() waits for that.
+        client.set_write_buffer_limits(self.max_queued_to_vm)
         session = _Session(client, self._connector.stream_timeout)
         previous, self._session = self._session, session
         try:
@@ -396,11 +427,19 @@ class Forwarder:
 
     async def _read_requests(self, session: _Session, call: AcceptCall) -> int:
         """Start answering each ConnectRequest at once, never waiting on one (the
-        call's receive queue must never stall); returns how many were read."""
+        call's receive queue must never stall), except while the VM leaves over
+        max_queued_to_vm bytes unread; returns how many were read."""
         count = 0
         stream = call.stream
+        client = session.client
         try:
             while True:
+                # Each request read may queue a result toward the VM (send_nowait).
+                if (
+                    client.write_buffer_size > self.max_queued_to_vm
+                    and not await self._wait_vm_reading(session)
+                ):
+                    break
                 try:
                     request = await stream.recv()
                 except ttrpc.MessageDecodeError as exc:
@@ -430,6 +469,27 @@ class Forwarder:
             if not session.client.closed:
                 log.warning("accept stream failed error=%r", str(exc))
         return count
+
+    async def _wait_vm_reading(self, session: _Session) -> bool:
+        """Read no ConnectRequest until the VM has taken most of what is queued for
+        it (its own socket then pushes back on it); False when it did not within
+        vm_read_timeout, and the RPC connection is being dropped."""
+        client = session.client
+        queued = client.write_buffer_size
+        log.debug("vm not reading, connect requests paused queued=%d", queued)
+        try:
+            async with asyncio.timeout(self.vm_read_timeout):
+                await client.drain()
+        except TimeoutError:
+            self._unread_drops += 1
+            log.warning(
+                "vm not reading its rpc connection, connection dropped queued=%d timeout=%gs",
+                client.write_buffer_size,
+                self.vm_read_timeout,
+            )
+            await client.close(timeout=0)
+            return False
+        return True
 
     async def _retire(self, old: AcceptCall, reader: asyncio.Task[int]) -> None:
         """End a superseded Accept call once its requests are answered."""

@@ -76,6 +76,7 @@ class Channel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._writable.set()  # wake writers; they find the connection gone
         self._out.clear()
+        self._out_size = 0
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -163,6 +164,28 @@ class Channel(asyncio.Protocol):
             await self._writable.wait()
             if self.closed.done():
                 raise TtrpcError(Code.UNAVAILABLE, "ttrpc: connection closed")
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes written and not yet taken by the kernel: frames gathered for
+        the end of this loop pass plus the transport's buffer."""
+        transport = self.transport
+        if transport is None or self.closed.done():
+            return 0
+        return self._out_size + transport.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """The transport's flow-control marks (asyncio's meaning: pause writers
+        past *high*, resume them at *low*)."""
+        if self.transport is not None:
+            self.transport.set_write_buffer_limits(high, low)
+
+    async def drain(self) -> None:
+        """Send what is gathered, then wait while the transport has writers
+        paused (its buffer went past the high mark and is not yet at the low one)."""
+        self._flush()
+        if not self._writable.is_set():
+            await self._writable.wait()
 
     def write_nowait(self, data: bytes) -> None:
         """Write whole frames: the first of a loop pass goes out at once (no added

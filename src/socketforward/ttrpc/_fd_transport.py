@@ -137,8 +137,18 @@ class FdTransport(asyncio.Transport):
         return self._low, self._high
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._high = HIGH_WATER if high is None else high
-        self._low = self._high // 4 if low is None else low
+        # As asyncio's transports: defaults derive from each other, the new
+        # marks apply at once.
+        if high is None:
+            high = HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+        if not self._protocol_paused and len(self._buffer) > high:
+            self._protocol_paused = True
+            self._protocol.pause_writing()
 
     def can_write_eof(self) -> bool:
         return False

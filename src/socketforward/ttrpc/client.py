@@ -181,6 +181,31 @@ class Client:
         """Returns when the connection is gone (closed by either side)."""
         await asyncio.shield(self._channel.closed)
 
+    # -- flow control toward the server ---------------------------------------------
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes written to the connection that the server has not taken yet,
+        beyond what the kernel's socket buffer holds. ``send_nowait`` adds to it
+        at once; it shrinks as the server reads. 0 once the connection is gone."""
+        return self._channel.write_buffer_size
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """Flow-control marks, in asyncio's meaning: once more than *high* bytes
+        are queued toward the server, awaited sends and :meth:`drain` wait until
+        the queue is down to *low*. Defaults: the transport's (64 KiB high);
+        *low* defaults to a quarter of *high*."""
+        self._channel.set_write_buffer_limits(high, low)
+
+    async def drain(self) -> None:
+        """Return once writing may go on: at once while the queue toward the
+        server has not gone past the high mark, else when it is back at the low
+        mark. Raises UNAVAILABLE when the connection is lost instead. It never
+        times out by itself: bound it with ``asyncio.timeout``."""
+        self._check_open()
+        await self._channel.drain()
+        self._check_open()
+
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Close the connection; what is already written is sent first, for up
         to *timeout* seconds while the server does not read, then it is cut."""

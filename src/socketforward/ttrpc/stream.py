@@ -146,7 +146,8 @@ class ClientStream(Generic[SendT, RecvT]):
     def send_nowait(self, message: SendT) -> None:
         """Send without waiting while the peer is slow to read: the transport
         buffers what it cannot write yet. For callers that bound by other means
-        how much they send (a window of unanswered requests, say)."""
+        how much they send (a window of unanswered requests, say, or a check of
+        ``Client.write_buffer_size`` and an ``await Client.drain()``)."""
         self._check_sendable()
         self._send_data_nowait(self.stream_id, message.SerializeToString())
 
