@@ -260,3 +260,19 @@ async def test_rpc_loss_while_an_ack_is_awaited_closes_both_sockets(short_tmp: P
         async with asyncio.timeout(10):
             await saw_eof.wait()
         await wait_until(lambda: env.forwarder.stats()["fwd-a"].failed == {"rpc_lost": 1})
+
+
+async def test_a_flood_of_bad_requests_costs_a_bounded_log(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A VM sending hundreds of requests for forwards the host does not have gets
+    each one refused, but the host log holds only the first lines of the flood
+    and, when the host stops, one summary line counting the rest."""
+    caplog.set_level(logging.INFO, logger="socketforward.host")
+    async with host_with_guest(short_tmp) as (env, _, _, call):
+        answers = await asyncio.gather(*(call.connect(f"s-{i}", f"nope-{i}") for i in range(300)))
+        assert all(a.error.startswith("unknown forward ID: nope-") for a in answers)
+        assert env.forwarder.unknown_requests == 300
+    rejected = [m for m in caplog.messages if m.startswith("unknown forward ID rejected")]
+    assert len(rejected) == 20
+    assert "log lines left out interval=" in caplog.text and "unknown_forward=280" in caplog.text

@@ -38,7 +38,7 @@ from socketforward import datastream, relay, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.deadlines import Deadlines
 from socketforward.host.forwards import Forward
-from socketforward.logs import escape
+from socketforward.logs import RateLimitedLog, escape
 from socketforward.protocol import HostError, valid_stream_id
 from socketforward.stats import ForwardStats
 
@@ -95,22 +95,6 @@ class ResultSink(Protocol):
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[Any]"]
 
 
-def _reply(call: ResultSink, stream_id: str, fid: str, error: str) -> bool:
-    # Never waits: the Forwarder stops reading requests while too much is
-    # queued toward the VM (docs/protocol.md 9.2); each result is at most about 1.3 KiB.
-    try:
-        call.send_result(pb.ConnectResult(stream_id=stream_id, error=error))
-    except (ttrpc.TtrpcError, ttrpc.ProtocolError) as exc:
-        log.warning(
-            "connect result not delivered stream_id=%s forward_id=%s error=%r",
-            escape(stream_id),
-            escape(fid),
-            str(exc),
-        )
-        return False
-    return True
-
-
 class Connector:
     """What the ConnectRequests of one Forwarder share: the table they are
     admitted against, the endpoints and bounds, the pending count, the relays."""
@@ -145,6 +129,25 @@ class Connector:
         self.relays: dict[relay.Relay, str] = {}
         """Running relays and their forward_ids."""
         self.pipes = relay.PipePool()  # splice pipes shared by every relay
+        self.peer_log = RateLimitedLog(log)
+        """Warnings a VM can cause at will, one request at a time."""
+
+    def reply(self, call: ResultSink, stream_id: str, fid: str, error: str) -> bool:
+        """Send one ConnectResult; False (and a line) when the call is gone."""
+        # Never waits: the Forwarder stops reading requests while too much is
+        # queued toward the VM (docs/protocol.md 9.2); each result is at most about 1.3 KiB.
+        try:
+            call.send_result(pb.ConnectResult(stream_id=stream_id, error=error))
+        except (ttrpc.TtrpcError, ttrpc.ProtocolError) as exc:
+            self.peer_log.warning(
+                "reply",
+                "connect result not delivered stream_id=%s forward_id=%s error=%r",
+                escape(stream_id),
+                escape(fid),
+                str(exc),
+            )
+            return False
+        return True
 
     def receive(
         self,
@@ -165,12 +168,13 @@ class Connector:
             return
         if forward is None:
             self.unknown_requests += 1
-            log.warning(
+            self.peer_log.warning(
+                "unknown_forward",
                 "unknown forward ID rejected stream_id=%s forward_id=%s",
                 escape(stream_id),
                 escape(fid),
             )
-            _reply(call, stream_id, fid, HostError.UNKNOWN_FORWARD.text(fid))
+            self.reply(call, stream_id, fid, HostError.UNKNOWN_FORWARD.text(fid))
             return
         stats = self.stats[fid]
         stats.requests += 1
@@ -178,7 +182,7 @@ class Connector:
         if refused is not None:
             error, reason = refused
             stats.fail(reason)
-            _reply(call, stream_id, fid, error.text())
+            self.reply(call, stream_id, fid, error.text())
             return
         connect = ConnectRequest(self, call, forward, stats, stream_id)  # holds a slot
         try:
@@ -192,7 +196,8 @@ class Connector:
     def _refuse_stream_id(self, call: ResultSink, stream_id: str, fid: str, known: bool) -> None:
         """Answer a request whose stream_id the data-stream channel cannot carry:
         `invalid stream ID` with an empty stream_id (the guest cannot match it)."""
-        log.warning(
+        self.peer_log.warning(
+            "bad_stream_id",
             "invalid stream ID rejected stream_id=%s stream_id_len=%d forward_id=%s",
             escape(stream_id),
             len(stream_id),
@@ -204,13 +209,14 @@ class Connector:
             stats.fail(BAD_STREAM_ID)
         else:
             self.unknown_requests += 1
-        _reply(call, "", fid, HostError.STREAM_ID.text())
+        self.reply(call, "", fid, HostError.STREAM_ID.text())
 
     def _refusal(self, stream_id: str, fid: str) -> tuple[HostError, str] | None:
         """Why a request for a known forward is refused before anything is dialed."""
         pending = self.pending + 1  # counting this one
         if pending > self.max_pending:
-            log.warning(
+            self.peer_log.warning(
+                "overload",
                 "too many pending connections stream_id=%s forward_id=%s pending=%d",
                 escape(stream_id),
                 fid,
@@ -264,10 +270,11 @@ class Connector:
         running.start()
 
     def close(self) -> None:
-        """End every relay."""
+        """End every relay; say what the rate limit left out of the log."""
         for running in list(self.relays):
             running.close()
         self.pipes.close()
+        self.peer_log.flush()
 
 
 class ConnectRequest:
@@ -312,7 +319,7 @@ class ConnectRequest:
         self.holding = True
 
     def _reply(self, error: str) -> bool:
-        return _reply(self.call, self.stream_id, self.forward.forward_id, error)
+        return self.connector.reply(self.call, self.stream_id, self.forward.forward_id, error)
 
     def release(self) -> None:
         """Give back the slot this request holds among the pending ones and in its
@@ -432,7 +439,8 @@ class ConnectRequest:
         self.host_sock.close()
         self.stats.fail(reason)
         if error is not None:
-            log.warning(
+            self.connector.peer_log.warning(
+                "stream",
                 "data stream open failed stream_id=%s forward_id=%s streams=%s error=%r",
                 escape(self.stream_id),
                 self.forward.forward_id,
@@ -445,7 +453,8 @@ class ConnectRequest:
     # -- one log line per failure -----------------------------------------------
 
     def _log_dial_failed(self, exc: OSError, reason: str) -> None:
-        log.warning(
+        self.connector.peer_log.warning(
+            "dial",
             "host socket dial failed stream_id=%s forward_id=%s host_path=%s reason=%s error=%r",
             escape(self.stream_id),
             self.forward.forward_id,
@@ -455,7 +464,8 @@ class ConnectRequest:
         )
 
     def _log_stream_failed(self, exc: BaseException, reason: str) -> None:
-        log.warning(
+        self.connector.peer_log.warning(
+            "stream",
             "data stream open failed stream_id=%s forward_id=%s streams=%s reason=%s error=%r",
             escape(self.stream_id),
             self.forward.forward_id,
@@ -465,7 +475,8 @@ class ConnectRequest:
         )
 
     def _log_stream_peer(self, problem: str) -> None:
-        log.warning(
+        self.connector.peer_log.warning(
+            "stream_peer",
             "data stream endpoint served by another user, stream closed stream_id=%s "
             "forward_id=%s streams=%s %s",
             escape(self.stream_id),

@@ -446,7 +446,8 @@ class Forwarder:
                     # No stream_id to answer by: only this message is lost.
                     count += 1
                     self._undecodable += 1
-                    log.warning(
+                    self._connector.peer_log.warning(
+                        "undecodable",
                         "undecodable connect request dropped size=%d data=%r error=%r",
                         len(exc.data),
                         exc.data[:64],
@@ -457,7 +458,8 @@ class Forwarder:
                     break
                 count += 1
                 if call.closing:
-                    log.warning(
+                    self._connector.peer_log.warning(
+                        "closed_call",
                         "connect request on a closed accept stream dropped "
                         "stream_id=%s forward_id=%s",
                         escape(request.stream_id),
