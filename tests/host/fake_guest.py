@@ -86,7 +86,8 @@ class FakeGuest(SocketForwardBase):
     ) -> empty_pb2.Empty:
         if not self.unbind_supported:
             raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method Unbind")
-        self.unbinds.append(list(request.forward_ids))
+        if request.forward_ids:  # an Unbind of nothing is the host's probe (protocol.md 4.9)
+            self.unbinds.append(list(request.forward_ids))
         return empty_pb2.Empty()
 
     async def Accept(self, stream: AcceptServerStream) -> None:

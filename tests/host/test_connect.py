@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from socketforward import transport
 from tests.host.fake_guest import (
     FakeGuest,
     exchange,
@@ -276,3 +277,42 @@ async def test_a_flood_of_bad_requests_costs_a_bounded_log(
     rejected = [m for m in caplog.messages if m.startswith("unknown forward ID rejected")]
     assert len(rejected) == 20
     assert "log lines left out interval=" in caplog.text and "unknown_forward=280" in caplog.text
+
+
+async def test_a_vm_holding_max_relays_connections_gets_no_more(short_tmp: Path) -> None:
+    """A VM that keeps every forwarded connection open cannot take the host's
+    descriptors: past max_relays a request is refused (counted relays_full) and
+    nothing is dialed; once one connection ends, the next is served."""
+    async with host_with_guest(short_tmp, max_relays=2) as (env, target, guest, call):
+        assert env.forwarder.max_relays == 2
+        for stream_id in ("s-1", "s-2"):
+            assert (await call.connect(stream_id, "fwd-a")).error == ""
+        refused = await call.connect("s-3", "fwd-a")
+        assert refused.error == "too many pending connections"
+        assert target.accepted == 2
+        assert env.forwarder.stats()["fwd-a"].failed == {"relays_full": 1}
+        held = guest.claimed.pop("s-1")
+        assert held is not None
+        held.close()
+        await wait_until(lambda: env.forwarder.stats()["fwd-a"].active == 1)
+        assert (await call.connect("s-4", "fwd-a")).error == ""
+        assert target.accepted == 3
+
+
+async def test_one_dial_per_request_while_the_vm_is_still_booting(short_tmp: Path) -> None:
+    """With the stream endpoint not there yet, a request dials the host service
+    once (the fast path hands its socket to the waiting path instead of
+    dialing again), and fails cleanly when the endpoint never comes."""
+    forward = fwd(short_tmp, "a")
+    missing = transport.UnixEndpoint(str(short_tmp / "vm" / "not-yet.sock"))
+    async with (
+        unix_service(Path(forward.host_path), reverse_after_eof) as target,
+        running_host(short_tmp, [forward], streams=missing, stream_retry_for=0.3) as env,
+        guest_accepting(env.rpc, env.registry) as (_, call),
+    ):
+        answers = await asyncio.gather(*(call.connect(f"s-{i}", "fwd-a") for i in range(5)))
+        assert {a.error for a in answers} == {"failed to open data stream"}
+        await wait_until(lambda: target.accepted >= 5)
+        await asyncio.sleep(0.1)  # a second dial would have arrived by now
+        assert target.accepted == 5
+        assert env.forwarder.pending == 0

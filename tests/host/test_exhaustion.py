@@ -7,13 +7,14 @@ First with the failure injected where sockets are made, then with a real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import resource
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -64,12 +65,16 @@ class SocketFaults:
 
 
 def _force_task_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The fast path falls back to the task path when the data stream cannot be
-    # opened without waiting: make that always so.
-    def never_now(ep: transport.Endpoint, stream_id: str) -> socket.socket | None:
+    # The fast path hands a request to the task path when a connect would wait
+    # (a full backlog, a VM still booting): make both always so.
+    def host_never_now(path: str) -> socket.socket | None:
         return None
 
-    monkeypatch.setattr(datastream, "open_stream_now", never_now)
+    def stream_never_now(ep: transport.Endpoint, stream_id: str) -> socket.socket | None:
+        return None
+
+    monkeypatch.setattr(transport, "connect_unix_now", host_never_now)
+    monkeypatch.setattr(datastream, "open_stream_now", stream_never_now)
 
 
 async def _results(call: AcceptCall, stream_ids: list[str]) -> list[str]:
@@ -153,8 +158,8 @@ async def test_emfile_on_the_task_path_fails_only_those_requests(
     nothing stays pending."""
     _force_task_path(monkeypatch)
     async with host_with_guest(short_tmp) as (env, _, guest, call):
-        # s-1: fast dial (1), task dial (2, fails). s-2: 3, 4, task stream (5, fails).
-        faults = SocketFaults(monkeypatch, lambda n: n in (2, 5))
+        # s-1: task dial (1, fails). s-2: task dial (2), task stream (3, fails).
+        faults = SocketFaults(monkeypatch, lambda n: n in (1, 3))
         assert (await call.connect("s-1", "fwd-a")).error == "failed to dial host socket"
         assert (await call.connect("s-2", "fwd-a")).error == "failed to open data stream"
         assert faults.failed == 2
@@ -200,6 +205,28 @@ def _limit_fds() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
 
 
+@contextlib.asynccontextmanager
+async def _host_at_64_fds(
+    tmp: Path, log_path: Path, *options: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, FakeGuest, AcceptCall]]:
+    """`socketforward host` with one forward, its fd limit at FD_LIMIT, a guest
+    dialed in with its Accept call."""
+    target_path = tmp / "host" / "target.sock"
+    rpc_path = tmp / "host" / "rpc" / "rpc.sock"
+    streams_ep = transport.UnixEndpoint(str(tmp / "vm" / "streams.sock"))
+    async with (
+        unix_service(target_path, reverse_after_eof),
+        datastream.StreamRegistry(await transport.listen(streams_ep)) as registry,
+        host_process(
+            "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
+            "--forward", f"a={target_path}:/run/a.sock", *options,
+            log_path=log_path, rpc_path=rpc_path, preexec_fn=_limit_fds,
+        ) as proc,
+        guest_accepting(transport.UnixEndpoint(str(rpc_path)), registry) as (guest, call),
+    ):  # fmt: skip
+        yield proc, guest, call
+
+
 async def test_host_process_out_of_descriptors_survives_and_serves_again(
     short_tmp: Path,
 ) -> None:
@@ -208,46 +235,61 @@ async def test_host_process_out_of_descriptors_survives_and_serves_again(
     (served, or `failed to dial host socket` / `failed to open data stream`),
     the process stays up with its Accept call open, and once the connections
     end it serves new ones again."""
-    host_dir, vm_dir = short_tmp / "host", short_tmp / "vm"
-    target_path = host_dir / "target.sock"
-    rpc_path = host_dir / "rpc" / "rpc.sock"
-    streams_ep = transport.UnixEndpoint(str(vm_dir / "streams.sock"))
     log_path = short_tmp / "host.log"
-    async with (
-        unix_service(target_path, reverse_after_eof),
-        datastream.StreamRegistry(await transport.listen(streams_ep)) as registry,
-        host_process(
-            "--rpc-listen", f"unix:{rpc_path}", "--streams", str(streams_ep),
-            "--forward", f"a={target_path}:/run/a.sock",
-            log_path=log_path, rpc_path=rpc_path, preexec_fn=_limit_fds,
-        ) as proc,
-    ):  # fmt: skip
-        rpc = transport.UnixEndpoint(str(rpc_path))
-        async with guest_accepting(rpc, registry) as (guest, call):
-            futures = [await call.request(f"s-{i}", "a") for i in range(3 * FD_LIMIT)]
-            async with asyncio.timeout(30):
-                results: list[pb.ConnectResult] = await asyncio.gather(*futures)
-            errors = {r.error for r in results}
-            served = sum(1 for r in results if not r.error)
-            assert errors <= {"", "failed to dial host socket", "failed to open data stream"}
-            assert served < len(results), "the limit was never reached"
-            assert proc.returncode is None
-            assert not call.ended.is_set()
-            guest.close_claimed()  # the relays end, their descriptors come back
-            # Relays end on their own time: retry a few times for a free descriptor.
-            async with asyncio.timeout(30):
-                attempt = 0
-                while (await call.connect(f"after-{attempt}", "a")).error:
-                    attempt += 1
-                    await asyncio.sleep(0.05)
-            sock = guest.claimed.pop(f"after-{attempt}")
-            assert sock is not None
-            with sock:
-                assert await exchange(sock, b"served again") == b"niaga devres"
-            assert not call.ended.is_set() and guest.accepts.empty()
+    # Past the default cap (derived from the limit) requests are refused before
+    # any descriptor runs out: lift it to reach EMFILE itself.
+    async with _host_at_64_fds(short_tmp, log_path, "--max-relays", str(10 * FD_LIMIT)) as (
+        proc,
+        guest,
+        call,
+    ):
+        futures = [await call.request(f"s-{i}", "a") for i in range(3 * FD_LIMIT)]
+        async with asyncio.timeout(30):
+            results: list[pb.ConnectResult] = await asyncio.gather(*futures)
+        errors = {r.error for r in results}
+        served = sum(1 for r in results if not r.error)
+        assert errors <= {"", "failed to dial host socket", "failed to open data stream"}
+        assert served < len(results), "the limit was never reached"
+        assert proc.returncode is None
+        assert not call.ended.is_set()
+        guest.close_claimed()  # the relays end, their descriptors come back
+        # Relays end on their own time: retry a few times for a free descriptor.
+        async with asyncio.timeout(30):
+            attempt = 0
+            while (await call.connect(f"after-{attempt}", "a")).error:
+                attempt += 1
+                await asyncio.sleep(0.05)
+        sock = guest.claimed.pop(f"after-{attempt}")
+        assert sock is not None
+        with sock:
+            assert await exchange(sock, b"served again") == b"niaga devres"
+        assert not call.ended.is_set() and guest.accepts.empty()
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(30):
             assert await proc.wait() == 0, log_path.read_text()
     log = log_path.read_text()
     assert "reason=exhausted" in log
     assert "Traceback" not in log
+
+
+async def test_default_relay_cap_refuses_before_descriptors_run_out(short_tmp: Path) -> None:
+    """With its default cap (from the fd limit), a host at 64 descriptors refuses
+    the connections it could not hold with `too many pending connections`
+    before any socket allocation fails, and serves again once they end."""
+    log_path = short_tmp / "host.log"
+    async with _host_at_64_fds(short_tmp, log_path) as (proc, guest, call):
+        futures = [await call.request(f"s-{i}", "a") for i in range(3 * FD_LIMIT)]
+        async with asyncio.timeout(30):
+            results: list[pb.ConnectResult] = await asyncio.gather(*futures)
+        assert {r.error for r in results} == {"", "too many pending connections"}
+        guest.close_claimed()
+        async with asyncio.timeout(30):
+            attempt = 0
+            while (await call.connect(f"after-{attempt}", "a")).error:
+                attempt += 1
+                await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0, log_path.read_text()
+    log = log_path.read_text()
+    assert "reason=exhausted" not in log and "relays_full" in log

@@ -15,7 +15,13 @@ import sys
 from collections.abc import Iterable
 
 from socketforward import runner, stats, transport, ttrpc
-from socketforward.daemon import handle_signals, positive_seconds, raise_fd_limit, run_until_stopped
+from socketforward.daemon import (
+    handle_signals,
+    positive_int,
+    positive_seconds,
+    raise_fd_limit,
+    run_until_stopped,
+)
 from socketforward.host import oci
 from socketforward.host.forwarder import Forwarder
 from socketforward.host.forwards import (
@@ -140,6 +146,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=positive_seconds,
         default=30.0,
         help="keep retrying a missing stream endpoint this long (VM booting; default 30)",
+    )
+    parser.add_argument(
+        "--max-relays",
+        metavar="N",
+        type=positive_int,
+        help="connections the VM may hold at once; more are refused (default: a quarter "
+        "of the descriptors left after a reserve)",
     )
     parser.set_defaults(run=main)
 
@@ -341,6 +354,7 @@ async def _run(args: argparse.Namespace, forwards: list[Forward], file_ids: list
         dial_timeout=args.dial_timeout,
         stream_timeout=args.stream_timeout,
         stream_retry_for=args.stream_retry_for,
+        max_relays=args.max_relays,
         streams_uid=args.streams_uid,
     )
     from_file = (

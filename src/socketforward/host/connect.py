@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import socket
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final, Protocol
@@ -48,6 +49,7 @@ __all__ = [
     "DIAL_TIMEOUT",
     "EXHAUSTED",
     "OVERLOADED",
+    "RELAYS_FULL",
     "REPLY_FAILED",
     "RPC_LOST",
     "STREAM_FAILED",
@@ -55,6 +57,7 @@ __all__ = [
     "ConnectRequest",
     "Connector",
     "ResultSink",
+    "default_max_relays",
 ]
 
 # Every module of the host side logs as "socketforward.host": one name in the log.
@@ -68,8 +71,26 @@ REPLY_FAILED: Final = "reply"
 OVERLOADED: Final = "overload"
 BAD_STREAM_ID: Final = "bad_stream_id"
 RPC_LOST: Final = "rpc_lost"
+RELAYS_FULL: Final = "relays_full"  # the VM holds max_relays connections already
 EXHAUSTED: Final = "exhausted"  # no descriptor or memory for a socket (EMFILE, ENOBUFS...)
 STREAM_PEER: Final = "stream_peer"  # the data stream's listener is another user
+
+
+# Descriptors kept for the RPC connection, listeners, logs and the Python runtime.
+_FD_RESERVE: Final = 256
+
+
+def default_max_relays() -> int:
+    """How many connections one VM may hold at once, from this process's fd
+    limit: each holds two sockets here and up to two splice pipe ends while
+    bytes flow, so a quarter of what is left after a reserve."""
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        soft = 1024
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        soft = 1 << 20
+    return max(16, (soft - _FD_RESERVE) // 4)
 
 
 def _reason(exc: BaseException, otherwise: str) -> str:
@@ -109,6 +130,7 @@ class Connector:
         stream_timeout: float,
         stream_retry_for: float,
         max_pending: int,
+        max_relays: int,
         streams_uid: int | None = None,
     ) -> None:
         self.forwards = forwards  # the Forwarder's table, read live
@@ -122,6 +144,8 @@ class Connector:
         self.stream_timeout = stream_timeout
         self.stream_retry_for = stream_retry_for
         self.max_pending = max_pending
+        self.max_relays = max_relays
+        """Relays plus admitted requests one VM may hold (each holds host descriptors)."""
         self.pending = 0
         """Admitted requests not answered yet."""
         self.unknown_requests = 0
@@ -190,7 +214,7 @@ class Connector:
                 return
             spawn(connect.run()).add_done_callback(connect.task_done)
         except BaseException:
-            connect.release()  # nothing else will: the request went nowhere
+            connect.finish()  # nothing else will: the request went nowhere
             raise
 
     def _refuse_stream_id(self, call: ResultSink, stream_id: str, fid: str, known: bool) -> None:
@@ -214,6 +238,16 @@ class Connector:
     def _refusal(self, stream_id: str, fid: str) -> tuple[HostError, str] | None:
         """Why a request for a known forward is refused before anything is dialed."""
         pending = self.pending + 1  # counting this one
+        if pending + len(self.relays) > self.max_relays:
+            self.peer_log.warning(
+                "relays_full",
+                "too many connections for this vm stream_id=%s forward_id=%s relays=%d pending=%d",
+                escape(stream_id),
+                fid,
+                len(self.relays),
+                self.pending,
+            )
+            return HostError.OVERLOAD, RELAYS_FULL
         if pending > self.max_pending:
             self.peer_log.warning(
                 "overload",
@@ -366,6 +400,10 @@ class ConnectRequest:
                 self._fail(HostError.STREAM, reason)
                 return True
             if data_sock is None:
+                # The task path waits for the data stream; it keeps this dial
+                # (one dial per request, whatever path it takes).
+                self.host_sock = host_sock
+                opened.clear()
                 return False
             opened.append(data_sock)
             problem = connector.stream_peer_problem(data_sock)
@@ -514,6 +552,14 @@ class ConnectRequest:
         # step never runs the coroutine's finally.
         if task.cancelled():
             self.stats.fail(RPC_LOST)
+        self.finish()
+
+    def finish(self) -> None:
+        """Close a host socket the fast path handed over that no task took, and
+        give back the slot: the end of a request on every path that leaves one."""
+        if self.host_sock is not None:
+            self.host_sock.close()
+            self.host_sock = None
         self.release()
 
     async def _open(self, sockets: list[socket.socket]) -> tuple[HostError, str] | None:
@@ -521,11 +567,15 @@ class ConnectRequest:
         Returns the error for the VM and the failure reason (None: success)."""
         connector, forward, stream_id = self.connector, self.forward, self.stream_id
         try:
-            sockets.append(
-                await transport.connect(
-                    transport.UnixEndpoint(forward.host_path), timeout=connector.dial_timeout
+            if self.host_sock is not None:  # dialed on the fast path already
+                sockets.append(self.host_sock)
+                self.host_sock = None
+            else:
+                sockets.append(
+                    await transport.connect(
+                        transport.UnixEndpoint(forward.host_path), timeout=connector.dial_timeout
+                    )
                 )
-            )
         except OSError as exc:
             reason = DIAL_TIMEOUT if isinstance(exc, TimeoutError) else _reason(exc, DIAL_FAILED)
             self._log_dial_failed(exc, reason)

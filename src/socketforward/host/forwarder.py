@@ -4,9 +4,11 @@
 On each RPC connection it Binds every forward, then holds an Accept call
 announcing its forward_ids and hands each ConnectRequest read from it to
 :mod:`socketforward.host.connect`. The table may change while it runs
-(:meth:`Forwarder.add`, :meth:`Forwarder.remove`): the guest is told, and a
-new Accept call replaces the old one, which is retired once its requests are
-answered.
+(:meth:`Forwarder.add`, :meth:`Forwarder.remove`): the guest is told (Bind,
+Unbind). A guest that routes by announced forward_ids (ours) then gets a new
+Accept call announcing the new table, and the old one is retired once its
+requests are answered; any other guest (nerdbox's) keeps its one call, since
+it would go on handing the old call requests nobody answered.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from socketforward import transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
 from socketforward.deadlines import Deadlines
-from socketforward.host.connect import Connector, ConnectRequest
+from socketforward.host.connect import Connector, ConnectRequest, default_max_relays
 from socketforward.host.forwards import Forward
 from socketforward.logs import escape
 from socketforward.protocol import FORWARD_IDS_METADATA
@@ -54,7 +56,7 @@ class AcceptCall:
         self.idle = asyncio.Event()
         self.idle.set()
         self.closing = False
-        """Retiring: its send side is closed, requests still arriving are dropped."""
+        """Retiring: its send side is closed, so requests still arriving cannot be answered."""
 
     def send_result(self, result: pb.ConnectResult) -> None:
         self.stream.send_nowait(result)
@@ -78,6 +80,9 @@ class _Session:
         self.stub = SocketForwardStub(client)
         self.refresh = asyncio.Event()
         self.ready = False
+        self.routes_by_ids = True
+        """The guest routes requests by announced forward_ids and requeues a
+        closed call's unanswered ones (ours): a table change rotates the call."""
         self.tasks: set[asyncio.Task[Any]] = set()
         self.acks: Deadlines[ConnectRequest] = Deadlines(ack_timeout, ConnectRequest.ack_timed_out)
 
@@ -115,11 +120,16 @@ class Forwarder:
         stream_retry_for: float = 30.0,
         rpc_timeout: float = 10.0,
         max_pending: int = 1024,
+        max_relays: int | None = None,
         streams_uid: int | None = None,
         max_queued_to_vm: int = MAX_QUEUED_TO_VM,
         vm_read_timeout: float = VM_READ_TIMEOUT,
     ) -> None:
-        """*streams_uid*: the user the data-stream listener must run as (SO_PEERCRED
+        """*max_relays*: connections (relays and requests being answered) the VM
+        may hold at once; more are refused ``too many pending connections``
+        (reason ``relays_full``). None: derived from the fd limit.
+
+        *streams_uid*: the user the data-stream listener must run as (SO_PEERCRED
         of ``unix:`` and ``hvsock:`` endpoints); None means this process's own.
 
         *max_queued_to_vm*: once more bytes than this wait to be read by the VM
@@ -145,6 +155,7 @@ class Forwarder:
             stream_timeout=stream_timeout,
             stream_retry_for=stream_retry_for,
             max_pending=max_pending,
+            max_relays=default_max_relays() if max_relays is None else max_relays,
             streams_uid=streams_uid,
         )
         self._undecodable = 0
@@ -171,6 +182,10 @@ class Forwarder:
     @property
     def max_pending(self) -> int:
         return self._connector.max_pending
+
+    @property
+    def max_relays(self) -> int:
+        return self._connector.max_relays
 
     @property
     def streams_uid(self) -> int:
@@ -334,6 +349,7 @@ class Forwarder:
             )
             async with self._lock:
                 await self._bind_all(session)
+            session.routes_by_ids = await self._probe_routing(session)
             accept = session.spawn(self._accept_calls(session))
             closed = session.spawn(client.wait_closed())
             await asyncio.wait({accept, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -382,11 +398,30 @@ class Forwarder:
                     raise
                 log.error("bind failed forward_id=%s error=%r", forward.forward_id, str(exc))
 
+    async def _probe_routing(self, session: _Session) -> bool:
+        """Tell the guests apart by what they do, once per RPC connection: our
+        guest answers an Unbind of nothing OK (and does nothing); nerdbox's
+        serves only Bind and Accept, so its ttrpc answers UNIMPLEMENTED."""
+        extra = ""
+        try:
+            await session.stub.Unbind(pb.UnbindRequest(forward_ids=[]), timeout=self.rpc_timeout)
+            routes = True
+        except ttrpc.TtrpcError as exc:
+            if exc.code == ttrpc.Code.UNAVAILABLE:
+                raise
+            # Any other error still means Unbind exists (nerdbox's is UNIMPLEMENTED at once).
+            routes = exc.code != ttrpc.Code.UNIMPLEMENTED
+            if routes:
+                extra = f" probe_error={str(exc)!r}"
+        log.info("guest routes by announced forward ids: %s%s", "yes" if routes else "no", extra)
+        return routes
+
     # -- the Accept call -----------------------------------------------------------
 
     async def _accept_calls(self, session: _Session) -> None:
         """Keep one Accept call open announcing the current table; reopen it
-        when the guest ends it, and replace it when the table changes."""
+        when the guest ends it, and replace it when the table changes and the
+        guest routes by announced forward_ids."""
         backoff = transport.Backoff(_BACKOFF_MIN, 5.0)
         while not session.client.closed:
             session.refresh.clear()
@@ -407,12 +442,7 @@ class Forwarder:
                     self.sessions += 1
                 self._ready.set()
             reader = session.spawn(self._read_requests(session, call))
-            refresh = session.spawn(session.refresh.wait())
-            try:
-                await asyncio.wait({reader, refresh}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                refresh.cancel()
-            if not reader.done():
+            if await self._hold(session, reader):
                 session.spawn(self._retire(call, reader))
                 backoff.reset()
                 continue
@@ -424,6 +454,32 @@ class Forwarder:
                 backoff.reset()
             log.warning("accept stream ended by the guest; reopening")
             await asyncio.sleep(backoff.next())
+
+    async def _hold(self, session: _Session, reader: asyncio.Task[int]) -> bool:
+        """Wait until the guest ends the call *reader* reads (False), or until the
+        table changes for a guest that needs the new announcement (True: the
+        call is to be replaced).
+
+        A guest that does not route by announced forward_ids (nerdbox's) feeds
+        every open Accept call from one queue and never ends the old one, so it
+        keeps this call: its requests are answered from the table read live
+        (added forwards served, removed ones `unknown forward ID: ...`)."""
+        while True:
+            refresh = session.spawn(session.refresh.wait())
+            try:
+                await asyncio.wait({reader, refresh}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                refresh.cancel()
+            if reader.done():
+                return False
+            if session.routes_by_ids:
+                return True
+            session.refresh.clear()
+            log.info(
+                "forward table changed, accept stream kept (guest does not route by ids) "
+                "forwards=%d",
+                len(self._forwards),
+            )
 
     async def _read_requests(self, session: _Session, call: AcceptCall) -> int:
         """Start answering each ConnectRequest at once, never waiting on one (the
@@ -458,10 +514,12 @@ class Forwarder:
                     break
                 count += 1
                 if call.closing:
+                    # Our send side is closed: nothing can be answered here. Only a guest
+                    # that requeues a closed call's requests (ours, 4.8) gets here.
                     self._connector.peer_log.warning(
                         "closed_call",
-                        "connect request on a closed accept stream dropped "
-                        "stream_id=%s forward_id=%s",
+                        "connect request on a closed accept stream not answered, "
+                        "left to the guest to requeue stream_id=%s forward_id=%s",
                         escape(request.stream_id),
                         escape(request.forward_id),
                     )
@@ -497,6 +555,8 @@ class Forwarder:
         """End a superseded Accept call once its requests are answered."""
         try:
             await old.idle.wait()
+            # Set with the send side's closing (close_send closes it before any await),
+            # so the reader drops only what can no longer be answered.
             old.closing = True
             with contextlib.suppress(ttrpc.TtrpcError, ttrpc.ProtocolError):
                 await old.stream.close_send()

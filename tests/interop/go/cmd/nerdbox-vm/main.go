@@ -12,6 +12,9 @@
 //   - internal/vminit/socketforward/socketforward.go (Service): Bind, Accept,
 //     the 64-slot notify queue, stream ids, relay.
 //
+// Line references below are to containerd/nerdbox at commit d50bdab9
+// (socketforward.go last changed in f26bfdc).
+//
 // Usage:
 //
 //	nerdbox-vm --rpc-dial unix:/abs/rpc.sock --streams unix:/abs/streams.sock
@@ -270,7 +273,7 @@ type service struct {
 	pending   map[string]chan error
 
 	// notify: 64 slots, shared by every Accept stream; whichever stream's
-	// loop reads first sends the request.
+	// loop reads first sends the request (socketforward.go:70, :78, :139-147).
 	notify chan *sfpb.ConnectRequest
 }
 
@@ -283,7 +286,8 @@ func newService(streams *streamRegistry) *service {
 }
 
 // register serves Bind and Accept only, so Unbind gets ttrpc's own
-// UNIMPLEMENTED ("method Unbind"), exactly as a server without it.
+// UNIMPLEMENTED ("method Unbind"), exactly as a server without it
+// (api/services/socketforward/v1/socketforward_ttrpc.pb.go:38-59).
 func (s *service) register(srv *ttrpc.Server) {
 	srv.RegisterService(standin.ServiceName, &ttrpc.ServiceDesc{
 		Methods: map[string]ttrpc.Method{
@@ -351,9 +355,14 @@ func (s *service) bind(forwardID, socketPath string) error {
 }
 
 // accept: a goroutine routes ConnectResults to the pending connections (an
-// unknown stream_id is logged and ignored); the handler sends whatever it
-// takes from the shared notify queue until a send fails (that request is
-// lost: its connection waits forever) or the stream's context ends.
+// unknown stream_id is logged and ignored; socketforward.go:115-137); the
+// handler sends whatever it takes from the shared notify queue until a send
+// fails (that request is lost: its connection waits forever) or the stream's
+// context ends (socketforward.go:139-147). The host closing its send side only
+// ends the result goroutine (ttrpc server.go:434-435 closes the receive side,
+// the context lives on), so an old handler keeps taking requests from the
+// queue while a newer one also does, though the host can no longer answer
+// on it.
 func (s *service) accept(ctx context.Context, stream ttrpc.StreamServer) error {
 	md, _ := ttrpc.GetMetadata(ctx)
 	log.Printf("socketforward: Accept started (metadata ignored: %v)", map[string][]string(md))
@@ -409,9 +418,10 @@ func (s *service) acceptLoop(ctx context.Context, l net.Listener, forwardID stri
 }
 
 // handleConnection: new stream id, register as pending, try to queue the
-// ConnectRequest without blocking (queue full: drop, close the connection),
-// wait for the result with no timeout (ctx is context.Background()), on an
-// error close at once, else claim the data stream and relay.
+// ConnectRequest without blocking (queue full: drop, close the connection;
+// socketforward.go:216-228), wait for the result with no timeout (ctx is the
+// context.Background() of socketforward.go:177; :231-240), on an error close
+// at once, else claim the data stream and relay.
 func (s *service) handleConnection(ctx context.Context, udsConn net.Conn, forwardID string) {
 	streamID, err := generateStreamID("socketfwd")
 	if err != nil {
