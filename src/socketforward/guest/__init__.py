@@ -9,7 +9,8 @@ regular file, and the agent dials the host again when the RPC connection drops.
 
 Modules: ``service`` (the SocketForward handlers, listeners, claim + relay),
 ``dispatch`` (sans-IO routing of connections to Accept calls), ``bind``
-(Bind's validation and listeners), ``agent`` (the RPC connection), ``cli``.
+(Bind's validation and listeners), ``budget`` (the descriptor budget, from the
+fd limit), ``agent`` (the RPC connection), ``cli``.
 The agent needs only protobuf and the standard library.
 """
 

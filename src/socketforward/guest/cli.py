@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from socketforward import daemon, runner, stats, transport
 from socketforward.datastream import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_UNCLAIMED, StreamRegistry
 from socketforward.guest.agent import Agent
+from socketforward.guest.budget import FDS_PER_CONNECTION, FdPlan, fd_limits
 from socketforward.guest.service import Service
 from socketforward.protocol import DEFAULT_RPC_DIAL, DEFAULT_STREAMS
 
@@ -68,12 +69,19 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="close a connection the host has not answered within this (default 30)",
     )
     parser.add_argument(
+        "--max-connections",
+        type=daemon.positive_int,
+        metavar="N",
+        help="container connections open at once (waiting for the host or relaying); "
+        "more wait in the listen backlog. Default: what the fd limit leaves after the "
+        f"agent's reserve, {FDS_PER_CONNECTION} descriptors per connection",
+    )
+    parser.add_argument(
         "--max-stream-handshakes",
         type=daemon.positive_int,
-        default=DEFAULT_MAX_HANDSHAKES,
         metavar="N",
         help="data-stream handshakes in progress at once; more wait in the listen "
-        f"backlog (default {DEFAULT_MAX_HANDSHAKES})",
+        f"backlog (default: the fd limit / 16, at most {DEFAULT_MAX_HANDSHAKES})",
     )
     parser.add_argument(
         "--max-unclaimed-streams",
@@ -97,8 +105,11 @@ class AgentConfig:
     max_unanswered: int
     pending_limit: int
     pending_timeout: float
-    max_stream_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    max_stream_handshakes: int | None = None
+    """None: derived from the fd limit (:class:`FdPlan`)."""
     max_unclaimed_streams: int = DEFAULT_MAX_UNCLAIMED
+    max_connections: int | None = None
+    """None: derived from the fd limit (:class:`FdPlan`)."""
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
@@ -130,18 +141,25 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         pending_timeout=args.pending_timeout,
         max_stream_handshakes=args.max_stream_handshakes,
         max_unclaimed_streams=args.max_unclaimed_streams,
+        max_connections=args.max_connections,
     )
 
 
 def _log_stats(service: Service, registry: StreamRegistry) -> None:
     """One line per forward (SIGUSR1, and at exit), as the host's."""
     streams = registry.stats()
+    budget = service.budget()
     stats.log_stats(
         log,
         service.stats(),
         pending=service.pending,
         stream_handshakes=streams.handshakes,
         unclaimed_streams=streams.unclaimed,
+        connections=budget.connections,
+        max_connections=budget.max_connections,
+        held_fds=budget.held_fds,
+        accepting=int(budget.accepting),
+        accept_pauses=budget.pauses,
     )
 
 
@@ -149,14 +167,47 @@ class _Fatal(Exception):
     """An endpoint the agent cannot use; the message says which and why."""
 
 
-async def _serve(cfg: AgentConfig) -> None:
+def _plan(cfg: AgentConfig, before: tuple[int, int] | None) -> FdPlan:
+    """The descriptor budget for the fd limit now in force, logged once."""
+    now = fd_limits()
+    plan = FdPlan.derive(
+        1024 if now is None else now[0],
+        max_handshakes=cfg.max_stream_handshakes,
+        max_connections=cfg.max_connections,
+    )
+    log.info(
+        "fd limit soft=%s hard=%s soft_at_start=%s reserve=%d max_stream_handshakes=%d "
+        "pipe_pool=%d max_connections=%d fds_per_connection=%d",
+        "unknown" if now is None else now[0],
+        "unknown" if now is None else now[1],
+        "unknown" if before is None else before[0],
+        plan.reserve,
+        plan.max_handshakes,
+        plan.pipe_pool,
+        plan.max_connections,
+        FDS_PER_CONNECTION,
+    )
+    if plan.overcommitted:
+        log.warning(
+            "--max-connections %d can take descriptors the agent keeps for itself "
+            "(fd limit %d, reserve %d, %d per connection); the host's answers may "
+            "then find no descriptor",
+            plan.max_connections,
+            plan.fd_limit,
+            plan.reserve,
+            FDS_PER_CONNECTION,
+        )
+    return plan
+
+
+async def _serve(cfg: AgentConfig, plan: FdPlan) -> None:
     try:
         streams_listener = await transport.listen(cfg.streams, mode=0o600)
     except (OSError, transport.EndpointError) as exc:
         raise _Fatal(f"--streams {cfg.streams}: {exc}") from None
     registry = StreamRegistry(
         streams_listener,
-        max_handshakes=cfg.max_stream_handshakes,
+        max_handshakes=plan.max_handshakes,
         max_unclaimed=cfg.max_unclaimed_streams,
     )
     service = Service(
@@ -165,6 +216,8 @@ async def _serve(cfg: AgentConfig) -> None:
         max_unanswered_per_stream=cfg.max_unanswered,
         pending_limit=cfg.pending_limit,
         pending_timeout=cfg.pending_timeout,
+        max_connections=plan.max_connections,
+        pipe_pool=plan.pipe_pool,
     )
     agent = Agent(service, rpc_dial=cfg.rpc_dial, rpc_listen=cfg.rpc_listen)
     try:
@@ -194,9 +247,11 @@ def main(args: argparse.Namespace) -> int:
     except transport.EndpointError as exc:
         print(f"socketforward guest: {exc}", file=sys.stderr)
         return 2
+    before = fd_limits()
     daemon.raise_fd_limit()
+    plan = _plan(cfg, before)
     try:
-        runner.run(_serve(cfg))
+        runner.run(_serve(cfg, plan))
     except _Fatal as exc:
         print(f"socketforward guest: {exc}", file=sys.stderr)
         return 1

@@ -9,7 +9,9 @@ the data stream of that id is claimed and relayed.
 This module does the I/O: listeners, Accept calls, claiming data streams,
 relays. Where each connection goes is decided by the sans-IO
 :class:`~socketforward.guest.dispatch.Dispatcher`, for which the service is
-the sink.
+the sink. How many container connections may be open at once is the
+:class:`~socketforward.guest.budget.Budget`'s call: while it is spent, no
+forward listener accepts (docs/protocol.md 4.7).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from socketforward.guest.bind import (
     create_listeners,
     validate,
 )
+from socketforward.guest.budget import Budget, BudgetStats, FdPlan
 from socketforward.guest.dispatch import Dispatcher, Failure, HostCall, Pending
 from socketforward.logs import RateLimitedLog, escape
 from socketforward.protocol import (
@@ -122,6 +125,11 @@ class Service(SocketForwardBase):
     Owns *streams*: :meth:`shutdown` closes it. Register on a ttrpc server with
     :meth:`register`; Python callers use :meth:`bind`, :meth:`unbind`,
     :meth:`accept`.
+
+    *max_connections*: container connections open at once, waiting or relaying;
+    at that many no forward listener accepts until one ends (docs/protocol.md
+    4.7). *pipe_pool*: idle splice pipes kept for reuse. None plans either from
+    the process's fd limit (:class:`~socketforward.guest.budget.FdPlan`).
     """
 
     def __init__(
@@ -133,9 +141,15 @@ class Service(SocketForwardBase):
         pending_limit: int = 4096,
         pending_timeout: float = 30.0,
         stream_wait: float = 5.0,
+        max_connections: int | None = None,
+        pipe_pool: int | None = None,
     ) -> None:
         if pending_timeout <= 0:
             raise ValueError("pending_timeout must be > 0")
+        if max_connections is None or pipe_pool is None:
+            plan = FdPlan.current()
+            max_connections = plan.max_connections if max_connections is None else max_connections
+            pipe_pool = plan.pipe_pool if pipe_pool is None else pipe_pool
         self._streams = streams
         self._socket_mode = socket_mode
         self._stream_wait = stream_wait
@@ -154,7 +168,10 @@ class Service(SocketForwardBase):
         self._relays: set[relay.Relay] = set()
         self._stats: dict[str, ForwardStats] = {}
         self._call_numbers = itertools.count(1)
-        self._pipes = relay.PipePool()  # splice pipes shared by every relay
+        self._pipes = relay.PipePool(limit=pipe_pool)  # splice pipes shared by every relay
+        self._budget = Budget(
+            max_connections, pause=self._pause_accepting, resume=self._resume_accepting
+        )
         # Containers can open (and abandon) connections at will.
         self._peer_log = RateLimitedLog(log)
         self._closed = False
@@ -177,6 +194,11 @@ class Service(SocketForwardBase):
     def pending(self) -> int:
         """Connections waiting for a host answer (queued or sent)."""
         return self._dispatcher.pending
+
+    def budget(self) -> BudgetStats:
+        """The descriptor budget now: connections open, descriptors counted for
+        them, and whether the forward listeners accept (a copy)."""
+        return self._budget.stats()
 
     async def shutdown(self) -> None:
         """Stop listeners and remove their files, fail pending connections, end
@@ -247,7 +269,8 @@ class Service(SocketForwardBase):
                 self._bound.add(bound)
                 self._dispatcher.forward_bound(bound.forward_id)
                 self._stats.setdefault(bound.forward_id, ForwardStats())
-                self._start_accepting(bound)
+                if self._budget.accepting:  # else the budget's resume starts it
+                    self._start_accepting(bound)
                 log.info(
                     "listening forward_id=%s socket_path=%s mode=%o",
                     escape(bound.forward_id),
@@ -292,16 +315,45 @@ class Service(SocketForwardBase):
         forward_id = bound.forward_id
 
         def failed(exc: OSError) -> None:
-            log.warning(
-                "accept failed forward_id=%s socket_path=%s error=%r", forward_id, bound.path, exc
+            # Containers can cause this at will (EMFILE...): the listener backs off.
+            self._peer_log.warning(
+                "accept_failed",
+                "accept failed forward_id=%s socket_path=%s error=%r",
+                escape(forward_id),
+                escape(bound.path),
+                exc,
             )
 
         bound.listener.start_accepting(
             lambda conn: self._on_connection(forward_id, conn), failed, backoff=_ACCEPT_BACKOFF
         )
 
+    def _pause_accepting(self) -> None:
+        # The budget is spent: new connections wait in the kernel's listen backlog.
+        for bound in self._bound:
+            bound.listener.stop_accepting()
+        self._peer_log.warning(
+            "budget_spent",
+            "connections at their descriptor budget, accepting paused "
+            "connections=%d max_connections=%d pending=%d",
+            self._budget.connections,
+            self._budget.max_connections,
+            self._dispatcher.pending,
+        )
+
+    def _resume_accepting(self) -> None:
+        if self._closed:
+            return
+        for bound in self._bound:
+            if not bound.listener.closed:
+                self._start_accepting(bound)
+        log.debug("accepting resumed connections=%d", self._budget.connections)
+
     def _on_connection(self, forward_id: str, conn: socket.socket) -> None:
         p = _Connection(forward_id, conn, _peer_of(conn))
+        # The share goes with p.conn: given back where that socket is closed
+        # (close_pending) or, once it is relayed, when the relay ends.
+        self._budget.take()
         self._stats[forward_id].requests += 1
         log.debug("connection accepted %s", p)
         if self._dispatcher.connection(p):
@@ -390,6 +442,7 @@ class Service(SocketForwardBase):
         if pending.conn is not None:
             pending.conn.close()
             pending.conn = None
+            self._budget.give_back()
         self._stats.setdefault(pending.forward_id, ForwardStats()).fail(reason.value)
         self._peer_log.warning(
             reason.value,
@@ -452,6 +505,8 @@ class Service(SocketForwardBase):
         log.debug("relaying %s", p)
 
         def done(result: relay.RelayStats) -> None:
+            # Called once per relay, with both sockets closed: the share p.conn held.
+            self._budget.give_back()
             self._relays.discard(running)
             stats.active -= 1
             stats.bytes_to_host += result.bytes_a_to_b
@@ -469,7 +524,14 @@ class Service(SocketForwardBase):
                 f" error={result.error!r}" if result.error else "",
             )
 
-        running = relay.Relay(conn, data, pipes=self._pipes, on_done=done)
+        try:
+            running = relay.Relay(conn, data, pipes=self._pipes, on_done=done)
+        except BaseException:
+            conn.close()
+            data.close()
+            stats.active -= 1
+            self._budget.give_back()
+            raise
         self._relays.add(running)
         with contextlib.suppress(Exception):  # on_done has logged it; sockets are closed
             running.start()
