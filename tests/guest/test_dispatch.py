@@ -39,6 +39,8 @@ class Recorder:
         self.dropped: list[str] = []
         self.arrived: set[str] = set()  # stream ids whose data stream is there
         self.broken: set[int] = set()  # calls whose sends fail
+        self.gone: set[str] = set()  # containers that hung up
+        self.asked: list[str] = []
 
     def send_request(self, call: Call, pending: Pending) -> bool:
         if call.number in self.broken:
@@ -61,6 +63,10 @@ class Recorder:
 
     def drop_stream(self, stream_id: str) -> None:
         self.dropped.append(stream_id)
+
+    def wanted(self, pending: Pending) -> bool:
+        self.asked.append(pending.stream_id)
+        return pending.stream_id not in self.gone
 
     def sent_on(self, number: int) -> list[str]:
         return [sid for n, sid in self.sent if n == number]
@@ -396,7 +402,9 @@ def test_window_and_queue_limit_are_checked() -> None:
 
 _OPS = st.lists(
     st.tuples(
-        st.sampled_from(["connect", "call", "end", "ok", "error", "unknown", "expire", "arrive"]),
+        st.sampled_from(
+            ["connect", "call", "end", "ok", "error", "unknown", "expire", "arrive", "hangup"]
+        ),
         st.integers(0, 7),
         st.sampled_from(["fa", "fb"]),
     ),
@@ -435,6 +443,8 @@ def test_any_sequence_keeps_every_connection_accounted_for(
                 r.d.expire(p)
         elif op == "arrive" and conns:
             r.sink.arrived.add(conns[n % len(conns)].stream_id)
+        elif op == "hangup" and conns:
+            r.sink.gone.add(conns[n % len(conns)].stream_id)
         for c in r.d.calls:
             assert len(c.unanswered) <= window
         # New connections are refused past the bound; only handed-back ones exceed it.
@@ -452,3 +462,19 @@ def test_any_sequence_keeps_every_connection_accounted_for(
         else:
             assert closed and not relayed and holders == []
     assert r.d.pending == sum(p.state in (State.QUEUED, State.SENT) for p in conns)
+
+
+def test_a_connection_abandoned_while_it_waited_is_not_sent() -> None:
+    """A container that hung up while its connection waited in the queue costs
+    the host nothing: it is closed as withdrawn instead of being sent, and the
+    next one takes its place. Connections sent at once are not asked about."""
+    r = Routing(window=1)
+    c = r.call()
+    first, gone, kept = r.connect(), r.connect(), r.connect()
+    assert r.sink.asked == []  # nothing asked for a connection sent at once
+    r.sink.gone.add(gone.stream_id)
+    r.d.result(c, first.stream_id, "")
+    assert gone.state is State.FAILED
+    assert r.sink.closed[gone.stream_id][0] is Failure.WITHDRAWN
+    assert r.sink.sent_on(1) == ["s1", "s3"] and kept.state is State.SENT
+    assert r.sink.asked == ["s2", "s3"]

@@ -619,3 +619,37 @@ async def test_a_flood_of_refused_connections_costs_a_bounded_log(
     assert len(closed) <= 2 * 20  # queue_full and shutdown, the first 20 of each
     assert "log lines left out interval=" in caplog.text
     assert "queue_full=279" in caplog.text
+
+
+async def test_connections_abandoned_in_the_queue_never_reach_the_host() -> None:
+    """Containers that hang up while their connections wait for room on the
+    host's Accept call are not announced to the host at all (no dial there):
+    they are closed as withdrawn; the ones still there are served."""
+    async with running_guest(max_unanswered_per_stream=1, pending_timeout=60) as guest:
+        echo = await EchoService.start(guest.root / "t.sock")
+        stub = await guest.connect()
+        await bind(stub, {"fwd": guest.root / "a.sock"})
+        silent = await HostStream(stub, guest.streams_ep, {}, answer="silent").open()
+        ep = transport.UnixEndpoint(str(guest.root / "a.sock"))
+        socks = [await transport.connect(ep) for _ in range(5)]
+        try:
+            await until(lambda: guest.service.pending == 5)
+            for sock in socks[1:4]:
+                sock.close()
+            await silent.close()  # its one request goes back to the queue
+            host = await HostStream(stub, guest.streams_ep, {"fwd": echo.endpoint}).open()
+            try:
+                for sock in (socks[0], socks[4]):
+                    await asyncio.get_running_loop().sock_sendall(sock, b"hi")
+                    sock.shutdown(socket.SHUT_WR)
+                    async with asyncio.timeout(PATIENCE):
+                        assert await read_to_eof(sock) == b"hi" + trailer(b"hi")
+                assert len(host.received) == 2
+                assert guest.service.stats()["fwd"].failed == {"withdrawn": 3}
+            finally:
+                await host.close()
+                await host.stop_relays()
+        finally:
+            for sock in socks:
+                sock.close()
+            await echo.close()

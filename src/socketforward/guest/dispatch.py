@@ -21,14 +21,17 @@ Rules (docs/protocol.md 4.6-4.8):
 * a connection no host call can serve fails at once (``unknown_forward``):
   every open call announced its forwards, none has this one, and all of them
   opened after the forward was bound (a host Binds before it announces, so a
-  call older than the binding may yet be replaced by one that serves it).
+  call older than the binding may yet be replaced by one that serves it);
+* a connection that waited in the queue is sent only if the sink says its
+  container is still there, so a burst of abandoned connections costs the
+  host no dials.
 
 A pending connection moves through a small table (:data:`TRANSITIONS`)::
 
     QUEUED --SEND--> SENT --SUCCESS/CLAIMED--> RELAY
       ^               |--TRY_NEXT/CALL_ENDED--> QUEUED
       |               '--REFUSED/TIMEOUT/SHUTDOWN--> FAILED
-      '--QUEUE_FULL/UNSERVED/TIMEOUT/SHUTDOWN--> FAILED
+      '--QUEUE_FULL/UNSERVED/WITHDRAWN/TIMEOUT/SHUTDOWN--> FAILED
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class Input(enum.Enum):
     QUEUE_FULL = "queue_full"
     UNSERVED = "unserved"
     """Every open call announced its forwards, none has this one."""
+    WITHDRAWN = "withdrawn"
+    """The container hung up while its connection waited in the queue."""
     SHUTDOWN = "shutdown"
 
 
@@ -91,6 +96,8 @@ class Failure(enum.Enum):
     TIMEOUT = "timeout"
     HOST_ERROR = "host_error"
     UNKNOWN_FORWARD = "unknown_forward"
+    WITHDRAWN = "withdrawn"
+    """The container hung up before its request was sent: the host is not asked."""
     NO_STREAM = "no_stream"
     """The host answered success but no data stream came (the service's)."""
     SHUTDOWN = "shutdown"
@@ -101,6 +108,7 @@ TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
     (State.QUEUED, Input.QUEUE_FULL): State.FAILED,
     (State.QUEUED, Input.TIMEOUT): State.FAILED,
     (State.QUEUED, Input.UNSERVED): State.FAILED,
+    (State.QUEUED, Input.WITHDRAWN): State.FAILED,
     (State.QUEUED, Input.SHUTDOWN): State.FAILED,
     (State.SENT, Input.SUCCESS): State.RELAY,
     (State.SENT, Input.CLAIMED): State.RELAY,
@@ -136,7 +144,7 @@ class Pending:
     """A container connection on its way to the host. The service subclasses
     it to carry the socket; the dispatcher never touches that."""
 
-    __slots__ = ("call", "forward_id", "state", "stream_id", "tried")
+    __slots__ = ("call", "forward_id", "state", "stream_id", "tried", "waited")
 
     def __init__(self, stream_id: str, forward_id: str) -> None:
         self.stream_id = stream_id
@@ -145,6 +153,8 @@ class Pending:
         self.call: HostCall[Any] | None = None
         # Calls that said they do not know this forward; rarely any, so shared empty.
         self.tried: frozenset[HostCall[Any]] = frozenset()
+        self.waited = False
+        """It stayed in the queue: ask the sink before sending it."""
 
     def __str__(self) -> str:
         return f"stream_id={self.stream_id} forward_id={self.forward_id}"
@@ -201,6 +211,10 @@ class Sink(Protocol[P_contra, C_contra]):
         """Close the data stream of a request that was answered too late."""
         ...
 
+    def wanted(self, pending: P_contra) -> bool:
+        """Whether the container behind a connection that waited is still there."""
+        ...
+
 
 class Dispatcher(Generic[P, C]):
     """Routes pending connections to host calls (see the module docstring)."""
@@ -255,6 +269,7 @@ class Dispatcher(Generic[P, C]):
             # No call took it and the waiting room is full.
             detail = f"pending queue full limit={self._queue_limit}"
             self._fail(p, Input.QUEUE_FULL, Failure.QUEUE_FULL, detail)
+        p.waited = p.state is State.QUEUED
         return p.state is not State.FAILED
 
     def forward_bound(self, forward_id: str) -> None:
@@ -353,6 +368,7 @@ class Dispatcher(Generic[P, C]):
     # -- the machinery -------------------------------------------------------------
 
     def _requeue(self, p: P) -> None:
+        p.waited = True
         self._queue[p.stream_id] = p
         self._queue.move_to_end(p.stream_id, last=False)
 
@@ -399,10 +415,14 @@ class Dispatcher(Generic[P, C]):
         # skipped without looking (keeps a long queue cheap to walk).
         no_room: set[str] = set()
         unserved: list[P] = []
+        withdrawn: list[P] = []
         for p in self._queue.values():
             if free <= 0:
                 break
             if p.forward_id in no_room:
+                continue
+            if p.waited and not self._sink.wanted(p):
+                withdrawn.append(p)
                 continue
             candidates = self._candidates(p)
             if not candidates and self._unserved(p):
@@ -420,6 +440,9 @@ class Dispatcher(Generic[P, C]):
                 no_room.add(p.forward_id)
         for p in unserved:
             self._fail_unserved(p)
+        for p in withdrawn:
+            detail = "the container hung up while it waited"
+            self._fail(p, Input.WITHDRAWN, Failure.WITHDRAWN, detail)
         for p, c in placed:
             del self._queue[p.stream_id]
             advance(p, Input.SEND)

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import select
 import socket
 from typing import Any, Protocol
 
@@ -459,6 +460,15 @@ class Service(SocketForwardBase):
             return False
         self._relay(pending, data)
         return True
+
+    def wanted(self, pending: _Connection) -> bool:
+        # POLLHUP: the container closed (a half-close alone is POLLRDHUP: still wanted).
+        conn = pending.conn
+        if conn is None:
+            return False
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        return not any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
     def drop_stream(self, stream_id: str) -> None:
         # The host opened a data stream nobody will claim now: close it.
