@@ -14,6 +14,7 @@ Run each from the repository root as a module (``make bench`` runs the first thr
   against nerdbox's Go path, socat and a direct socket; writes
   bench/results/latest.md and latest.png (and the README's table).
 * ``conn_cost``: CPU microseconds per forwarded connection in each process.
+* ``flood`` (``python -m bench.flood``): the host's RSS and fds under a hostile VM's floods.
 
 Shared pieces: ``target`` (the service every path forwards to), ``loadgen``
 (the load against it), ``processes`` (children and what they cost),
