@@ -537,6 +537,9 @@ class Forwarder:
         client = session.client
         queued = client.write_buffer_size
         log.debug("vm not reading, connect requests paused queued=%d", queued)
+        # Read nothing at all meanwhile: the VM's own writes then block (else a
+        # stream whose queue stays full is closed and its frames read and dropped).
+        client.pause_reading()
         try:
             async with asyncio.timeout(self.vm_read_timeout):
                 await client.drain()
@@ -549,6 +552,7 @@ class Forwarder:
             )
             await client.close(timeout=0)
             return False
+        client.resume_reading()
         return True
 
     async def _retire(self, old: AcceptCall, reader: asyncio.Task[int]) -> None:

@@ -46,6 +46,7 @@ class Channel(asyncio.Protocol):
         self._blocked: tuple[MessageQueue, int, Event] | None = None
         self._blocked_timer: asyncio.TimerHandle | None = None
         self._reading = True
+        self._held = False  # reading stopped by the owner (hold_reading), not by a queue
         self._loop = loop
         self._out: list[bytes] = []
         self._out_size = 0
@@ -261,7 +262,18 @@ class Channel(asyncio.Protocol):
         self.on_stream_full(stream_id)
         self._pump()
 
+    def hold_reading(self, held: bool) -> None:
+        """Stop reading the connection (the peer's writes then push back on it),
+        or go on once no stream's full queue holds it either."""
+        self._held = held
+        if held:
+            self._set_reading(False)
+        elif self._blocked is None:
+            self._set_reading(True)
+
     def _set_reading(self, reading: bool) -> None:
+        if reading and self._held:
+            return
         if self._reading == reading or self.transport is None or self.transport.is_closing():
             return
         self._reading = reading

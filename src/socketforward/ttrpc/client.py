@@ -197,6 +197,15 @@ class Client:
         *low* defaults to a quarter of *high*."""
         self._channel.set_write_buffer_limits(high, low)
 
+    def pause_reading(self) -> None:
+        """Read nothing more from the server until :meth:`resume_reading`: its
+        writes then push back on it (e.g. while it does not read ours). Calls
+        get no messages meanwhile."""
+        self._channel.hold_reading(True)
+
+    def resume_reading(self) -> None:
+        self._channel.hold_reading(False)
+
     async def drain(self) -> None:
         """Return once writing may go on: at once while the queue toward the
         server has not gone past the high mark, else when it is back at the low
