@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 __all__ = [
+    "fd_limits",
     "handle_signals",
     "octal_mode",
     "positive_int",
@@ -76,6 +77,19 @@ async def run_until_stopped(
         task.cancel()
         await asyncio.gather(task, stopping, return_exceptions=True)
     return task if finished else None
+
+
+def fd_limits() -> tuple[int, int] | None:
+    """(soft, hard) RLIMIT_NOFILE, an unlimited one as 2**20; None where unknown."""
+    try:
+        import resource  # noqa: PLC0415 - not on every platform
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return None
+    unlimited = 1 << 20  # what an RLIM_INFINITY limit is taken for
+    infinity = resource.RLIM_INFINITY
+    return (unlimited if soft == infinity else soft, unlimited if hard == infinity else hard)
 
 
 def raise_fd_limit() -> int | None:

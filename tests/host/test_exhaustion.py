@@ -273,9 +273,9 @@ async def test_host_process_out_of_descriptors_survives_and_serves_again(
 
 
 async def test_default_relay_cap_refuses_before_descriptors_run_out(short_tmp: Path) -> None:
-    """With its default cap (from the fd limit), a host at 64 descriptors refuses
-    the connections it could not hold with `too many pending connections`
-    before any socket allocation fails, and serves again once they end."""
+    """With its default cap (from the fd limit, logged at start), a host at 64
+    descriptors refuses the connections it could not hold with `too many pending
+    connections` before any socket allocation fails, and serves again once they end."""
     log_path = short_tmp / "host.log"
     async with _host_at_64_fds(short_tmp, log_path) as (proc, guest, call):
         futures = [await call.request(f"s-{i}", "a") for i in range(3 * FD_LIMIT)]
@@ -293,3 +293,5 @@ async def test_default_relay_cap_refuses_before_descriptors_run_out(short_tmp: P
             assert await proc.wait() == 0, log_path.read_text()
     log = log_path.read_text()
     assert "reason=exhausted" not in log and "relays_full" in log
+    # Both limits and the cap they give are logged at start: (64 - 64 / 4) / 4.
+    assert f"fd limit soft={FD_LIMIT} hard={FD_LIMIT}" in log and "max_relays=12" in log

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from socketforward.daemon import fd_limits
 from socketforward.datastream import DEFAULT_MAX_HANDSHAKES
 
 __all__ = [
@@ -25,7 +26,6 @@ __all__ = [
     "Budget",
     "BudgetStats",
     "FdPlan",
-    "fd_limits",
 ]
 
 FDS_PER_CONNECTION: Final = 6
@@ -37,19 +37,6 @@ the RPC connection(s), the data-stream listener, forward listeners."""
 DEFAULT_PIPE_POOL: Final = 16
 """Idle splice pipes kept for reuse (two descriptors each) with a large fd limit."""
 _MIN_HANDSHAKES: Final = 4
-_UNLIMITED: Final = 1 << 20  # what an RLIM_INFINITY soft limit is taken for
-
-
-def fd_limits() -> tuple[int, int] | None:
-    """(soft, hard) RLIMIT_NOFILE, an unlimited one as 2**20; None where unknown."""
-    try:
-        import resource  # noqa: PLC0415 - not on every platform
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (ImportError, OSError, ValueError):
-        return None
-    infinity = resource.RLIM_INFINITY
-    return (_UNLIMITED if soft == infinity else soft, _UNLIMITED if hard == infinity else hard)
 
 
 @dataclass(frozen=True)

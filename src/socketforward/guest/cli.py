@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from socketforward import daemon, runner, stats, transport
 from socketforward.datastream import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_UNCLAIMED, StreamRegistry
 from socketforward.guest.agent import Agent
-from socketforward.guest.budget import FDS_PER_CONNECTION, FdPlan, fd_limits
+from socketforward.guest.budget import FDS_PER_CONNECTION, FdPlan
 from socketforward.guest.service import Service
 from socketforward.protocol import DEFAULT_RPC_DIAL, DEFAULT_STREAMS
 
@@ -169,7 +169,7 @@ class _Fatal(Exception):
 
 def _plan(cfg: AgentConfig, before: tuple[int, int] | None) -> FdPlan:
     """The descriptor budget for the fd limit now in force, logged once."""
-    now = fd_limits()
+    now = daemon.fd_limits()
     plan = FdPlan.derive(
         1024 if now is None else now[0],
         max_handshakes=cfg.max_stream_handshakes,
@@ -247,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
     except transport.EndpointError as exc:
         print(f"socketforward guest: {exc}", file=sys.stderr)
         return 2
-    before = fd_limits()
+    before = daemon.fd_limits()
     daemon.raise_fd_limit()
     plan = _plan(cfg, before)
     try:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from socketforward import runner, stats, transport, ttrpc
 from socketforward.daemon import (
+    fd_limits,
     handle_signals,
     positive_int,
     positive_seconds,
@@ -347,7 +348,12 @@ async def _serve(
             listener.close()
 
 
-async def _run(args: argparse.Namespace, forwards: list[Forward], file_ids: list[str]) -> int:
+async def _run(
+    args: argparse.Namespace,
+    forwards: list[Forward],
+    file_ids: list[str],
+    limits_at_start: tuple[int, int] | None,
+) -> int:
     forwarder = Forwarder(
         forwards,
         args.streams,
@@ -356,6 +362,15 @@ async def _run(args: argparse.Namespace, forwards: list[Forward], file_ids: list
         stream_retry_for=args.stream_retry_for,
         max_relays=args.max_relays,
         streams_uid=args.streams_uid,
+    )
+    limits = fd_limits()
+    log.info(
+        "fd limit soft=%s hard=%s soft_at_start=%s max_relays=%d max_pending=%d",
+        "unknown" if limits is None else limits[0],
+        "unknown" if limits is None else limits[1],
+        "unknown" if limits_at_start is None else limits_at_start[0],
+        forwarder.max_relays,
+        forwarder.max_pending,
     )
     from_file = (
         _ForwardsFile(args.forwards_file, forwarder, file_ids) if args.forwards_file else None
@@ -384,5 +399,6 @@ def main(args: argparse.Namespace) -> int:
     except _UsageError as exc:
         print(f"socketforward host: error: {exc}", file=sys.stderr)
         return 2
+    before = fd_limits()
     raise_fd_limit()
-    return runner.run(_run(args, forwards, file_ids))
+    return runner.run(_run(args, forwards, file_ids, before))

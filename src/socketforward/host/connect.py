@@ -83,14 +83,16 @@ _FD_RESERVE: Final = 256
 def default_max_relays() -> int:
     """How many connections one VM may hold at once, from this process's fd
     limit: each holds two sockets here and up to two splice pipe ends while
-    bytes flow, so a quarter of what is left after a reserve."""
+    bytes flow, so a quarter of what is left after a reserve (256, or a quarter
+    of a small limit)."""
     try:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except (OSError, ValueError):
         soft = 1024
     if soft == resource.RLIM_INFINITY or soft > 1 << 20:
         soft = 1 << 20
-    return max(16, (soft - _FD_RESERVE) // 4)
+    reserve = min(_FD_RESERVE, soft // 4)  # a small limit keeps a quarter
+    return max(1, (soft - reserve) // 4)
 
 
 def _reason(exc: BaseException, otherwise: str) -> str:
