@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from socketforward import __version__
+
 
 def test_demo_forwards_and_checks_bytes() -> None:
     """`socketforward demo` runs host service, host and guest as processes, forwards
@@ -47,3 +49,24 @@ def test_duration_options_refuse_non_positive_or_infinite_values() -> None:
         )  # fmt: skip
         assert result.returncode == 2, (value, result.stderr)
         assert "not a positive number of seconds" in result.stderr
+
+
+def test_version_prints_the_package_version() -> None:
+    """`socketforward --version` names the installed version and exits 0."""
+    result = subprocess.run(
+        [sys.executable, "-m", "socketforward", "--version"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"socketforward {__version__}"
+
+
+def test_logging_options_are_checked_after_the_subcommand_too() -> None:
+    """An unknown level is refused with exit status 2, wherever it is given."""
+    for args in (["--log-level", "loud", "guest"], ["guest", "--log-format", "xml"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "socketforward", *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 2, (args, result.stderr)
+        assert "invalid choice" in result.stderr

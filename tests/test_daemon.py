@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import resource
 import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +123,155 @@ def test_bad_option_values_say_what_is_wrong(parse: object, text: str, message: 
     assert callable(parse)
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         parse(text)
+
+
+# -- systemd readiness -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def notify_socket(path: str) -> Iterator[socket.socket]:
+    """A datagram socket bound where NOTIFY_SOCKET will point (systemd's end)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(path)
+        sock.settimeout(30)
+        yield sock
+    finally:
+        sock.close()
+
+
+def test_notifier_sends_each_state_once(short_tmp: Path) -> None:
+    """READY=1 and STOPPING=1 each reach the socket once, however often asked."""
+    with notify_socket(str(short_tmp / "notify")) as sock:
+        notifier = daemon.Notifier.from_environment({"NOTIFY_SOCKET": str(short_tmp / "notify")})
+        notifier.ready()
+        notifier.ready()
+        notifier.stopping()
+        assert sock.recv(64) == b"READY=1"
+        assert sock.recv(64) == b"STOPPING=1"
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(64)
+
+
+def test_notifier_reaches_an_abstract_socket() -> None:
+    """A NOTIFY_SOCKET starting with "@" names an abstract socket."""
+    name = f"socketforward-test-{os.getpid()}"
+    with notify_socket("\0" + name) as sock:
+        assert daemon.Notifier(f"@{name}").send("READY=1")
+        assert sock.recv(64) == b"READY=1"
+
+
+def test_notifier_without_socket_or_with_a_bad_one_is_not_fatal(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No NOTIFY_SOCKET: nothing sent. One that does not answer, or an address
+    of an unknown kind: a warning, and the program goes on."""
+    assert not daemon.Notifier.from_environment({}).send("READY=1")
+    caplog.set_level(logging.WARNING, "socketforward.daemon")
+    assert not daemon.Notifier(str(short_tmp / "missing")).send("READY=1")
+    assert not daemon.Notifier("vsock:2:999").send("READY=1")
+    assert caplog.text.count("systemd notification not sent") == 2
+
+
+async def test_run_until_stopped_notifies_ready_then_stopping() -> None:
+    """READY once the work runs, STOPPING when the stop begins; work that fails
+    at its first step never reports READY."""
+    sent: list[str] = []
+
+    class Recorder(daemon.Notifier):
+        def send(self, state: str) -> bool:
+            sent.append(state)
+            return True
+
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        assert sent == []
+        stop.set()
+        await asyncio.sleep(3600)
+
+    assert await daemon.run_until_stopped(serve(), stop, notifier=Recorder(None)) is None
+    assert sent == ["READY=1", "STOPPING=1"]
+
+    sent.clear()
+
+    async def fail() -> None:
+        raise OSError("cannot listen")
+
+    ended = await daemon.run_until_stopped(fail(), asyncio.Event(), notifier=Recorder(None))
+    assert ended is not None and sent == ["STOPPING=1"]
+
+
+def _start(args: list[str], notify: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "socketforward", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+        )
+
+
+def _ready_then_stopping(proc: subprocess.Popen[bytes], sock: socket.socket, log: Path) -> None:
+    try:
+        try:
+            assert sock.recv(64) == b"READY=1", log.read_text()
+        except TimeoutError:
+            raise AssertionError(f"no READY=1; log:\n{log.read_text()}") from None
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert sock.recv(64) == b"STOPPING=1", log.read_text()
+        assert proc.wait(timeout=15) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("rpc", ["--rpc-listen", "--rpc-dial"])
+def test_guest_tells_systemd_it_is_ready_and_stopping(short_tmp: Path, rpc: str) -> None:
+    """Under systemd the guest reports READY=1 once it listens (or dials: no
+    host needs to be there) and STOPPING=1 on SIGTERM, then exits 0."""
+    with notify_socket(str(short_tmp / "notify")) as sock:
+        proc = _start(
+            ["guest", rpc, f"unix:{short_tmp}/rpc.sock", "--streams",
+             f"unix:{short_tmp}/streams.sock"],
+            short_tmp / "notify", short_tmp / "guest.log",
+        )  # fmt: skip
+        _ready_then_stopping(proc, sock, short_tmp / "guest.log")
+    if rpc == "--rpc-listen":
+        assert not (short_tmp / "rpc.sock").exists()
+
+
+def test_guest_with_an_unusable_endpoint_is_never_ready(short_tmp: Path) -> None:
+    """A guest that cannot listen exits 1 without reporting READY=1."""
+    (short_tmp / "file").write_text("")
+    with notify_socket(str(short_tmp / "notify")) as sock:
+        proc = _start(
+            ["guest", "--rpc-listen", f"unix:{short_tmp}/file/rpc.sock", "--streams",
+             f"unix:{short_tmp}/streams.sock"],
+            short_tmp / "notify", short_tmp / "guest.log",
+        )  # fmt: skip
+        assert proc.wait(timeout=30) == 1, (short_tmp / "guest.log").read_text()
+        sock.setblocking(False)
+        states = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                states.append(sock.recv(64))
+        assert b"READY=1" not in states
+
+
+def test_host_tells_systemd_it_is_ready_and_stopping(short_tmp: Path) -> None:
+    """Under systemd the host reports READY=1 once its RPC endpoint listens and
+    STOPPING=1 on SIGTERM, then exits 0."""
+    (short_tmp / "host").mkdir(mode=0o700)
+    with notify_socket(str(short_tmp / "notify")) as sock:
+        proc = _start(
+            ["host", "--rpc-listen", f"unix:{short_tmp}/host/rpc.sock", "--streams",
+             f"unix:{short_tmp}/streams.sock", "--forward",
+             f"fwd-a={short_tmp}/a.sock:/run/socketfwd/a.sock"],
+            short_tmp / "notify", short_tmp / "host.log",
+        )  # fmt: skip
+        _ready_then_stopping(proc, sock, short_tmp / "host.log")

@@ -167,7 +167,7 @@ async def test_one_connection_byte_exact_both_ways_with_half_close(
 ) -> None:
     """4 MiB go to the host service and come back byte-exact; after the client
     half-closes, the service's answer still arrives; the log names the peer."""
-    caplog.set_level(logging.INFO, logger="socketforward.guest")
+    caplog.set_level(logging.DEBUG, logger="socketforward.guest")
     async with running_guest() as guest:
         echo = await EchoService.start(guest.root / "target.sock")
         stub = await guest.connect()

@@ -25,7 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="run the VM-side agent (SocketForward service)",
         description="The VM side: serve SocketForward on the RPC connection and accept "
         "data streams; forward container connections to the host. SIGTERM/SIGINT "
-        "stop it cleanly; SIGUSR1 logs the statistics; SIGHUP is logged and ignored.",
+        "stop it cleanly; SIGUSR1 logs the statistics; SIGHUP is logged and ignored. "
+        "Under systemd (NOTIFY_SOCKET set) it reports READY=1 once listening and "
+        "dialing, STOPPING=1 when it shuts down. Exit status: 0 clean stop, 1 an "
+        "endpoint it cannot use, 2 bad arguments.",
     )
     rpc = parser.add_mutually_exclusive_group()
     rpc.add_argument(
@@ -220,6 +223,7 @@ async def _serve(cfg: AgentConfig, plan: FdPlan) -> None:
         pipe_pool=plan.pipe_pool,
     )
     agent = Agent(service, rpc_dial=cfg.rpc_dial, rpc_listen=cfg.rpc_listen)
+    notifier = daemon.Notifier.from_environment()
     try:
         async with daemon.handle_signals(on_stats=lambda: _log_stats(service, registry)) as stop:
             registry.start()
@@ -228,20 +232,24 @@ async def _serve(cfg: AgentConfig, plan: FdPlan) -> None:
                 f"dial {cfg.rpc_dial}" if cfg.rpc_dial is not None else f"listen {cfg.rpc_listen}",
                 cfg.streams,
             )
-            ended = await daemon.run_until_stopped(agent.run(), stop)
+            ended = await daemon.run_until_stopped(agent.run(), stop, notifier=notifier)
             if ended is not None and not ended.cancelled() and ended.exception() is not None:
                 option = "--rpc-dial" if cfg.rpc_dial is not None else "--rpc-listen"
                 error = ended.exception()
                 raise _Fatal(f"{option} {cfg.rpc_dial or cfg.rpc_listen}: {error}")
             log.info("signal received, shutting down")
     finally:
+        notifier.stopping()
         await agent.shutdown()
         _log_stats(service, registry)
 
 
 def main(args: argparse.Namespace) -> int:
     """``socketforward guest``: 0 after a clean shutdown, 2 for bad arguments,
-    1 for an endpoint it cannot use."""
+    1 for an endpoint it cannot use. Under systemd (``NOTIFY_SOCKET``) it
+    reports ``READY=1`` once the data-stream listener is up and the RPC
+    endpoint listening or being dialed (before any host connects), and
+    ``STOPPING=1`` when it begins to shut down."""
     try:
         cfg = config_from_args(args)
     except transport.EndpointError as exc:

@@ -522,9 +522,9 @@ class Service(SocketForwardBase):
             stats.bytes_to_host += result.bytes_a_to_b
             stats.bytes_to_vm += result.bytes_b_to_a
             if result.ended == "cancelled":
-                log.info("connection ended by shutdown %s", p)
+                log.debug("connection ended by shutdown %s", p)
                 return
-            log.info(
+            log.debug(
                 "connection done %s ended=%s to_host=%d from_host=%d duration=%.3f%s",
                 p,
                 result.ended,

@@ -2,6 +2,11 @@
 
 Signals: SIGTERM/SIGINT stop cleanly, SIGUSR1 logs the statistics, SIGHUP
 re-reads --forwards-file (logged and ignored without one).
+
+Under systemd (``NOTIFY_SOCKET`` set) it reports ``READY=1`` once its RPC
+endpoint listens (or dialing it has started) and ``STOPPING=1`` when it begins
+to shut down. Exit status: 0 after a clean stop, 1 when the RPC endpoint
+cannot be used or the host stopped unexpectedly, 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Iterable
 
 from socketforward import runner, stats, transport, ttrpc
 from socketforward.daemon import (
+    Notifier,
     fd_limits,
     handle_signals,
     positive_int,
@@ -76,7 +82,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="the host side: serve forwards to host UNIX sockets for one VM",
         description="Forward connections made in a VM to UNIX sockets on this host. "
         "SIGTERM/SIGINT stop it cleanly; SIGUSR1 logs the statistics; SIGHUP re-reads "
-        "--forwards-file.",
+        "--forwards-file. Under systemd (NOTIFY_SOCKET set) it reports READY=1 once "
+        "listening or dialing, STOPPING=1 when it shuts down. Exit status: 0 clean "
+        "stop, 1 an unusable RPC endpoint or an unexpected stop, 2 bad arguments.",
     )
     rpc = parser.add_mutually_exclusive_group(required=True)
     rpc.add_argument(
@@ -160,6 +168,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 class _UsageError(Exception):
     """A bad command line; the message names the argument."""
+
+
+class _Unusable(Exception):
+    """An endpoint the host cannot use (exit status 1); the message names it."""
 
 
 def _forwards_from_args(args: argparse.Namespace) -> tuple[list[Forward], list[str]]:
@@ -329,7 +341,7 @@ async def _serve(
             try:
                 listener = await transport.listen(ep, mode=0o600)
             except OSError as exc:
-                raise _UsageError(f"--rpc-listen: {exc}") from None
+                raise _Unusable(f"--rpc-listen: {exc}") from None
             work = forwarder.run_listening(listener)
             log.info("host listening rpc=%s streams=%s forwards=%d", ep, args.streams, count)
         else:
@@ -337,7 +349,7 @@ async def _serve(
             log.info(
                 "host dialing rpc=%s streams=%s forwards=%d", args.rpc_dial, args.streams, count
             )
-        ended = await run_until_stopped(work, stop)
+        ended = await run_until_stopped(work, stop, notifier=Notifier.from_environment())
         if ended is not None:
             log.error("host stopped unexpectedly error=%r", ended.exception())
             return 1
@@ -385,6 +397,9 @@ async def _run(
             except _UsageError as exc:
                 print(f"socketforward host: error: {exc}", file=sys.stderr)
                 return 2
+            except _Unusable as exc:
+                print(f"socketforward host: error: {exc}", file=sys.stderr)
+                return 1
             finally:
                 if from_file is not None:
                     await from_file.close()
