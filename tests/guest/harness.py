@@ -256,6 +256,7 @@ async def running_guest(
     max_unanswered_per_stream: int = 32,
     pending_limit: int = 4096,
     pending_timeout: float = 30.0,
+    fail_fast: bool = False,
 ) -> AsyncIterator[Guest]:
     """A Service on a fresh short temporary directory, shut down afterwards."""
     with short_tmp() as root:
@@ -267,6 +268,7 @@ async def running_guest(
             max_unanswered_per_stream=max_unanswered_per_stream,
             pending_limit=pending_limit,
             pending_timeout=pending_timeout,
+            fail_fast=fail_fast,
         )
         guest = Guest(root, service, registry)
         try:

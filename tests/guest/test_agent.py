@@ -114,12 +114,12 @@ def test_defaults_are_nerdbox_endpoints() -> None:
     assert cfg.rpc_listen is None
     assert cfg.streams == transport.VsockEndpoint(None, 1026)
     assert (cfg.socket_mode, cfg.max_unanswered, cfg.pending_limit) == (0o666, 32, 4096)
-    assert cfg.pending_timeout == 30.0
+    assert cfg.pending_timeout == 30.0 and cfg.fail_fast is False
     cfg = guest.config_from_args(
-        _parse("--rpc-listen", "unix:/run/sf.sock", "--socket-mode", "660")
+        _parse("--rpc-listen", "unix:/run/sf.sock", "--socket-mode", "660", "--fail-fast")
     )
     assert cfg.rpc_listen == transport.UnixEndpoint("/run/sf.sock") and cfg.rpc_dial is None
-    assert cfg.socket_mode == 0o660
+    assert cfg.socket_mode == 0o660 and cfg.fail_fast is True
 
 
 @pytest.mark.parametrize(

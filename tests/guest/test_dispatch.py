@@ -478,3 +478,15 @@ def test_a_connection_abandoned_while_it_waited_is_not_sent() -> None:
     assert r.sink.closed[gone.stream_id][0] is Failure.WITHDRAWN
     assert r.sink.sent_on(1) == ["s1", "s3"] and kept.state is State.SENT
     assert r.sink.asked == ["s2", "s3"]
+
+
+def test_fail_fast_closes_connections_while_no_host_is_there() -> None:
+    """With fail_fast, a connection made while no host call is open is closed at
+    once (no_host) instead of waiting; once a call is open, connections go to it."""
+    r = Routing()
+    r.d = Dispatcher(r.sink, fail_fast=True)
+    early = Pending("s1", "f")
+    assert r.d.connection(early) is False
+    assert r.sink.closed["s1"][0] is Failure.NO_HOST
+    r.call()
+    assert r.connect().state is State.SENT

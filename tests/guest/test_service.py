@@ -653,3 +653,27 @@ async def test_connections_abandoned_in_the_queue_never_reach_the_host() -> None
             for sock in socks:
                 sock.close()
             await echo.close()
+
+
+async def test_fail_fast_closes_connections_at_once_while_no_host_is_connected() -> None:
+    """`--fail-fast`: a VM client connecting while no host is connected gets its
+    connection closed at once (counted no_host) instead of waiting up to the
+    pending timeout; once a host is there it is served."""
+    async with running_guest(fail_fast=True, pending_timeout=60) as guest:
+        echo = await EchoService.start(guest.root / "t.sock")
+        stub = await guest.connect()
+        await bind(stub, {"fwd": guest.root / "a.sock"})
+        ep = transport.UnixEndpoint(str(guest.root / "a.sock"))
+        sock = await transport.connect(ep)
+        with sock:
+            async with asyncio.timeout(5):
+                assert await read_to_eof(sock) == b""
+        assert guest.service.stats()["fwd"].failed == {"no_host": 1}
+        host = await HostStream(stub, guest.streams_ep, {"fwd": echo.endpoint}).open()
+        try:
+            await until(lambda: guest.service.accept_calls == 1)
+            assert await roundtrip(guest.root / "a.sock", b"hi") == b"hi" + trailer(b"hi")
+        finally:
+            await host.close()
+            await host.stop_relays()
+            await echo.close()

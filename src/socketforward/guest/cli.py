@@ -72,6 +72,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="close a connection the host has not answered within this (default 30)",
     )
     parser.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help="while no host is connected, close new connections at once (logged as "
+        "no_host) instead of letting them wait for one",
+    )
+    parser.add_argument(
         "--max-connections",
         type=daemon.positive_int,
         metavar="N",
@@ -108,6 +114,7 @@ class AgentConfig:
     max_unanswered: int
     pending_limit: int
     pending_timeout: float
+    fail_fast: bool = False
     max_stream_handshakes: int | None = None
     """None: derived from the fd limit (:class:`FdPlan`)."""
     max_unclaimed_streams: int = DEFAULT_MAX_UNCLAIMED
@@ -142,6 +149,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         max_unanswered=args.max_unanswered,
         pending_limit=args.pending_limit,
         pending_timeout=args.pending_timeout,
+        fail_fast=args.fail_fast,
         max_stream_handshakes=args.max_stream_handshakes,
         max_unclaimed_streams=args.max_unclaimed_streams,
         max_connections=args.max_connections,
@@ -219,6 +227,7 @@ async def _serve(cfg: AgentConfig, plan: FdPlan) -> None:
         max_unanswered_per_stream=cfg.max_unanswered,
         pending_limit=cfg.pending_limit,
         pending_timeout=cfg.pending_timeout,
+        fail_fast=cfg.fail_fast,
         max_connections=plan.max_connections,
         pipe_pool=plan.pipe_pool,
     )

@@ -22,6 +22,8 @@ Rules (docs/protocol.md 4.6-4.8):
   every open call announced its forwards, none has this one, and all of them
   opened after the forward was bound (a host Binds before it announces, so a
   call older than the binding may yet be replaced by one that serves it);
+* with *fail_fast*, a connection made while no host call is open is closed at
+  once instead of waiting for one;
 * a connection that waited in the queue is sent only if the sink says its
   container is still there, so a burst of abandoned connections costs the
   host no dials.
@@ -31,7 +33,7 @@ A pending connection moves through a small table (:data:`TRANSITIONS`)::
     QUEUED --SEND--> SENT --SUCCESS/CLAIMED--> RELAY
       ^               |--TRY_NEXT/CALL_ENDED--> QUEUED
       |               '--REFUSED/TIMEOUT/SHUTDOWN--> FAILED
-      '--QUEUE_FULL/UNSERVED/WITHDRAWN/TIMEOUT/SHUTDOWN--> FAILED
+      '--QUEUE_FULL/UNSERVED/WITHDRAWN/NO_HOST/TIMEOUT/SHUTDOWN--> FAILED
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class Input(enum.Enum):
     """Every open call announced its forwards, none has this one."""
     WITHDRAWN = "withdrawn"
     """The container hung up while its connection waited in the queue."""
+    NO_HOST = "no_host"
+    """No host call is open and the dispatcher was asked to fail fast."""
     SHUTDOWN = "shutdown"
 
 
@@ -98,6 +102,8 @@ class Failure(enum.Enum):
     UNKNOWN_FORWARD = "unknown_forward"
     WITHDRAWN = "withdrawn"
     """The container hung up before its request was sent: the host is not asked."""
+    NO_HOST = "no_host"
+    """No host was connected and the guest fails fast (--fail-fast)."""
     NO_STREAM = "no_stream"
     """The host answered success but no data stream came (the service's)."""
     SHUTDOWN = "shutdown"
@@ -109,6 +115,7 @@ TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
     (State.QUEUED, Input.TIMEOUT): State.FAILED,
     (State.QUEUED, Input.UNSERVED): State.FAILED,
     (State.QUEUED, Input.WITHDRAWN): State.FAILED,
+    (State.QUEUED, Input.NO_HOST): State.FAILED,
     (State.QUEUED, Input.SHUTDOWN): State.FAILED,
     (State.SENT, Input.SUCCESS): State.RELAY,
     (State.SENT, Input.CLAIMED): State.RELAY,
@@ -226,6 +233,7 @@ class Dispatcher(Generic[P, C]):
         window: int = 32,
         queue_limit: int = 4096,
         timeout: float = 30.0,
+        fail_fast: bool = False,
     ) -> None:
         if window < 1:
             raise ValueError("window must be >= 1")
@@ -235,6 +243,7 @@ class Dispatcher(Generic[P, C]):
         self._window = window
         self._queue_limit = queue_limit
         self._timeout = timeout  # for the failure's text only: the sink keeps time
+        self._fail_fast = fail_fast
         self._calls: list[C] = []
         self._queue: collections.OrderedDict[str, P] = collections.OrderedDict()
         self._late: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -260,6 +269,9 @@ class Dispatcher(Generic[P, C]):
         shut down); else it waits for an answer and its timeout."""
         if self.closed:
             self._fail(p, Input.SHUTDOWN, Failure.SHUTDOWN, "service shutting down")
+            return False
+        if self._fail_fast and not self._calls:
+            self._fail(p, Input.NO_HOST, Failure.NO_HOST, "no host connected (fail fast)")
             return False
         self._queue[p.stream_id] = p
         self._dispatch()  # may fail it already (unserved)

@@ -131,6 +131,8 @@ class Service(SocketForwardBase):
     at that many no forward listener accepts until one ends (docs/protocol.md
     4.7). *pipe_pool*: idle splice pipes kept for reuse. None plans either from
     the process's fd limit (:class:`~socketforward.guest.budget.FdPlan`).
+    *fail_fast*: while no host Accept call is open, close new connections at
+    once (reason ``no_host``) instead of letting them wait for one.
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class Service(SocketForwardBase):
         stream_wait: float = 5.0,
         max_connections: int | None = None,
         pipe_pool: int | None = None,
+        fail_fast: bool = False,
     ) -> None:
         if pending_timeout <= 0:
             raise ValueError("pending_timeout must be > 0")
@@ -159,6 +162,7 @@ class Service(SocketForwardBase):
             window=max_unanswered_per_stream,
             queue_limit=pending_limit,
             timeout=pending_timeout,
+            fail_fast=fail_fast,
         )
         self._bound = BindTable()
         self._bind_lock = asyncio.Lock()
@@ -190,6 +194,11 @@ class Service(SocketForwardBase):
     def bound(self) -> dict[str, str]:
         """forward_id -> socket path of every listener in place."""
         return self._bound.paths()
+
+    @property
+    def accept_calls(self) -> int:
+        """Host Accept calls open now."""
+        return len(self._dispatcher.calls)
 
     @property
     def pending(self) -> int:
