@@ -30,6 +30,7 @@ __all__ = [
     "fd_limits",
     "handle_signals",
     "message_fields",
+    "non_negative_seconds",
     "octal_mode",
     "positive_int",
     "positive_seconds",
@@ -201,6 +202,17 @@ def positive_seconds(text: str) -> float:
         value = -1.0
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    """A finite duration in seconds, zero or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
     return value
 
 

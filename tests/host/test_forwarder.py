@@ -214,3 +214,35 @@ async def test_an_undecodable_connect_request_is_dropped_and_the_call_goes_on(
     lines = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
     assert len(lines) == 1
     assert "\\xff\\n\\x1b[2J" in lines[0] and "\n" not in lines[0]
+
+
+async def test_stopping_drains_running_connections_for_the_grace_period(short_tmp: Path) -> None:
+    """Stopping with a grace period takes no new connection but lets a running
+    one go on and finish; the stop completes as soon as it has."""
+    async with host_with_guest(short_tmp) as (env, _, guest, call):
+        assert (await call.connect("s-1", "fwd-a")).error == ""
+        vm_side = guest.claimed.pop("s-1")
+        assert vm_side is not None
+        with vm_side:
+            closing = asyncio.ensure_future(env.forwarder.close(drain=30))
+            await asyncio.sleep(0.1)
+            assert not closing.done() and not env.forwarder.connected
+            assert await exchange(vm_side, b"still going") == b"gniog llits"
+        async with asyncio.timeout(5):
+            await closing  # the last relay ended: no need to wait out the 30 s
+
+
+async def test_a_connection_outliving_the_grace_period_is_closed(short_tmp: Path) -> None:
+    """A connection still open when the grace period ends is closed: stopping
+    is bounded whatever the clients do."""
+    async with host_with_guest(short_tmp) as (env, _, guest, call):
+        assert (await call.connect("s-1", "fwd-a")).error == ""
+        vm_side = guest.claimed.pop("s-1")
+        assert vm_side is not None
+        with vm_side:
+            async with asyncio.timeout(5):
+                await env.forwarder.close(drain=0.3)
+            assert env.forwarder.stats()["fwd-a"].active == 0
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(5):
+                assert await loop.sock_recv(vm_side, 1) == b""

@@ -24,6 +24,7 @@ from socketforward.daemon import (
     Notifier,
     fd_limits,
     handle_signals,
+    non_negative_seconds,
     positive_int,
     positive_seconds,
     raise_fd_limit,
@@ -155,6 +156,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=positive_seconds,
         default=30.0,
         help="keep retrying a missing stream endpoint this long (VM booting; default 30)",
+    )
+    parser.add_argument(
+        "--drain",
+        metavar="SECONDS",
+        type=non_negative_seconds,
+        default=5.0,
+        help="on SIGTERM/SIGINT, stop taking connections and let running ones finish "
+        "for up to this long before closing them (default 5; 0 closes at once)",
     )
     parser.add_argument(
         "--max-relays",
@@ -403,7 +412,7 @@ async def _run(
             finally:
                 if from_file is not None:
                     await from_file.close()
-                await forwarder.close()
+                await forwarder.close(drain=args.drain)
     finally:
         _log_stats(forwarder)
 

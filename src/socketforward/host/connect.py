@@ -154,6 +154,9 @@ class Connector:
         """ConnectRequests naming a forward_id not in the table (rejected, never dialed)."""
         self.relays: dict[relay.Relay, str] = {}
         """Running relays and their forward_ids."""
+        self.no_relays = asyncio.Event()
+        """Set while no relay runs (a draining host waits for it)."""
+        self.no_relays.set()
         self.pipes = relay.PipePool()  # splice pipes shared by every relay
         self.peer_log = RateLimitedLog(log)
         """Warnings a VM can cause at will, one request at a time."""
@@ -287,6 +290,8 @@ class Connector:
 
         def done(result: relay.RelayStats) -> None:
             del self.relays[running]
+            if not self.relays:
+                self.no_relays.set()
             stats.active -= 1
             stats.bytes_to_vm += result.bytes_a_to_b
             stats.bytes_to_host += result.bytes_b_to_a
@@ -302,6 +307,7 @@ class Connector:
         # No task per relay: an idle forwarded connection costs only its relay.
         running = relay.Relay(host_sock, data_sock, pipes=self.pipes, on_done=done)
         self.relays[running] = fid
+        self.no_relays.clear()
         log.debug("connection forwarded stream_id=%s forward_id=%s", stream_id, fid)
         running.start()
 

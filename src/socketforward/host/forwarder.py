@@ -622,13 +622,22 @@ class Forwarder:
         except Exception:
             log.exception("rpc connection failed")
 
-    async def close(self) -> None:
-        """Drop the RPC connection and end every relay. Idempotent."""
+    async def close(self, drain: float = 0.0) -> None:
+        """Drop the RPC connection (no new connections), let running relays
+        finish for up to *drain* seconds, then end the rest. Idempotent."""
         self._closed = True
         session, self._session = self._session, None
         self._ready.clear()
         if session is not None:
             await session.close()
+        running = len(self._connector.relays)
+        if drain > 0 and running:
+            log.info("draining relays=%d grace=%gs", running, drain)
+            try:
+                async with asyncio.timeout(drain):
+                    await self._connector.no_relays.wait()
+            except TimeoutError:
+                log.info("drain over, closing relays=%d", len(self._connector.relays))
         self._connector.close()
 
     async def __aenter__(self) -> Forwarder:
