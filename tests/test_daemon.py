@@ -97,6 +97,7 @@ def test_fd_limit_is_raised_to_the_hard_limit() -> None:
     ("parse", "text", "value"),
     [
         (daemon.positive_seconds, "0.5", 0.5),
+        (daemon.non_negative_seconds, "0", 0.0),
         (daemon.positive_int, "7", 7),
         (daemon.octal_mode, "600", 0o600),
     ],
@@ -112,6 +113,8 @@ def test_option_values(parse: object, text: str, value: float) -> None:
         (daemon.positive_seconds, "0", "not a positive number of seconds"),
         (daemon.positive_seconds, "inf", "not a positive number of seconds"),
         (daemon.positive_seconds, "nan", "not a positive number of seconds"),
+        (daemon.non_negative_seconds, "-1", "0 or more"),
+        (daemon.non_negative_seconds, "inf", "0 or more"),
         (daemon.positive_int, "0", "must be >= 1"),
         (daemon.positive_int, "x", "not an integer"),
         (daemon.octal_mode, "800", "not an octal mode"),

@@ -194,24 +194,27 @@ def raise_fd_limit() -> int | None:
 # -- argparse value types ----------------------------------------------------------
 
 
-def positive_seconds(text: str) -> float:
-    """A finite duration in seconds, greater than zero."""
+def _seconds(text: str) -> float:
+    """*text* as finite seconds; -1.0 when it is not a finite number."""
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not (value > 0 and math.isfinite(value)):
+        return -1.0
+    return value if math.isfinite(value) else -1.0
+
+
+def positive_seconds(text: str) -> float:
+    """A finite duration in seconds, greater than zero."""
+    value = _seconds(text)
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
 
 
 def non_negative_seconds(text: str) -> float:
     """A finite duration in seconds, zero or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value >= 0 and math.isfinite(value)):
+    value = _seconds(text)
+    if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
     return value
 
