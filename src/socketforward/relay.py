@@ -4,6 +4,11 @@ The relay is callback driven (``loop.add_reader``/``add_writer`` on the raw
 fds), so it runs on the default asyncio loop and on uvloop alike. Each
 direction moves bytes through one bounded stage: a user-space buffer (copy
 mode) or a pipe (splice mode, kernel to kernel).
+
+A direction's end can also travel out of band (docs/protocol.md 5.5): instead
+of shutting *b* down, the relay reports the byte count (*announce*), and the
+far side's count (:meth:`Relay.peer_end`) ends the direction from *b* once
+that many bytes are relayed, so *b* itself is never half-closed.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import sys
 import time
@@ -26,7 +32,10 @@ from socketforward.transport import RESOURCE_ERRNOS, family_of, type_of
 __all__ = [
     "BULK_SNDBUF",
     "COPY_BUFFER_SIZE",
+    "END_TIMEOUT",
     "PIPE_SIZE",
+    "Announce",
+    "EndMismatch",
     "PipePool",
     "Relay",
     "RelayStats",
@@ -36,12 +45,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "splice", "copy"]
+Announce = Callable[[int], bool]
+"""Tells the far side of *b* that a -> b ended after this many bytes; False: it cannot."""
 Ending = Literal["eof", "reset", "error", "cancelled"]
 
 COPY_BUFFER_SIZE: Final = 256 * 1024
 PIPE_SIZE: Final = 1 << 20
 BULK_SNDBUF: Final = 4 << 20
 """SO_SNDBUF a socket gets once it fills up (see :class:`Relay`)."""
+END_TIMEOUT: Final = 30.0
+"""How long the bytes a peer announced may stay missing with nothing arriving."""
 # Passes per wake-up before yielding to other callbacks (fairness).
 _MAX_PASSES: Final = 16
 _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -53,6 +66,11 @@ _RESET_ERRNOS: Final = frozenset(
 )
 # splice() not supported by this socket kind: fall back to copying.
 _NO_SPLICE_ERRNOS: Final = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+class EndMismatch(Exception):
+    """The far side's out-of-band byte count disagrees with what the data
+    stream carried (more came, the stream ended short, or the rest never came)."""
 
 
 @dataclass(slots=True)
@@ -67,6 +85,8 @@ class RelayStats:
     error: str | None = None
     pipe_shortages: int = 0
     """Directions that found no pipe to be had (EMFILE...) and copied instead."""
+    end_mismatch: bool = False
+    """Ended because the far side's out-of-band count did not match (:class:`EndMismatch`)."""
 
 
 def _can_splice(sock: socket.socket) -> bool:
@@ -86,6 +106,13 @@ def _choose_mode(mode: Mode, a: socket.socket, b: socket.socket) -> Literal["spl
     if sys.platform == "linux" and hasattr(os, "splice") and _can_splice(a) and _can_splice(b):
         return "splice"
     return "copy"
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """The peer of *sock* closed it whole (POLLHUP), not just its write side."""
+    poller = select.poll()
+    poller.register(sock.fileno(), 0)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 def _open_pipe(size: int) -> tuple[int, int]:
@@ -141,9 +168,9 @@ class _Direction:
 
     # Slots: two of these live as long as every idle forwarded connection.
     __slots__ = (
-        "_buf", "_pipe", "_start", "_view", "buffer_size", "done", "dst", "dst_fd", "grow_to",
-        "loop", "mode", "moved", "pending", "pipe_size", "pipes", "reading", "relay", "src",
-        "src_eof", "src_fd", "writing",
+        "_buf", "_pipe", "_start", "_view", "announce", "announced", "buffer_size", "done",
+        "dst", "dst_fd", "grow_to", "limit", "loop", "mode", "moved", "pending", "pipe_size",
+        "pipes", "reading", "relay", "src", "src_eof", "src_fd", "writing",
     )  # fmt: skip
 
     def __init__(
@@ -156,8 +183,12 @@ class _Direction:
         buffer_size: int,
         pipes: PipePool,
         sndbuf: int | None,
+        announce: Announce | None = None,
     ) -> None:
         self.relay = relay
+        self.announce = announce  # tells dst's far side of our EOF instead of a shutdown
+        self.announced = False
+        self.limit: int | None = None  # bytes src carries in all, when told out of band
         self.grow_to = sndbuf  # None once applied (or never wanted)
         self.loop = relay.loop
         self.src = src
@@ -276,13 +307,60 @@ class _Direction:
             # tells the peer the same as shutdown() would, one wake-up fewer.
             self.relay.direction_done()
             return
+        if self.announce is not None:
+            if _hung_up(self.src):
+                # The local peer closed whole: nothing can reach it any more, so
+                # the data stream closes whole too, and no count need travel.
+                self.relay.end_whole()
+                return
+            if self.announce(self.moved):
+                # dst stays open both ways: its far side ends our direction by the count.
+                self.announced = True
+                self.relay.direction_done()
+                return
+        self.shutdown_dst()
+        self.relay.direction_done()
+
+    def shutdown_dst(self) -> None:
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
             # The destination already went away; its own direction reports it.
             if exc.errno not in _RESET_ERRNOS:
                 raise
-        self.relay.direction_done()
+
+    # -- the far side's count ----------------------------------------------
+
+    @property
+    def received(self) -> int:
+        """Bytes read from src so far (written on, or waiting to be)."""
+        return self.moved + self.pending
+
+    def end_at(self, total: int) -> None:
+        """src carries *total* bytes in all: read no more, and pass the EOF
+        on once they are written."""
+        if self.done or self.src_eof:
+            if self.received != total:
+                raise EndMismatch(
+                    f"peer announced {total} bytes, the data stream carried {self.received}"
+                )
+            return
+        if total < self.received:
+            raise EndMismatch(f"peer announced {total} bytes, {self.received} already came")
+        self.limit = total
+        if self.received == total:
+            self._source_ended()
+
+    def _room(self, want: int) -> int:
+        return want if self.limit is None else min(want, self.limit - self.received)
+
+    def _src_eof(self) -> None:
+        """src read 0: the far side closed the data stream."""
+        if self.limit is not None and self.received < self.limit:
+            raise EndMismatch(
+                f"data stream ended after {self.received} of {self.limit} announced bytes"
+            )
+        self._source_ended()
 
     # -- copy mode --------------------------------------------------------
 
@@ -292,22 +370,26 @@ class _Direction:
             self._view = memoryview(self._buf)
         view = self._view
         for _ in range(_MAX_PASSES):
+            room = self._room(len(view))
             try:
-                n = self.src.recv_into(view)
+                n = self.src.recv_into(view, room)
             except (BlockingIOError, InterruptedError):
                 return
             if n == 0:
-                self._source_ended()
+                self._src_eof()
                 return
             self._start = 0
             self.pending = n
             self._drain_buffer()
+            if self.limit is not None and self.received == self.limit:
+                self._source_ended()
+                return
             if self.pending:
                 # Destination full: stop reading until it drains.
                 self._watch_src(False)
                 self._dst_full()
                 return
-            if n < len(view):
+            if n < room:
                 return  # source drained; level-triggered polling says if more comes
 
     def _drain_buffer(self) -> None:
@@ -346,8 +428,9 @@ class _Direction:
                 return
         w = pipe[1]
         for _ in range(_MAX_PASSES):
+            room = self._room(self.pipe_size)
             try:
-                n = os.splice(self.src_fd, w, self.pipe_size, flags=_SPLICE_FLAGS)
+                n = os.splice(self.src_fd, w, room, flags=_SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
                 if self.pending:
                     # EAGAIN with bytes in the pipe may mean "pipe full" while
@@ -366,13 +449,16 @@ class _Direction:
                     return
                 raise
             if n == 0:
-                self._source_ended()
+                self._src_eof()
                 return
             self.pending += n
             self._drain_pipe()
+            if self.limit is not None and self.received == self.limit:
+                self._source_ended()
+                return
             if self.pending:
                 self._dst_full()
-            if n < self.pipe_size:
+            if n < room:
                 return  # source drained (or pipe full); polling says if more comes
 
     def _drain_pipe(self) -> None:
@@ -401,8 +487,9 @@ class Relay:
     """
 
     __slots__ = (
-        "_a", "_ab", "_b", "_ba", "_buffer_size", "_closed", "_done", "_on_done", "_own_pipes",
-        "_pipes", "_sndbuf", "_t0", "loop", "stats",
+        "_a", "_ab", "_announce", "_b", "_ba", "_buffer_size", "_closed", "_done", "_end_seen",
+        "_end_timeout", "_end_timer", "_on_done", "_own_pipes", "_pipes", "_sndbuf", "_t0",
+        "loop", "stats",
     )  # fmt: skip
 
     def __init__(
@@ -416,6 +503,8 @@ class Relay:
         sndbuf: int | None = BULK_SNDBUF,
         on_done: Callable[[RelayStats], None] | None = None,
         pipes: PipePool | None = None,
+        announce: Announce | None = None,
+        end_timeout: float = END_TIMEOUT,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self._a = a
@@ -432,6 +521,10 @@ class Relay:
         self._done: asyncio.Future[None] | None = None  # made by run() only
         self._closed = False
         self._t0 = time.monotonic()
+        self._announce = announce
+        self._end_timeout = end_timeout
+        self._end_timer: asyncio.TimerHandle | None = None
+        self._end_seen = 0
 
     @property
     def buffered(self) -> int:
@@ -468,6 +561,7 @@ class Relay:
                 buffer_size=self._buffer_size,
                 pipes=self._pipes,
                 sndbuf=self._sndbuf,
+                announce=self._announce,
             )
             self._ba = _Direction(
                 self,
@@ -488,6 +582,63 @@ class Relay:
         """End the relay now (both sockets closed); ``on_done`` sees "cancelled"."""
         self._close("cancelled", None)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- ends out of band (docs/protocol.md 5.5) ------------------------------
+
+    def peer_end(self, total: int) -> None:
+        """The far side of *b* says the direction b -> a carries *total* bytes in
+        all: once that many are relayed, *a* gets its EOF. A count that does not
+        match the data stream ends the relay (an :class:`EndMismatch`)."""
+        ba = self._ba
+        if self._closed or ba is None:
+            return
+        try:
+            ba.end_at(total)
+        except Exception as exc:
+            self.fail(exc)
+            return
+        if not self._closed and not ba.src_eof and self._end_timer is None:
+            self._end_seen = ba.received + ba.moved
+            self._end_timer = self.loop.call_later(self._end_timeout, self._check_end)
+
+    def _check_end(self) -> None:
+        """The announced bytes are still missing: fine while bytes move or *a*
+        is slow to take them; over when nothing moved for a whole period."""
+        self._end_timer = None
+        ba = self._ba
+        if self._closed or ba is None or ba.src_eof or ba.limit is None:
+            return
+        progress = ba.received + ba.moved  # bytes read in, bytes written out
+        if progress == self._end_seen and ba.pending == 0:
+            self.fail(
+                EndMismatch(
+                    f"peer announced {ba.limit} bytes, {ba.received} came and then "
+                    f"nothing for {self._end_timeout:g}s"
+                )
+            )
+            return
+        self._end_seen = progress
+        self._end_timer = self.loop.call_later(self._end_timeout, self._check_end)
+
+    def end_whole(self) -> None:
+        """Both directions are over (the local peer closed whole): close now."""
+        self._close("eof", None)
+
+    def end_in_band(self) -> None:
+        """The far side may never hear an *announce* made (its channel is gone):
+        shut *b* down after all, as a relay without one would have."""
+        ab = self._ab
+        if self._closed or ab is None or not ab.announced:
+            return
+        ab.announced = False
+        try:
+            ab.shutdown_dst()
+        except OSError as exc:
+            self.fail(exc)
+
     # -- called by the directions ----------------------------------------
 
     def count(self, direction: _Direction, n: int) -> None:
@@ -506,7 +657,10 @@ class Relay:
     def fail(self, exc: Exception) -> None:
         reset = isinstance(exc, OSError) and exc.errno in _RESET_ERRNOS
         ending: Ending = "reset" if reset else "error"
-        if not reset:
+        # A bad count is the peer's doing: its owner logs it, rate-limited.
+        if isinstance(exc, EndMismatch):
+            self.stats.end_mismatch = True
+        elif not reset:
             log.warning("relay failed error=%r", exc)
         self._close(ending, exc)
 
@@ -514,6 +668,9 @@ class Relay:
         if self._closed:
             return
         self._closed = True
+        if self._end_timer is not None:
+            self._end_timer.cancel()
+            self._end_timer = None
         # Watchers go before the sockets: a closed fd must never stay registered.
         for d in (self._ab, self._ba):
             if d is not None:

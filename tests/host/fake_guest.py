@@ -65,13 +65,26 @@ class FakeGuest(SocketForwardBase):
     With a *registry*, a success result makes it claim the data stream at
     once, as the real guest does: ``claimed[stream_id]`` is the VM side of the
     data stream, or None if it was not there when the success arrived.
+
+    With *ends*, it serves StreamEnds (docs/protocol.md 5.5): its hello names
+    channel ``ENDS_CHANNEL``, the host's ends land in ``ends``, and
+    :meth:`send_end` sends one; without, StreamEnds is UNIMPLEMENTED.
     """
 
+    ENDS_CHANNEL = 7
+
     def __init__(
-        self, *, registry: datastream.StreamRegistry | None = None, unbind: bool = True
+        self,
+        *,
+        registry: datastream.StreamRegistry | None = None,
+        unbind: bool = True,
+        ends: bool = False,
     ) -> None:
         self.registry = registry
         self.unbind_supported = unbind
+        self.ends_supported = ends
+        self.ends: asyncio.Queue[pb.StreamEnd] = asyncio.Queue()
+        self._ends_stream: ttrpc.ServerStream[pb.StreamEnd, pb.StreamEnd] | None = None
         self.binds: list[list[tuple[str, str]]] = []
         self.unbinds: list[list[str]] = []
         self.accepts: asyncio.Queue[AcceptCall] = asyncio.Queue()
@@ -107,6 +120,24 @@ class FakeGuest(SocketForwardBase):
                     future.set_result(result)
         finally:
             call.ended.set()
+
+    async def StreamEnds(self, stream: ttrpc.ServerStream[pb.StreamEnd, pb.StreamEnd]) -> None:
+        if not self.ends_supported:
+            raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method StreamEnds")
+        self._ends_stream = stream
+        await stream.send(pb.StreamEnd(channel=self.ENDS_CHANNEL))
+        async for end in stream:
+            self.ends.put_nowait(end)
+
+    async def send_end(self, stream_id: str, total: int) -> None:
+        """Tell the host that the VM -> host direction of *stream_id* carried *total* bytes."""
+        # The host waits for the hello before it opens Accept: the call is here.
+        assert self._ends_stream is not None, "the host opened no StreamEnds call"
+        await self._ends_stream.send(pb.StreamEnd(stream_id=stream_id, bytes=total))
+
+    async def next_end(self) -> pb.StreamEnd:
+        async with asyncio.timeout(30):
+            return await self.ends.get()
 
     async def next_accept(self) -> AcceptCall:
         async with asyncio.timeout(30):

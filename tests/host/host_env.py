@@ -85,11 +85,15 @@ async def misbehaving_streams(tmp: Path) -> AsyncIterator[HugeAckEndpoint]:
 
 @contextlib.asynccontextmanager
 async def guest_accepting(
-    rpc: transport.Endpoint, registry: datastream.StreamRegistry | None = None
+    rpc: transport.Endpoint,
+    registry: datastream.StreamRegistry | None = None,
+    *,
+    ends: bool = False,
 ) -> AsyncIterator[tuple[FakeGuest, AcceptCall]]:
-    """A FakeGuest (claiming data streams from *registry*, if given) dialed in
-    to the host at *rpc*, with the first Accept call the host opened."""
-    guest = FakeGuest(registry=registry)
+    """A FakeGuest (claiming data streams from *registry*, if given; serving
+    StreamEnds with *ends*) dialed in to the host at *rpc*, with the first
+    Accept call the host opened."""
+    guest = FakeGuest(registry=registry, ends=ends)
     async with guest_dialing(guest, rpc):
         yield guest, await guest.next_accept()
 
@@ -98,15 +102,18 @@ async def guest_accepting(
 async def host_with_guest(
     tmp: Path,
     handler: Callable[[socket.socket], Awaitable[None]] = reverse_after_eof,
+    *,
+    guest_ends: bool = False,
     **options: Any,
 ) -> AsyncIterator[tuple[HostEnv, UnixService, FakeGuest, AcceptCall]]:
     """One forward, `fwd-a`, to a host service running *handler*; a host with
-    that forward (and *options*); a guest dialed in, with its first Accept call."""
+    that forward (and *options*); a guest dialed in (serving StreamEnds with
+    *guest_ends*), with its first Accept call."""
     forward = fwd(tmp, "a")
     async with (
         unix_service(Path(forward.host_path), handler) as target,
         running_host(tmp, [forward], **options) as env,
-        guest_accepting(env.rpc, env.registry) as (guest, call),
+        guest_accepting(env.rpc, env.registry, ends=guest_ends) as (guest, call),
     ):
         yield env, target, guest, call
 

@@ -122,15 +122,15 @@ def download(target: str, size: int, hashing: bool) -> dict[str, Any]:
 
 
 def half_close(target: str, timeout: float) -> dict[str, Any]:
-    """SINK: send, shut down the write side, still receive the answer.
+    """ANSWER: send 1 MiB, shut down the write side, still receive a 1 MiB answer.
 
     The answer only comes once the host service has seen EOF, i.e. once the
-    write shutdown crossed the VM boundary.
+    write shutdown crossed the VM boundary; it is derived from what arrived.
     """
-    payload = os.urandom(100_000)
+    payload = os.urandom(MIB)
     sock = dial(target, timeout=timeout)
     try:
-        sock.sendall(b"SINK\n" + payload)
+        sock.sendall(f"ANSWER {MIB}\n".encode() + payload)
         sock.shutdown(socket.SHUT_WR)
         try:
             _, answer = recv_all(sock)
@@ -138,8 +138,38 @@ def half_close(target: str, timeout: float) -> dict[str, Any]:
             return {"ok": False, "detail": f"no answer within {timeout}s after SHUT_WR"}
     finally:
         sock.close()
-    want = f"{hashlib.sha256(payload).hexdigest()} {len(payload)}\n".encode()
-    return {"ok": answer == want, "detail": f"answer {answer!r}, expected {want!r}"}
+    want = (hashlib.sha256(payload).digest() * (MIB // 32))[:MIB]
+    return {
+        "ok": answer == want,
+        "detail": f"answer {len(answer)} bytes sha256 {hashlib.sha256(answer).hexdigest()}, "
+        f"expected {len(want)} bytes sha256 {hashlib.sha256(want).hexdigest()}",
+        "sha256_sent": hashlib.sha256(payload).hexdigest(),
+    }
+
+
+def half_close_from_host(target: str, timeout: float) -> dict[str, Any]:
+    """SPEAK: the host service sends 1 MiB and shuts down its write side first;
+    we read exactly that, then EOF, then send our own 1 MiB and shut down."""
+    sock = dial(target, timeout=timeout)
+    try:
+        sock.sendall(f"SPEAK {MIB}\n".encode())
+        heard = hashlib.sha256()
+        try:
+            length, _ = recv_all(sock, heard)
+        except TimeoutError:
+            return {"ok": False, "detail": f"no EOF within {timeout}s of the host's shutdown"}
+        reply = os.urandom(MIB)
+        sock.sendall(reply)
+        sock.shutdown(socket.SHUT_WR)
+        rest, _ = recv_all(sock)  # the service closes once it read our EOF
+    finally:
+        sock.close()
+    return {
+        "ok": length == MIB and rest == 0,
+        "detail": f"heard {length} bytes then EOF, then {rest} more",
+        "sha256_heard": heard.hexdigest(),
+        "sha256_sent": hashlib.sha256(reply).hexdigest(),
+    }
 
 
 async def _one_concurrent(target: str, i: int, gate: asyncio.Event) -> str | None:
@@ -272,8 +302,9 @@ def main() -> int:
             part("rtt", round_trips, args.target, args.rtt)
         if args.connects:
             part("connect", connects, args.target, args.connects)
-        if args.half_close:  # last: through vhost-device-vsock 0.3.0 it waits out its timeout
+        if args.half_close:
             part("half_close", half_close, args.target, args.half_close)
+            part("half_close_host", half_close_from_host, args.target, args.half_close)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1)

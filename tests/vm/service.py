@@ -7,6 +7,10 @@ A UNIX stream socket at SOCKET; each connection starts with one command line:
 * ``SINK N``    the same, but answer after N bytes (no half-close needed).
 * ``SOURCE N``  send N random bytes, then close.
 * ``ECHO``      echo until EOF, then shut down the write side and close.
+* ``ANSWER N``  read until EOF, then answer N bytes: the sha256 digest of what it
+                read, repeated (a client half-closes and gets a big answer).
+* ``SPEAK N``   send N random bytes and shut down the write side first, then
+                read until EOF (the host side's half-close, crossing into the VM).
 
 Every finished SINK/SOURCE appends ``{"op", "sha256", "length"}`` as a JSON line
 to LOG, so the test compares the guest's view with the host's. Prints ``ready``
@@ -56,6 +60,24 @@ async def main(path: str, log_path: str) -> None:
                     await writer.drain()
                     left -= len(data)
                 record("source", digest, int(line[1]))
+            elif len(line) == 2 and line[0] == "ANSWER":
+                while data := await reader.read(CHUNK):
+                    digest.update(data)
+                    length += len(data)
+                record("answer", digest, length)
+                size = int(line[1])
+                writer.write((digest.digest() * (size // 32 + 1))[:size])
+            elif len(line) == 2 and line[0] == "SPEAK":
+                sent = os.urandom(int(line[1]))
+                said = hashlib.sha256(sent)
+                writer.write(sent)
+                await writer.drain()
+                writer.write_eof()
+                record("speak", said, len(sent))
+                while data := await reader.read(CHUNK):
+                    digest.update(data)
+                    length += len(data)
+                record("heard", digest, length)
             elif line == ["ECHO"]:
                 while data := await reader.read(1 << 16):
                     writer.write(data)

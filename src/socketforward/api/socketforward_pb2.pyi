@@ -91,17 +91,24 @@ class ConnectResult(_message.Message):
 
     STREAM_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ENDS_CHANNEL_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     error: _builtins.str
+    ends_channel: _builtins.int
+    """socketforward extension: nonzero when the ends of this data stream's
+    directions travel on the StreamEnds call the guest numbered so in its
+    hello; zero (a peer that does not know it): they travel as shutdowns.
+    """
     def __init__(
         self,
         *,
         stream_id: _builtins.str = ...,
         error: _builtins.str = ...,
+        ends_channel: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ends_channel", b"ends_channel", "error", b"error", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -126,3 +133,35 @@ class UnbindRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnbindRequest: _TypeAlias = UnbindRequest  # noqa: Y015
+
+@_typing.final
+class StreamEnd(_message.Message):
+    """One direction of a data stream has ended: the sender's local peer sent EOF
+    after `bytes` bytes in all went into the data stream in that direction. The
+    receiver shuts down the write side of its own local socket once it has
+    relayed exactly that many. A message with an empty stream_id is the guest's
+    hello: it names the call with `channel`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    bytes: _builtins.int
+    channel: _builtins.int
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        bytes: _builtins.int = ...,
+        channel: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "channel", b"channel", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamEnd: _TypeAlias = StreamEnd  # noqa: Y015

@@ -29,6 +29,9 @@ class SocketForwardBase:
     async def Unbind(self, request: socketforward.api.socketforward_pb2.UnbindRequest, context: ttrpc.CallContext) -> google.protobuf.empty_pb2.Empty:
         raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method Unbind")
 
+    async def StreamEnds(self, stream: ttrpc.ServerStream[socketforward.api.socketforward_pb2.StreamEnd, socketforward.api.socketforward_pb2.StreamEnd]) -> None:
+        raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method StreamEnds")
+
 
 class SocketForwardStub:
     """Typed client of ``nerdbox.services.socketforward.v1.SocketForward``."""
@@ -65,4 +68,15 @@ class SocketForwardStub:
         return await self._client.unary(
             self.SERVICE_NAME, "Unbind", request, google.protobuf.empty_pb2.Empty,
             timeout=timeout, metadata=metadata,
+        )
+
+    async def StreamEnds(
+        self, *, metadata: ttrpc.MetadataLike | None = None
+    ) -> ttrpc.ClientStream[socketforward.api.socketforward_pb2.StreamEnd, socketforward.api.socketforward_pb2.StreamEnd]:
+        return await self._client.stream(
+            self.SERVICE_NAME, "StreamEnds", socketforward.api.socketforward_pb2.StreamEnd,
+            client_streaming=True,
+            server_streaming=True,
+            request=None,
+            metadata=metadata,
         )

@@ -30,6 +30,7 @@ from socketforward import relay, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
 from socketforward.deadlines import Deadlines
+from socketforward.ends import EndRegistry, announcer
 from socketforward.guest.bind import (
     BindError,
     BindTable,
@@ -45,6 +46,7 @@ from socketforward.protocol import (
     STREAM_ID_PREFIX,
     announced_forward_ids,
     generate_stream_id,
+    valid_stream_id,
 )
 from socketforward.stats import ForwardStats
 
@@ -96,7 +98,7 @@ class _Connection(Pending):
     """A container connection waiting for its host's answer; owns *conn* until
     it is relayed or closed."""
 
-    __slots__ = ("conn", "peer")
+    __slots__ = ("conn", "ends_channel", "peer")
 
     def __init__(
         self, forward_id: str, conn: socket.socket, peer: ttrpc.PeerCredentials | None
@@ -104,6 +106,8 @@ class _Connection(Pending):
         super().__init__(generate_stream_id(STREAM_ID_PREFIX), forward_id)
         self.conn: socket.socket | None = conn
         self.peer = peer
+        self.ends_channel = 0
+        """The StreamEnds call the host's answer named (0: ends as shutdowns)."""
 
     def __str__(self) -> str:
         # Logged as "%s" % connection: formatted only when the line is emitted.
@@ -173,6 +177,9 @@ class Service(SocketForwardBase):
         self._relays: set[relay.Relay] = set()
         self._stats: dict[str, ForwardStats] = {}
         self._call_numbers = itertools.count(1)
+        # StreamEnds calls open now, by the number each hello gave (docs/protocol.md 5.5).
+        self._ends_calls: dict[int, ttrpc.ServerStream[pb.StreamEnd, pb.StreamEnd]] = {}
+        self._ends = EndRegistry()
         self._pipes = relay.PipePool(limit=pipe_pool)  # splice pipes shared by every relay
         self._budget = Budget(
             max_connections, pause=self._pause_accepting, resume=self._resume_accepting
@@ -431,7 +438,38 @@ class Service(SocketForwardBase):
                 continue
             if result is None:
                 return
+            if result.ends_channel and not result.error:
+                p = call.unanswered.get(result.stream_id)
+                if p is not None:
+                    p.ends_channel = result.ends_channel
             self._dispatcher.result(call, result.stream_id, result.error)
+
+    # -- StreamEnds (docs/protocol.md 5.5) ----------------------------------------------
+
+    async def StreamEnds(self, stream: ttrpc.ServerStream[pb.StreamEnd, pb.StreamEnd]) -> None:
+        if self._closed:
+            raise ttrpc.TtrpcError(ttrpc.Code.UNAVAILABLE, "socketforward: shutting down")
+        channel = next(self._call_numbers)
+        # The hello: the host names this call in the answers whose ends it carries.
+        await stream.send(pb.StreamEnd(channel=channel))
+        self._ends_calls[channel] = stream
+        log.info("stream ends call opened channel=%d", channel)
+        try:
+            while (end := await stream.recv()) is not None:
+                if not valid_stream_id(end.stream_id):
+                    self._peer_log.warning(
+                        "bad_stream_end",
+                        "stream end with an invalid stream id dropped channel=%d stream_id=%s",
+                        channel,
+                        escape(end.stream_id[:256]),
+                    )
+                    continue
+                if not self._ends.received(end.stream_id, end.bytes):
+                    log.debug("stream end before its relay kept stream_id=%s", end.stream_id)
+        finally:
+            del self._ends_calls[channel]
+            relays = self._ends.channel_lost(channel)
+            log.info("stream ends call closed channel=%d relays=%d", channel, relays)
 
     # -- the dispatcher's sink ----------------------------------------------------
 
@@ -527,6 +565,8 @@ class Service(SocketForwardBase):
             # Called once per relay, with both sockets closed: the share p.conn held.
             self._budget.give_back()
             self._relays.discard(running)
+            if channel:
+                self._ends.discard(p.stream_id, running)
             stats.active -= 1
             stats.bytes_to_host += result.bytes_a_to_b
             stats.bytes_to_vm += result.bytes_b_to_a
@@ -543,8 +583,12 @@ class Service(SocketForwardBase):
                 f" error={result.error!r}" if result.error else "",
             )
 
+        channel = p.ends_channel if p.ends_channel in self._ends_calls else 0
+        announce = (
+            announcer(lambda: self._ends_calls.get(channel), p.stream_id) if channel else None
+        )
         try:
-            running = relay.Relay(conn, data, pipes=self._pipes, on_done=done)
+            running = relay.Relay(conn, data, pipes=self._pipes, on_done=done, announce=announce)
         except BaseException:
             conn.close()
             data.close()
@@ -554,3 +598,5 @@ class Service(SocketForwardBase):
         self._relays.add(running)
         with contextlib.suppress(Exception):  # on_done has logged it; sockets are closed
             running.start()
+            if channel and not running.closed:
+                self._ends.add(p.stream_id, running, channel)

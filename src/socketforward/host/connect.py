@@ -38,6 +38,7 @@ from typing import Any, Final, Protocol
 from socketforward import datastream, relay, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.deadlines import Deadlines
+from socketforward.ends import EndRegistry, EndSender, announcer
 from socketforward.host.forwards import Forward
 from socketforward.logs import RateLimitedLog, escape
 from socketforward.protocol import HostError, valid_stream_id
@@ -160,13 +161,57 @@ class Connector:
         self.pipes = relay.PipePool()  # splice pipes shared by every relay
         self.peer_log = RateLimitedLog(log)
         """Warnings a VM can cause at will, one request at a time."""
+        self.ends = EndRegistry(early_limit=0)  # our relays exist before the guest's
+        """Relays whose direction ends travel out of band (docs/protocol.md 5.5)."""
+        self._ends_call: ttrpc.ClientStream[pb.StreamEnd, pb.StreamEnd] | None = None
+        self._ends_channel = 0
 
-    def reply(self, call: ResultSink, stream_id: str, fid: str, error: str) -> bool:
+    # -- StreamEnds (docs/protocol.md 5.5) ------------------------------------------
+
+    def ends_opened(
+        self, channel: int, call: ttrpc.ClientStream[pb.StreamEnd, pb.StreamEnd]
+    ) -> None:
+        """The guest said hello on a StreamEnds call it numbers *channel*: new
+        relays take their ends out of band on it."""
+        self._ends_call, self._ends_channel = call, channel
+
+    def ends_closed(self, channel: int) -> None:
+        """That call is gone: its relays shut their data streams down instead."""
+        if self._ends_channel == channel:
+            self._ends_call, self._ends_channel = None, 0
+        self.ends.channel_lost(channel)
+
+    def _ends_call_for(self, channel: int) -> Callable[[], EndSender | None]:
+        # The call of *channel* while it is the open one; later, None.
+        return lambda: self._ends_call if self._ends_channel == channel else None
+
+    def ends_channel_for(self, stream_id: str) -> int:
+        """The channel a new relay for *stream_id* takes its ends on; 0 (as a
+        shutdown) without one, or while a relay with that id still runs (the
+        VM picks the ids; it may repeat one)."""
+        return 0 if stream_id in self.ends else self._ends_channel
+
+    def end_received(self, end: pb.StreamEnd) -> None:
+        """The guest's count for one direction of one data stream."""
+        if valid_stream_id(end.stream_id) and self.ends.received(end.stream_id, end.bytes):
+            return
+        self.peer_log.warning(
+            "stray_end",
+            "stream end for no relay dropped stream_id=%s bytes=%d",
+            escape(end.stream_id[:256]),
+            end.bytes,
+        )
+
+    def reply(
+        self, call: ResultSink, stream_id: str, fid: str, error: str, ends_channel: int = 0
+    ) -> bool:
         """Send one ConnectResult; False (and a line) when the call is gone."""
         # Never waits: the Forwarder stops reading requests while too much is
         # queued toward the VM (docs/protocol.md 9.2); each result is at most about 1.3 KiB.
         try:
-            call.send_result(pb.ConnectResult(stream_id=stream_id, error=error))
+            call.send_result(
+                pb.ConnectResult(stream_id=stream_id, error=error, ends_channel=ends_channel)
+            )
         except (ttrpc.TtrpcError, ttrpc.ProtocolError) as exc:
             self.peer_log.warning(
                 "reply",
@@ -284,6 +329,8 @@ class Connector:
         stream_id: str,
         host_sock: socket.socket,
         data_sock: socket.socket,
+        *,
+        ends_channel: int = 0,
     ) -> None:
         stats.connected += 1
         stats.active += 1
@@ -292,6 +339,10 @@ class Connector:
             del self.relays[running]
             if not self.relays:
                 self.no_relays.set()
+            if ends_channel:
+                self.ends.discard(stream_id, running)
+                if result.end_mismatch:
+                    self._log_end_error(stream_id, fid, str(result.error))
             stats.active -= 1
             stats.bytes_to_vm += result.bytes_a_to_b
             stats.bytes_to_host += result.bytes_b_to_a
@@ -305,11 +356,25 @@ class Connector:
             )
 
         # No task per relay: an idle forwarded connection costs only its relay.
-        running = relay.Relay(host_sock, data_sock, pipes=self.pipes, on_done=done)
+        announce = announcer(self._ends_call_for(ends_channel), stream_id) if ends_channel else None
+        running = relay.Relay(
+            host_sock, data_sock, pipes=self.pipes, on_done=done, announce=announce
+        )
         self.relays[running] = fid
         self.no_relays.clear()
         log.debug("connection forwarded stream_id=%s forward_id=%s", stream_id, fid)
         running.start()
+        if ends_channel and not running.closed:
+            self.ends.add(stream_id, running, ends_channel)
+
+    def _log_end_error(self, stream_id: str, fid: str, error: str) -> None:
+        self.peer_log.warning(
+            "end_mismatch",
+            "connection ended on a bad stream end stream_id=%s forward_id=%s error=%r",
+            escape(stream_id),
+            fid,
+            error,
+        )
 
     def close(self) -> None:
         """End every relay; say what the rate limit left out of the log."""
@@ -360,8 +425,10 @@ class ConnectRequest:
         call.begin()
         self.holding = True
 
-    def _reply(self, error: str) -> bool:
-        return self.connector.reply(self.call, self.stream_id, self.forward.forward_id, error)
+    def _reply(self, error: str, ends_channel: int = 0) -> bool:
+        return self.connector.reply(
+            self.call, self.stream_id, self.forward.forward_id, error, ends_channel
+        )
 
     def release(self) -> None:
         """Give back the slot this request holds among the pending ones and in its
@@ -446,7 +513,8 @@ class ConnectRequest:
         except (OSError, datastream.HandshakeError) as exc:
             self._open_failed(STREAM_FAILED, str(exc))
             return
-        if not self._reply(""):
+        ends = self.connector.ends_channel_for(self.stream_id)
+        if not self._reply("", ends):
             self._open_failed(REPLY_FAILED, None)
             return
         self.acks.discard(self)
@@ -456,7 +524,12 @@ class ConnectRequest:
         fd = self.data_sock.fileno()
         try:
             self.connector.start_relay(
-                self.stats, self.forward.forward_id, self.stream_id, self.host_sock, self.data_sock
+                self.stats,
+                self.forward.forward_id,
+                self.stream_id,
+                self.host_sock,
+                self.data_sock,
+                ends_channel=ends,
             )
         except BaseException:
             # The relay closed both sockets; no watcher may outlive the fd.
@@ -543,13 +616,19 @@ class ConnectRequest:
                 self.stats.fail(reason)
                 self._reply(error.text())
                 return
-            if not self._reply(""):
+            ends = self.connector.ends_channel_for(self.stream_id)
+            if not self._reply("", ends):
                 self.stats.fail(REPLY_FAILED)
                 return
             host_sock, data_sock = sockets
             sockets.clear()
             self.connector.start_relay(
-                self.stats, self.forward.forward_id, self.stream_id, host_sock, data_sock
+                self.stats,
+                self.forward.forward_id,
+                self.stream_id,
+                host_sock,
+                data_sock,
+                ends_channel=ends,
             )
         finally:
             for sock in sockets:

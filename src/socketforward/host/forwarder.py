@@ -204,6 +204,11 @@ class Forwarder:
         return self._undecodable
 
     @property
+    def stray_ends(self) -> int:
+        """StreamEnd messages from the VM for no relay of ours, dropped (docs/protocol.md 5.5)."""
+        return self._connector.ends.strays
+
+    @property
     def pending(self) -> int:
         """ConnectRequests admitted and not answered yet (bounded by max_pending)."""
         return self._connector.pending
@@ -350,6 +355,9 @@ class Forwarder:
             async with self._lock:
                 await self._bind_all(session)
             session.routes_by_ids = await self._probe_routing(session)
+            if session.routes_by_ids:
+                # Our guest: ends of data-stream directions can travel out of band.
+                await self._open_stream_ends(session)
             accept = session.spawn(self._accept_calls(session))
             closed = session.spawn(client.wait_closed())
             await asyncio.wait({accept, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -415,6 +423,71 @@ class Forwarder:
                 extra = f" probe_error={str(exc)!r}"
         log.info("guest routes by announced forward ids: %s%s", "yes" if routes else "no", extra)
         return routes
+
+    async def _open_stream_ends(self, session: _Session) -> None:
+        """Open the StreamEnds call (docs/protocol.md 5.5) and wait for the guest's
+        hello, before any Accept call, so that every relay can take its ends
+        out of band; then read the guest's ends in a task of the session."""
+        try:
+            call = await session.stub.StreamEnds()
+        except (ttrpc.TtrpcError, ttrpc.ProtocolError) as exc:
+            log.info("stream ends call not opened, ends go as shutdowns error=%r", str(exc))
+            return
+        try:
+            async with asyncio.timeout(self.rpc_timeout):
+                hello = await call.recv()
+        except ttrpc.TtrpcError as exc:
+            await call.aclose()
+            if exc.code == ttrpc.Code.UNAVAILABLE:
+                raise
+            if exc.code == ttrpc.Code.UNIMPLEMENTED:  # a guest of ours from before it
+                log.info("guest takes no stream ends out of band, ends go as shutdowns")
+            else:
+                log.warning("stream ends call failed, ends go as shutdowns error=%r", str(exc))
+            return
+        except (TimeoutError, ttrpc.ProtocolError) as exc:
+            await call.aclose()
+            log.warning("stream ends call: no hello, ends go as shutdowns error=%r", exc)
+            return
+        if hello is None or hello.stream_id or not hello.channel:
+            await call.aclose()
+            log.warning("stream ends call without a hello, ends go as shutdowns")
+            return
+        self._connector.ends_opened(hello.channel, call)
+        log.info("stream ends call open channel=%d", hello.channel)
+        session.spawn(self._read_stream_ends(session, call, hello.channel))
+
+    async def _read_stream_ends(
+        self,
+        session: _Session,
+        call: ttrpc.ClientStream[pb.StreamEnd, pb.StreamEnd],
+        channel: int,
+    ) -> None:
+        """Hand each of the guest's ends to its relay until the call ends; then
+        the relays on it fall back to shutdowns."""
+        connector = self._connector
+        try:
+            while True:
+                try:
+                    end = await call.recv()
+                except ttrpc.MessageDecodeError as exc:
+                    connector.peer_log.warning(
+                        "undecodable_end",
+                        "undecodable stream end dropped size=%d error=%r",
+                        len(exc.data),
+                        str(exc)[:256],
+                    )
+                    continue
+                if end is None:
+                    break
+                connector.end_received(end)
+        except (ttrpc.TtrpcError, ttrpc.ProtocolError) as exc:
+            if not session.client.closed:
+                log.warning("stream ends call failed channel=%d error=%r", channel, str(exc))
+        finally:
+            connector.ends_closed(channel)
+            with contextlib.suppress(Exception):
+                await call.aclose()
 
     # -- the Accept call -----------------------------------------------------------
 

@@ -175,9 +175,13 @@ func (x *ConnectRequest) GetForwardId() string {
 }
 
 type ConnectResult struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	StreamId      string                 `protobuf:"bytes,1,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
-	Error         string                 `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	StreamId string                 `protobuf:"bytes,1,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
+	Error    string                 `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	// socketforward extension: nonzero when the ends of this data stream's
+	// directions travel on the StreamEnds call the guest numbered so in its
+	// hello; zero (a peer that does not know it): they travel as shutdowns.
+	EndsChannel   uint32 `protobuf:"varint,3,opt,name=ends_channel,json=endsChannel,proto3" json:"ends_channel,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -226,6 +230,13 @@ func (x *ConnectResult) GetError() string {
 	return ""
 }
 
+func (x *ConnectResult) GetEndsChannel() uint32 {
+	if x != nil {
+		return x.EndsChannel
+	}
+	return 0
+}
+
 type UnbindRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	ForwardIds    []string               `protobuf:"bytes,1,rep,name=forward_ids,json=forwardIds,proto3" json:"forward_ids,omitempty"`
@@ -270,6 +281,71 @@ func (x *UnbindRequest) GetForwardIds() []string {
 	return nil
 }
 
+// One direction of a data stream has ended: the sender's local peer sent EOF
+// after `bytes` bytes in all went into the data stream in that direction. The
+// receiver shuts down the write side of its own local socket once it has
+// relayed exactly that many. A message with an empty stream_id is the guest's
+// hello: it names the call with `channel`.
+type StreamEnd struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	StreamId      string                 `protobuf:"bytes,1,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
+	Bytes         uint64                 `protobuf:"varint,2,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	Channel       uint32                 `protobuf:"varint,3,opt,name=channel,proto3" json:"channel,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamEnd) Reset() {
+	*x = StreamEnd{}
+	mi := &file_nerdbox_services_socketforward_v1_socketforward_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamEnd) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamEnd) ProtoMessage() {}
+
+func (x *StreamEnd) ProtoReflect() protoreflect.Message {
+	mi := &file_nerdbox_services_socketforward_v1_socketforward_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamEnd.ProtoReflect.Descriptor instead.
+func (*StreamEnd) Descriptor() ([]byte, []int) {
+	return file_nerdbox_services_socketforward_v1_socketforward_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *StreamEnd) GetStreamId() string {
+	if x != nil {
+		return x.StreamId
+	}
+	return ""
+}
+
+func (x *StreamEnd) GetBytes() uint64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *StreamEnd) GetChannel() uint32 {
+	if x != nil {
+		return x.Channel
+	}
+	return 0
+}
+
 var File_nerdbox_services_socketforward_v1_socketforward_proto protoreflect.FileDescriptor
 
 const file_nerdbox_services_socketforward_v1_socketforward_proto_rawDesc = "" +
@@ -285,17 +361,24 @@ const file_nerdbox_services_socketforward_v1_socketforward_proto_rawDesc = "" +
 	"\x0eConnectRequest\x12\x1b\n" +
 	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x1d\n" +
 	"\n" +
-	"forward_id\x18\x02 \x01(\tR\tforwardId\"B\n" +
+	"forward_id\x18\x02 \x01(\tR\tforwardId\"e\n" +
 	"\rConnectResult\x12\x1b\n" +
 	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x14\n" +
-	"\x05error\x18\x02 \x01(\tR\x05error\"0\n" +
+	"\x05error\x18\x02 \x01(\tR\x05error\x12!\n" +
+	"\fends_channel\x18\x03 \x01(\rR\vendsChannel\"0\n" +
 	"\rUnbindRequest\x12\x1f\n" +
 	"\vforward_ids\x18\x01 \x03(\tR\n" +
-	"forwardIds2\xa6\x02\n" +
+	"forwardIds\"X\n" +
+	"\tStreamEnd\x12\x1b\n" +
+	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x14\n" +
+	"\x05bytes\x18\x02 \x01(\x04R\x05bytes\x12\x18\n" +
+	"\achannel\x18\x03 \x01(\rR\achannel2\x94\x03\n" +
 	"\rSocketForward\x12N\n" +
 	"\x04Bind\x12..nerdbox.services.socketforward.v1.BindRequest\x1a\x16.google.protobuf.Empty\x12q\n" +
 	"\x06Accept\x120.nerdbox.services.socketforward.v1.ConnectResult\x1a1.nerdbox.services.socketforward.v1.ConnectRequest(\x010\x01\x12R\n" +
-	"\x06Unbind\x120.nerdbox.services.socketforward.v1.UnbindRequest\x1a\x16.google.protobuf.EmptyBCZAgithub.com/socketforward/socketforward/tests/interop/go/sfpb;sfpbb\x06proto3"
+	"\x06Unbind\x120.nerdbox.services.socketforward.v1.UnbindRequest\x1a\x16.google.protobuf.Empty\x12l\n" +
+	"\n" +
+	"StreamEnds\x12,.nerdbox.services.socketforward.v1.StreamEnd\x1a,.nerdbox.services.socketforward.v1.StreamEnd(\x010\x01BCZAgithub.com/socketforward/socketforward/tests/interop/go/sfpb;sfpbb\x06proto3"
 
 var (
 	file_nerdbox_services_socketforward_v1_socketforward_proto_rawDescOnce sync.Once
@@ -309,25 +392,28 @@ func file_nerdbox_services_socketforward_v1_socketforward_proto_rawDescGZIP() []
 	return file_nerdbox_services_socketforward_v1_socketforward_proto_rawDescData
 }
 
-var file_nerdbox_services_socketforward_v1_socketforward_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_nerdbox_services_socketforward_v1_socketforward_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_nerdbox_services_socketforward_v1_socketforward_proto_goTypes = []any{
 	(*BindRequest)(nil),    // 0: nerdbox.services.socketforward.v1.BindRequest
 	(*Socket)(nil),         // 1: nerdbox.services.socketforward.v1.Socket
 	(*ConnectRequest)(nil), // 2: nerdbox.services.socketforward.v1.ConnectRequest
 	(*ConnectResult)(nil),  // 3: nerdbox.services.socketforward.v1.ConnectResult
 	(*UnbindRequest)(nil),  // 4: nerdbox.services.socketforward.v1.UnbindRequest
-	(*emptypb.Empty)(nil),  // 5: google.protobuf.Empty
+	(*StreamEnd)(nil),      // 5: nerdbox.services.socketforward.v1.StreamEnd
+	(*emptypb.Empty)(nil),  // 6: google.protobuf.Empty
 }
 var file_nerdbox_services_socketforward_v1_socketforward_proto_depIdxs = []int32{
 	1, // 0: nerdbox.services.socketforward.v1.BindRequest.sockets:type_name -> nerdbox.services.socketforward.v1.Socket
 	0, // 1: nerdbox.services.socketforward.v1.SocketForward.Bind:input_type -> nerdbox.services.socketforward.v1.BindRequest
 	3, // 2: nerdbox.services.socketforward.v1.SocketForward.Accept:input_type -> nerdbox.services.socketforward.v1.ConnectResult
 	4, // 3: nerdbox.services.socketforward.v1.SocketForward.Unbind:input_type -> nerdbox.services.socketforward.v1.UnbindRequest
-	5, // 4: nerdbox.services.socketforward.v1.SocketForward.Bind:output_type -> google.protobuf.Empty
-	2, // 5: nerdbox.services.socketforward.v1.SocketForward.Accept:output_type -> nerdbox.services.socketforward.v1.ConnectRequest
-	5, // 6: nerdbox.services.socketforward.v1.SocketForward.Unbind:output_type -> google.protobuf.Empty
-	4, // [4:7] is the sub-list for method output_type
-	1, // [1:4] is the sub-list for method input_type
+	5, // 4: nerdbox.services.socketforward.v1.SocketForward.StreamEnds:input_type -> nerdbox.services.socketforward.v1.StreamEnd
+	6, // 5: nerdbox.services.socketforward.v1.SocketForward.Bind:output_type -> google.protobuf.Empty
+	2, // 6: nerdbox.services.socketforward.v1.SocketForward.Accept:output_type -> nerdbox.services.socketforward.v1.ConnectRequest
+	6, // 7: nerdbox.services.socketforward.v1.SocketForward.Unbind:output_type -> google.protobuf.Empty
+	5, // 8: nerdbox.services.socketforward.v1.SocketForward.StreamEnds:output_type -> nerdbox.services.socketforward.v1.StreamEnd
+	5, // [5:9] is the sub-list for method output_type
+	1, // [1:5] is the sub-list for method input_type
 	1, // [1:1] is the sub-list for extension type_name
 	1, // [1:1] is the sub-list for extension extendee
 	0, // [0:1] is the sub-list for field type_name
@@ -344,7 +430,7 @@ func file_nerdbox_services_socketforward_v1_socketforward_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_nerdbox_services_socketforward_v1_socketforward_proto_rawDesc), len(file_nerdbox_services_socketforward_v1_socketforward_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   5,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

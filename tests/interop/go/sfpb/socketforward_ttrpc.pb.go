@@ -12,6 +12,7 @@ type SocketForwardService interface {
 	Bind(context.Context, *BindRequest) (*emptypb.Empty, error)
 	Accept(context.Context, SocketForward_AcceptServer) error
 	Unbind(context.Context, *UnbindRequest) (*emptypb.Empty, error)
+	StreamEnds(context.Context, SocketForward_StreamEndsServer) error
 }
 
 type SocketForward_AcceptServer interface {
@@ -30,6 +31,28 @@ func (x *socketforwardAcceptServer) Send(m *ConnectRequest) error {
 
 func (x *socketforwardAcceptServer) Recv() (*ConnectResult, error) {
 	m := new(ConnectResult)
+	if err := x.StreamServer.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+type SocketForward_StreamEndsServer interface {
+	Send(*StreamEnd) error
+	Recv() (*StreamEnd, error)
+	ttrpc.StreamServer
+}
+
+type socketforwardStreamEndsServer struct {
+	ttrpc.StreamServer
+}
+
+func (x *socketforwardStreamEndsServer) Send(m *StreamEnd) error {
+	return x.StreamServer.SendMsg(m)
+}
+
+func (x *socketforwardStreamEndsServer) Recv() (*StreamEnd, error) {
+	m := new(StreamEnd)
 	if err := x.StreamServer.RecvMsg(m); err != nil {
 		return nil, err
 	}
@@ -62,6 +85,13 @@ func RegisterSocketForwardService(srv *ttrpc.Server, svc SocketForwardService) {
 				StreamingClient: true,
 				StreamingServer: true,
 			},
+			"StreamEnds": {
+				Handler: func(ctx context.Context, stream ttrpc.StreamServer) (interface{}, error) {
+					return nil, svc.StreamEnds(ctx, &socketforwardStreamEndsServer{stream})
+				},
+				StreamingClient: true,
+				StreamingServer: true,
+			},
 		},
 	})
 }
@@ -70,6 +100,7 @@ type SocketForwardClient interface {
 	Bind(context.Context, *BindRequest) (*emptypb.Empty, error)
 	Accept(context.Context) (SocketForward_AcceptClient, error)
 	Unbind(context.Context, *UnbindRequest) (*emptypb.Empty, error)
+	StreamEnds(context.Context) (SocketForward_StreamEndsClient, error)
 }
 
 type socketforwardClient struct {
@@ -130,4 +161,38 @@ func (c *socketforwardClient) Unbind(ctx context.Context, req *UnbindRequest) (*
 		return nil, err
 	}
 	return &resp, nil
+}
+
+func (c *socketforwardClient) StreamEnds(ctx context.Context) (SocketForward_StreamEndsClient, error) {
+	stream, err := c.client.NewStream(ctx, &ttrpc.StreamDesc{
+		StreamingClient: true,
+		StreamingServer: true,
+	}, "nerdbox.services.socketforward.v1.SocketForward", "StreamEnds", nil)
+	if err != nil {
+		return nil, err
+	}
+	x := &socketforwardStreamEndsClient{stream}
+	return x, nil
+}
+
+type SocketForward_StreamEndsClient interface {
+	Send(*StreamEnd) error
+	Recv() (*StreamEnd, error)
+	ttrpc.ClientStream
+}
+
+type socketforwardStreamEndsClient struct {
+	ttrpc.ClientStream
+}
+
+func (x *socketforwardStreamEndsClient) Send(m *StreamEnd) error {
+	return x.ClientStream.SendMsg(m)
+}
+
+func (x *socketforwardStreamEndsClient) Recv() (*StreamEnd, error) {
+	m := new(StreamEnd)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
 }
