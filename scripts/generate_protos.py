@@ -36,6 +36,8 @@ TARGETS = [
            "socketforward.ttrpc.proto", services=False),
     Target(ROOT / "proto", "nerdbox/services/socketforward/v1/socketforward.proto",
            ROOT / "src/socketforward/api", "socketforward.api", services=True),
+    Target(ROOT / "proto", "socketforward/control/v1/control.proto",
+           ROOT / "src/socketforward/api", "socketforward.api", services=True),
     Target(ROOT / "tests/interop/proto", "echo.proto", ROOT / "tests/interop/gen",
            "tests.interop.gen", services=True),
 ]  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from socketforward import __version__
 
@@ -70,3 +71,53 @@ def test_logging_options_are_checked_after_the_subcommand_too() -> None:
         )  # fmt: skip
         assert result.returncode == 2, (args, result.stderr)
         assert "invalid choice" in result.stderr
+
+
+def _socketforward(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "socketforward", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_status_with_nothing_listening_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """`socketforward status` where no program listens: one error line, exit 1."""
+    result = _socketforward("status", "--control", f"unix:{tmp_path}/control.sock")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"socketforward status: error: nothing listens at unix:{tmp_path}/control.sock: "
+        "no such file (is the program running with --control?)\n"
+    )
+
+
+def test_control_commands_check_their_arguments_before_connecting(tmp_path: Path) -> None:
+    """--control takes unix:PATH only; `forward add` reads entries as `host
+    --forward` does and names a bad one; both are exit status 2."""
+    result = _socketforward("status", "--control", "vsock://2:1024")
+    assert result.returncode == 2 and "must be unix:PATH" in result.stderr
+    ctl = f"unix:{tmp_path}/control.sock"
+    result = _socketforward("forward", "add", "--control", ctl, "a=/h/a.sock:/run/a", "b=nope")
+    assert result.returncode == 2
+    assert "'b=nope' is not FORWARD_ID=HOST_PATH:VM_PATH" in result.stderr
+
+
+def test_programs_refuse_a_control_socket_in_an_open_directory(tmp_path: Path) -> None:
+    """Both programs refuse --control in a directory other users can enter
+    (exit status 2), as the host does for --rpc-listen."""
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)
+    ctl = f"unix:{open_dir}/control.sock"
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    for args in (
+        ["guest", "--rpc-dial", f"unix:{private}/rpc.sock", "--streams",
+         f"unix:{private}/streams.sock", "--control", ctl],
+        ["host", "--rpc-listen", f"unix:{private}/rpc.sock", "--streams",
+         f"unix:{private}/streams.sock", "--forward", "a=/h/a.sock:/run/a.sock", "--control", ctl],
+    ):  # fmt: skip
+        result = _socketforward(*args)
+        assert result.returncode == 2, (args[0], result.stderr)
+        assert f"--control {ctl}: directory {open_dir} is open to other users" in result.stderr
+        assert not (open_dir / "control.sock").exists()

@@ -1,6 +1,8 @@
 """Command line: one subcommand per module; each module offers
 ``add_parser(subparsers)`` (which sets ``run``, a function taking the parsed
-arguments and returning the exit status).
+arguments and returning the exit status). :mod:`socketforward.control` adds
+two, ``status`` and ``forward``, the client side of the programs' control
+endpoint; ``forward add`` reads forwards as ``host --forward`` does.
 
 The logging options (``--log-level``, ``-v``, ``-q``, ``--log-format``) are
 taken before the subcommand and after it alike; when several are given, the
@@ -13,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from socketforward import __version__, daemon, demo, guest, host
+from socketforward import __version__, control, daemon, demo, guest, host
 
 # Each entry's add_parser registers one subcommand.
 SUBCOMMANDS = [demo, guest, host]
@@ -79,9 +81,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.add_parser(sub)
-    for subparser in sub.choices.values():
+    control.add_parser(sub, parse_forward=host.parse_forward)
+    for subparser in _leaf_parsers(sub):
         _logging_options(subparser, defaults=False)
     return parser
+
+
+def _leaf_parsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> list[argparse.ArgumentParser]:
+    """The parsers that end a command line (``forward add``, not ``forward``)."""
+    leaves = []
+    for parser in sub.choices.values():
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        leaves += [p for n in nested for p in _leaf_parsers(n)] if nested else [parser]
+    return leaves
 
 
 def setup_logging(level: str, log_format: str) -> None:

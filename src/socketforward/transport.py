@@ -38,6 +38,7 @@ __all__ = [
     "listen",
     "out_of_resources",
     "parse_endpoint",
+    "private_dir_problem",
     "redial",
     "unix_path_problem",
     "wait_ready",
@@ -188,6 +189,25 @@ def unix_path_problem(path: str) -> str | None:
     size = len(os.fsencode(path))
     if size > MAX_UNIX_PATH:
         return f"is {size} bytes, longer than the {MAX_UNIX_PATH} bytes sun_path can hold"
+    return None
+
+
+def private_dir_problem(path: str) -> str | None:
+    """Why the directory of the listening socket *path* is unfit: open to other
+    users or not ours (whoever can connect to the socket could play the peer);
+    None when fit, or missing (:func:`listen` creates it 0700)."""
+    parent = os.path.dirname(path)
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"directory {parent}: {exc.strerror}"
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        return (
+            f"directory {parent} is open to other users (owner uid {st.st_uid}, mode "
+            f"{stat.filemode(st.st_mode)}); use a directory only you can enter (mode 0700)"
+        )
     return None
 
 

@@ -45,7 +45,7 @@ class Service:
 async def test_results_name_the_channel_the_guest_offered(short_tmp: Path) -> None:
     """With a guest that serves StreamEnds, every success names its channel; a
     stream id still in use by a running relay gets none (the VM picks ids)."""
-    async with host_with_guest(short_tmp, guest_ends=True) as (env, _, guest, call):
+    async with host_with_guest(short_tmp, guest_ends=True) as (_env, _, guest, call):
         first = await call.connect("s-1", "fwd-a")
         assert (first.error, first.ends_channel) == ("", FakeGuest.ENDS_CHANNEL)
         again = await call.connect("s-1", "fwd-a")
@@ -57,7 +57,7 @@ async def test_a_guest_without_stream_ends_gets_shutdowns(short_tmp: Path) -> No
     """A guest that answers StreamEnds UNIMPLEMENTED gets no channel, and a
     half-close reaches it as a shutdown of the data stream, as before."""
     service = Service()
-    async with host_with_guest(short_tmp, service.speak_then_listen) as (env, _, guest, call):
+    async with host_with_guest(short_tmp, service.speak_then_listen) as (_env, _, guest, call):
         result = await call.connect("s-1", "fwd-a")
         assert (result.error, result.ends_channel) == ("", 0)
         vm_side = guest.claimed.pop("s-1")
@@ -106,7 +106,7 @@ async def test_a_vm_count_that_does_not_match_ends_only_that_connection(
     caplog.set_level(logging.WARNING, logger="socketforward.host")
     service = Service()
     async with host_with_guest(short_tmp, service.listen, guest_ends=True) as (
-        env,
+        _env,
         _,
         guest,
         call,

@@ -8,6 +8,7 @@ import errno
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Final
 
 from socketforward import transport, ttrpc
@@ -21,6 +22,22 @@ log = logging.getLogger("socketforward.guest")
 _FATAL_DIAL_ERRNOS: Final = frozenset(
     {errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EINVAL}
 )
+
+
+class _RpcServer(ttrpc.Server):
+    """The agent's ttrpc server, telling it when an RPC connection starts and ends."""
+
+    def __init__(self, opened: Callable[[], None], closed: Callable[[], None]) -> None:
+        super().__init__()
+        self._opened = opened
+        self._closed = closed
+
+    async def serve_connection(self, sock: socket.socket) -> None:
+        self._opened()
+        try:
+            await super().serve_connection(sock)
+        finally:
+            self._closed()
 
 
 class Agent:
@@ -49,8 +66,38 @@ class Agent:
         self._listen = rpc_listen
         self._backoff = transport.Backoff(backoff_initial, backoff_max)
         self._connect_timeout = connect_timeout
-        self._server = ttrpc.Server()
+        self._server = _RpcServer(self._rpc_opened, self._rpc_closed)
         service.register(self._server)
+        self._rpc_live = 0
+        self._rpc_connections = 0
+        self._rpc_since = time.time()
+
+    @property
+    def rpc_connected(self) -> bool:
+        """A host's RPC connection is being served now."""
+        return self._rpc_live > 0
+
+    @property
+    def rpc_since(self) -> float:
+        """When :attr:`rpc_connected` last changed (at first: when the agent was
+        made), in unix seconds."""
+        return self._rpc_since
+
+    @property
+    def rpc_connections(self) -> int:
+        """RPC connections served so far."""
+        return self._rpc_connections
+
+    def _rpc_opened(self) -> None:
+        self._rpc_connections += 1
+        self._rpc_live += 1
+        if self._rpc_live == 1:
+            self._rpc_since = time.time()
+
+    def _rpc_closed(self) -> None:
+        self._rpc_live -= 1
+        if self._rpc_live == 0:
+            self._rpc_since = time.time()
 
     async def run(self) -> None:
         """Serve until cancelled; raises OSError when the RPC endpoint is unusable."""

@@ -1,4 +1,5 @@
-"""``socketforward guest``: the VM-side agent as a program."""
+"""``socketforward guest``: the VM-side agent as a program. With ``--control``
+it also serves its status (:mod:`socketforward.guest.control`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from socketforward import daemon, runner, stats, transport
+from socketforward import control, daemon, runner, stats, transport
 from socketforward.datastream import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_UNCLAIMED, StreamRegistry
 from socketforward.guest.agent import Agent
 from socketforward.guest.budget import FDS_PER_CONNECTION, FdPlan
+from socketforward.guest.control import GuestControl
 from socketforward.guest.service import Service
 from socketforward.protocol import DEFAULT_RPC_DIAL, DEFAULT_STREAMS
 
@@ -25,7 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="run the VM-side agent (SocketForward service)",
         description="The VM side: serve SocketForward on the RPC connection and accept "
         "data streams; forward container connections to the host. SIGTERM/SIGINT "
-        "stop it cleanly; SIGUSR1 logs the statistics; SIGHUP is logged and ignored. "
+        "stop it cleanly; SIGUSR1 logs the statistics; SIGHUP is logged and ignored; "
+        "--control serves its status (socketforward status). "
         "Under systemd (NOTIFY_SOCKET set) it reports READY=1 once listening and "
         "dialing, STOPPING=1 when it shuts down. Exit status: 0 clean stop, 1 an "
         "endpoint it cannot use, 2 bad arguments.",
@@ -100,6 +103,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="data streams waiting to be claimed; more are refused "
         f"(default {DEFAULT_MAX_UNCLAIMED})",
     )
+    parser.add_argument(
+        "--control",
+        metavar="URI",
+        type=control.endpoint_arg,
+        help="serve the agent's status here (unix:PATH only; the socket is made 0600 in "
+        "a directory only you can enter; none without it)",
+    )
     parser.set_defaults(run=main)
 
 
@@ -120,6 +130,8 @@ class AgentConfig:
     max_unclaimed_streams: int = DEFAULT_MAX_UNCLAIMED
     max_connections: int | None = None
     """None: derived from the fd limit (:class:`FdPlan`)."""
+    control: transport.UnixEndpoint | None = None
+    """Where to serve the Control service (None: nowhere)."""
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
@@ -153,6 +165,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         max_stream_handshakes=args.max_stream_handshakes,
         max_unclaimed_streams=args.max_unclaimed_streams,
         max_connections=args.max_connections,
+        control=args.control,
     )
 
 
@@ -233,8 +246,11 @@ async def _serve(cfg: AgentConfig, plan: FdPlan) -> None:
     )
     agent = Agent(service, rpc_dial=cfg.rpc_dial, rpc_listen=cfg.rpc_listen)
     notifier = daemon.Notifier.from_environment()
+    control_server: control.ControlServer | None = None
     try:
         async with daemon.handle_signals(on_stats=lambda: _log_stats(service, registry)) as stop:
+            if cfg.control is not None:
+                control_server = await _start_control(cfg, plan, agent, registry)
             registry.start()
             log.info(
                 "guest started rpc=%s streams=%s",
@@ -250,7 +266,28 @@ async def _serve(cfg: AgentConfig, plan: FdPlan) -> None:
     finally:
         notifier.stopping()
         await agent.shutdown()
+        if control_server is not None:
+            await control_server.close()
         _log_stats(service, registry)
+
+
+async def _start_control(
+    cfg: AgentConfig, plan: FdPlan, agent: Agent, registry: StreamRegistry
+) -> control.ControlServer:
+    assert cfg.control is not None
+    rpc = f"dial {cfg.rpc_dial}" if cfg.rpc_dial is not None else f"listen {cfg.rpc_listen}"
+    service = GuestControl(
+        agent,
+        registry,
+        rpc_endpoint=rpc,
+        pending_limit=cfg.pending_limit,
+        max_stream_handshakes=plan.max_handshakes,
+        max_unclaimed_streams=cfg.max_unclaimed_streams,
+    )
+    try:
+        return await control.ControlServer.start(cfg.control, service)
+    except OSError as exc:
+        raise _Fatal(f"--control {cfg.control}: {exc}") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -263,6 +300,10 @@ def main(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except transport.EndpointError as exc:
         print(f"socketforward guest: {exc}", file=sys.stderr)
+        return 2
+    problem = None if cfg.control is None else transport.private_dir_problem(cfg.control.path)
+    if problem is not None:
+        print(f"socketforward guest: --control {cfg.control}: {problem}", file=sys.stderr)
         return 2
     before = daemon.fd_limits()
     daemon.raise_fd_limit()

@@ -1,7 +1,9 @@
 """``socketforward host``: the command line and the process around a Forwarder.
 
 Signals: SIGTERM/SIGINT stop cleanly, SIGUSR1 logs the statistics, SIGHUP
-re-reads --forwards-file (logged and ignored without one).
+re-reads --forwards-file (logged and ignored without one). With --control it
+serves the Control service (status, forwards added and removed at run time;
+:mod:`socketforward.host.control`).
 
 Under systemd (``NOTIFY_SOCKET`` set) it reports ``READY=1`` once its RPC
 endpoint listens (or dialing it has started) and ``STOPPING=1`` when it begins
@@ -17,9 +19,8 @@ import logging
 import os
 import stat
 import sys
-from collections.abc import Iterable
 
-from socketforward import runner, stats, transport, ttrpc
+from socketforward import control, runner, stats, transport
 from socketforward.daemon import (
     Notifier,
     fd_limits,
@@ -31,13 +32,13 @@ from socketforward.daemon import (
     run_until_stopped,
 )
 from socketforward.host import oci
+from socketforward.host.control import FORWARDS_FILE, ForwardTable, HostControl
 from socketforward.host.forwarder import Forwarder
 from socketforward.host.forwards import (
     Forward,
     Source,
     merge_sources,
     parse_forward,
-    plan_reload,
     read_forwards_file,
 )
 
@@ -83,9 +84,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="the host side: serve forwards to host UNIX sockets for one VM",
         description="Forward connections made in a VM to UNIX sockets on this host. "
         "SIGTERM/SIGINT stop it cleanly; SIGUSR1 logs the statistics; SIGHUP re-reads "
-        "--forwards-file. Under systemd (NOTIFY_SOCKET set) it reports READY=1 once "
-        "listening or dialing, STOPPING=1 when it shuts down. Exit status: 0 clean "
-        "stop, 1 an unusable RPC endpoint or an unexpected stop, 2 bad arguments.",
+        "--forwards-file; --control serves status and run-time changes of the forwards "
+        "(socketforward status, socketforward forward). Under systemd (NOTIFY_SOCKET "
+        "set) it reports READY=1 once listening or dialing, STOPPING=1 when it shuts "
+        "down. Exit status: 0 clean stop, 1 an unusable RPC endpoint or an unexpected "
+        "stop, 2 bad arguments.",
     )
     rpc = parser.add_mutually_exclusive_group(required=True)
     rpc.add_argument(
@@ -172,6 +175,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="connections the VM may hold at once; more are refused (default: a quarter "
         "of the descriptors left after a reserve)",
     )
+    parser.add_argument(
+        "--control",
+        metavar="URI",
+        type=control.endpoint_arg,
+        help="serve status and run-time changes of the forwards here (unix:PATH only; "
+        "the socket is made 0600 in a directory only you can enter; none without it)",
+    )
     parser.set_defaults(run=main)
 
 
@@ -183,9 +193,9 @@ class _Unusable(Exception):
     """An endpoint the host cannot use (exit status 1); the message names it."""
 
 
-def _forwards_from_args(args: argparse.Namespace) -> tuple[list[Forward], list[str]]:
-    """Every forward the command line names, and the ids of those that came
-    from --forwards-file (a SIGHUP may change those, never the others)."""
+def _forwards_from_args(args: argparse.Namespace) -> tuple[list[Forward], dict[str, str]]:
+    """Every forward the command line names, and the option each came from
+    (a SIGHUP may change those of --forwards-file, never the others)."""
     if args.write_spec and not args.oci_spec:
         raise _UsageError("--write-spec needs --oci-spec")
     if args.oci_spec and not args.container_id:
@@ -226,24 +236,19 @@ def _forwards_from_args(args: argparse.Namespace) -> tuple[list[Forward], list[s
         except OSError as exc:
             raise _UsageError(f"--write-spec {args.write_spec}: {exc}") from None
         log.info("wrote rewritten spec path=%s", args.write_spec)
-    return forwards, [f.forward_id for f in from_file]
+    sources = {f.forward_id: "--forward" for f in args.forward}
+    sources.update({f.forward_id: FORWARDS_FILE for f in from_file})
+    sources.update({f.forward_id: "--oci-spec" for f in from_spec})
+    return forwards, sources
 
 
 def _check_private_dir(ep: transport.UnixEndpoint) -> None:
     """The RPC socket's directory must be ours and closed to everyone else: any
     process that can connect to it can play the guest (docs/protocol.md
     9.3)."""
-    parent = os.path.dirname(ep.path)
-    try:
-        st = os.stat(parent)
-    except FileNotFoundError:
-        return  # created 0700 by transport.listen
-    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise _UsageError(
-            f"--rpc-listen {ep}: directory {parent} is open to other users "
-            f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}); use a directory "
-            "only you can enter (mode 0700)"
-        )
+    problem = transport.private_dir_problem(ep.path)
+    if problem is not None:
+        raise _UsageError(f"--rpc-listen {ep}: {problem}")
 
 
 def _check_streams_dir(ep: transport.Endpoint, streams_uid: int | None) -> None:
@@ -280,55 +285,18 @@ def _log_stats(forwarder: Forwarder) -> None:
     )
 
 
-class _ForwardsFile:
-    """--forwards-file at run time: SIGHUP re-reads it and the difference is
-    added and removed (one reload at a time). A file that does not parse, or
-    that names a forward_id the command line also gives, changes nothing."""
+class _Reloads:
+    """SIGHUP: each signal starts a reload of the forwards file (the table's
+    lock runs them one at a time); :meth:`close` cancels those still running."""
 
-    def __init__(self, path: str, forwarder: Forwarder, loaded: Iterable[str]) -> None:
-        self.path = path
-        self.forwarder = forwarder
-        self.ids = set(loaded)  # the forwards this file put in the table
-        self.fixed = frozenset(forwarder.forwards) - self.ids  # --forward, --oci-spec
-        self._lock = asyncio.Lock()
+    def __init__(self, table: ForwardTable) -> None:
+        self.table = table
         self._tasks: set[asyncio.Task[None]] = set()
 
     def request_reload(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload())
+        task = asyncio.get_running_loop().create_task(self.table.reload_file())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def reload(self) -> None:
-        async with self._lock:
-            try:
-                fresh = read_forwards_file(self.path)
-            except ValueError as exc:
-                log.error("forwards file not reloaded, table unchanged error=%r", str(exc))
-                return
-            try:
-                plan = plan_reload(self.forwarder.forwards, self.ids, self.fixed, fresh)
-            except ValueError as exc:
-                log.error(
-                    "forwards file not reloaded, table unchanged path=%s error=%r",
-                    self.path,
-                    str(exc),
-                )
-                return
-            try:
-                await self.forwarder.remove(plan.remove)
-                self.ids.difference_update(plan.remove)
-                await self.forwarder.add(plan.add)
-                self.ids.update(f.forward_id for f in plan.add)
-            except (ValueError, ttrpc.TtrpcError) as exc:
-                log.error("forwards file reload failed path=%s error=%r", self.path, str(exc))
-                return
-            log.info(
-                "forwards file reloaded path=%s added=%d removed=%d forwards=%d",
-                self.path,
-                len(plan.add),
-                len(plan.remove),
-                len(self.forwarder.forwards),
-            )
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -369,10 +337,20 @@ async def _serve(
             listener.close()
 
 
+async def _start_control(ep: transport.UnixEndpoint, service: HostControl) -> control.ControlServer:
+    problem = transport.private_dir_problem(ep.path)
+    if problem is not None:
+        raise _UsageError(f"--control {ep}: {problem}")
+    try:
+        return await control.ControlServer.start(ep, service)
+    except OSError as exc:
+        raise _Unusable(f"--control: {exc}") from None
+
+
 async def _run(
     args: argparse.Namespace,
     forwards: list[Forward],
-    file_ids: list[str],
+    sources: dict[str, str],
     limits_at_start: tuple[int, int] | None,
 ) -> int:
     forwarder = Forwarder(
@@ -393,15 +371,21 @@ async def _run(
         forwarder.max_relays,
         forwarder.max_pending,
     )
-    from_file = (
-        _ForwardsFile(args.forwards_file, forwarder, file_ids) if args.forwards_file else None
-    )
+    table = ForwardTable(forwarder, sources, args.forwards_file)
+    reloads = _Reloads(table) if args.forwards_file else None
+    rpc = f"listen {args.rpc_listen}" if args.rpc_listen is not None else f"dial {args.rpc_dial}"
+    host_control = HostControl(table, rpc_endpoint=rpc) if args.control else None
+    control_server: control.ControlServer | None = None
+    watch: asyncio.Task[None] | None = None
     try:
         async with handle_signals(
             on_stats=lambda: _log_stats(forwarder),
-            on_reload=from_file.request_reload if from_file is not None else None,
+            on_reload=reloads.request_reload if reloads is not None else None,
         ) as stop:
             try:
+                if host_control is not None:
+                    control_server = await _start_control(args.control, host_control)
+                    watch = asyncio.get_running_loop().create_task(host_control.watch())
                 return await _serve(args, forwarder, stop, len(forwards))
             except _UsageError as exc:
                 print(f"socketforward host: error: {exc}", file=sys.stderr)
@@ -410,19 +394,25 @@ async def _run(
                 print(f"socketforward host: error: {exc}", file=sys.stderr)
                 return 1
             finally:
-                if from_file is not None:
-                    await from_file.close()
+                if reloads is not None:
+                    await reloads.close()
+                # Status stays available while running connections drain.
                 await forwarder.close(drain=args.drain)
+                if watch is not None:
+                    watch.cancel()
+                    await asyncio.gather(watch, return_exceptions=True)
+                if control_server is not None:
+                    await control_server.close()
     finally:
         _log_stats(forwarder)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        forwards, file_ids = _forwards_from_args(args)
+        forwards, sources = _forwards_from_args(args)
     except _UsageError as exc:
         print(f"socketforward host: error: {exc}", file=sys.stderr)
         return 2
     before = fd_limits()
     raise_fd_limit()
-    return runner.run(_run(args, forwards, file_ids, before))
+    return runner.run(_run(args, forwards, sources, before))

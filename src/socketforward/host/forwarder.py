@@ -723,3 +723,10 @@ class Forwarder:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    # control: the current RPC connection's client, to follow when it closes
+    @property
+    def rpc_client(self) -> ttrpc.Client | None:
+        """The ttrpc client of the RPC connection served now (None when none)."""
+        session = self._current()
+        return None if session is None else session.client
