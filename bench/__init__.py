@@ -17,7 +17,8 @@ Run each from the repository root as a module (``make bench`` runs the first thr
 * ``flood`` (``python -m bench.flood``): the host's RSS and fds under a hostile VM's floods.
 
 Shared pieces: ``target`` (the service every path forwards to), ``loadgen``
-(the load against it), ``processes`` (children and what they cost),
+(the load against it), ``goload`` (the same load and target in Go,
+bench/go/cmd/sfload, forward_bench's default), ``processes`` (children and what they cost),
 ``stats`` (percentiles, median and min-max over rounds), ``markdown``
 (report tables), ``machine`` (what the run ran on), ``event_loop``.
 """

@@ -1,7 +1,7 @@
 """Forward-path benchmark: socketforward against nerdbox's Go path, socat and a direct socket.
 
     uv run --locked --all-extras --group bench python -m bench.forward_bench [--quick]
-        [--rounds 3] [--paths DIRECT,OURS,...]
+        [--rounds 3] [--paths DIRECT,OURS,...] [--load go|python] [--target go|python]
 
 Paths, all over UNIX sockets, each forwarding side its own process:
   DIRECT   the load connects to the target service itself
@@ -10,11 +10,20 @@ Paths, all over UNIX sockets, each forwarding side its own process:
   OURS     ``socketforward guest`` + ``socketforward host`` (uvloop when installed)
   OURS>GO  our guest + the Go host;  GO>OURS  the Go guest + our host
 Workloads: throughput (1 GiB up, 1 GiB down, byte counts checked), 1-byte round
-trip (p50/p99), connection rate (connect, one echo, close; 32 concurrent),
-burst (2,000 simultaneous connects: served / refused / reset / hung within a
-bound), memory (RSS of the forwarding processes with 1,000 idle forwarded
+trip (p50/p99), time to first byte of a new connection (connect, send 1 byte,
+receive it; p50/p99 over new connections one after another, so a path's
+per-connection setup shows alone), connection rate (connect, one echo, close;
+32 concurrent), burst (2,000 simultaneous connects: served / refused / reset /
+hung within a bound), memory (RSS of the forwarding processes with 1,000 idle forwarded
 connections, minus the idle baseline, per connection), CPU seconds per GiB
 relayed (from /proc of the forwarding processes during the throughput runs).
+
+The load generator and the target service are Go by default (bench/goload.py,
+bench/go/cmd/sfload: plain system calls, so DIRECT is the ceiling of the
+machine's sockets); ``--load python`` and ``--target python`` use
+bench/loadgen.py and bench/target.py instead, whose interpreter time every path
+then carries. The memory workload holds its idle connections from Python either
+way (it measures the forwarders' RSS, not the load's speed).
 
 Each round starts every path's processes afresh, then runs each workload on
 every path in turn (the path order rotates per round), so machine noise hits
@@ -36,14 +45,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import loadgen, machine, markdown, processes
+from bench import goload, loadgen, machine, markdown, processes
 from bench.event_loop import loop_name
 from bench.loadgen import GiB, MiB
 from bench.markdown import RIGHT
 from bench.processes import ProcessGroup
 from bench.stats import Samples, percentile, ratio
 from bench.target import ECHO
-from bench.target import start as start_target
+from bench.target import start as start_python_target
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = REPO_ROOT / "bench" / "results" / "latest.md"
@@ -86,8 +95,10 @@ class Path_:
 
 @dataclass
 class Settings:
+    load: loadgen.Load
     size: int
     rtt_count: int
+    ttfb_count: int
     conn_seconds: float
     workers: int
     burst: int
@@ -195,6 +206,7 @@ class Metric:
     unit: str
     higher_is_better: bool
     fmt: str = "{:,.0f}"
+    ratios: bool = True  # a column of the ratio table
 
 
 METRICS = [
@@ -203,13 +215,16 @@ METRICS = [
     Metric("cpu", "CPU s/GiB", "s/GiB", False, "{:.2f}"),
     Metric("p50", "RTT p50 µs", "µs", False, "{:.1f}"),
     Metric("p99", "RTT p99 µs", "µs", False, "{:.1f}"),
+    Metric("ttfb50", "TTFB p50 µs", "µs", False, "{:,.1f}"),
+    Metric("ttfb99", "TTFB p99 µs", "µs", False, "{:,.1f}"),
     Metric("conns", "conns/s", "conns/s", True),
     Metric("rss", "KiB/idle conn", "KiB", False, "{:.1f}"),
-    Metric("served", "burst served", "of burst", True),
-    Metric("refused", "burst refused", "", False),
-    Metric("reset", "burst reset", "", False),
-    Metric("hung", "burst hung", "", False),
+    Metric("served", "burst served", "of burst", True, ratios=False),
+    Metric("refused", "burst refused", "", False, ratios=False),
+    Metric("reset", "burst reset", "", False, ratios=False),
+    Metric("hung", "burst hung", "", False, ratios=False),
 ]
+RATIO_METRICS = [m for m in METRICS if m.ratios]
 
 
 def w_memory(p: Path_, s: Settings, out: Samples) -> None:
@@ -227,30 +242,35 @@ def w_memory(p: Path_, s: Settings, out: Samples) -> None:
 
 
 def w_throughput(p: Path_, s: Settings, out: Samples) -> None:
-    chunk = os.urandom(MiB)
     cpu0 = processes.cpu_seconds(p.pids)
-    out.add(p.name, "up", s.size / loadgen.upload(p.entry, s.size, chunk) / 1e6)
-    out.add(p.name, "down", s.size / loadgen.download(p.entry, s.size) / 1e6)
+    out.add(p.name, "up", s.size / s.load.upload(p.entry, s.size) / 1e6)
+    out.add(p.name, "down", s.size / s.load.download(p.entry, s.size) / 1e6)
     if p.pids:
         time.sleep(0.2)  # a forking relay reaps its child: its CPU time then counts
         out.add(p.name, "cpu", (processes.cpu_seconds(p.pids) - cpu0) / (2 * s.size / GiB))
 
 
 def w_rtt(p: Path_, s: Settings, out: Samples) -> None:
-    samples = loadgen.round_trips(p.entry, s.rtt_count)
+    samples = s.load.round_trips(p.entry, s.rtt_count)
     out.add(p.name, "p50", percentile(samples, 0.5))
     out.add(p.name, "p99", percentile(samples, 0.99))
 
 
+def w_ttfb(p: Path_, s: Settings, out: Samples) -> None:
+    samples = s.load.first_bytes(p.entry, s.ttfb_count)
+    out.add(p.name, "ttfb50", percentile(samples, 0.5))
+    out.add(p.name, "ttfb99", percentile(samples, 0.99))
+
+
 def w_conns(p: Path_, s: Settings, out: Samples) -> None:
-    rate, failed = loadgen.connection_rate(p.entry, s.conn_seconds, s.workers)
+    rate, failed = s.load.connection_rate(p.entry, s.conn_seconds, s.workers)
     out.add(p.name, "conns", rate)
     if failed:
         out.notes.append(f"{p.name}: {failed} connections failed in the connection-rate run")
 
 
 def w_burst(p: Path_, s: Settings, out: Samples) -> None:
-    r = loadgen.burst(p.entry, s.burst, s.burst_bound)
+    r = s.load.burst(p.entry, s.burst, s.burst_bound)
     for key in ("served", "refused", "reset", "hung"):
         out.add(p.name, key, getattr(r, key))
 
@@ -260,6 +280,7 @@ WORKLOADS: list[tuple[str, Callable[[Path_, Settings, Samples], None]]] = [
     ("memory", w_memory),
     ("throughput", w_throughput),
     ("round trip", w_rtt),
+    ("first byte", w_ttfb),
     ("connection rate", w_conns),
     ("burst", w_burst),
 ]
@@ -370,8 +391,27 @@ def report(
     took: float,
     socat: str | None,
     other_cpu: float,
+    target: str,
 ) -> str:
     size = f"{settings.size / GiB:g} GiB" if settings.size >= GiB else f"{settings.size // MiB} MiB"
+    go_load = settings.load.name == "Go"
+    load_line = (
+        "- Load generator: Go (bench/go/cmd/sfload through bench/goload.py, one process per "
+        "workload run): blocking system calls for bulk transfers, round trips and first "
+        "bytes, one epoll loop for many connections. DIRECT with it is **the ceiling**: "
+        "what the machine's sockets and the target service do with nothing between them."
+        if go_load
+        else "- Load generator: Python (bench/loadgen.py), this script's own process "
+        "(blocking sockets for bulk and round trips, one epoll loop for many connections); "
+        "its DIRECT figures are its own ceiling, which every path carries."
+    )
+    target_line = (
+        "Target service: Go (`sfload target`, a goroutine per connection), one process "
+        "shared by all paths."
+        if target == "go"
+        else f"Target service: Python (bench/target.py, {loop_name()}), one process shared "
+        "by all paths."
+    )
     out = [
         "# Forward-path benchmark",
         "",
@@ -386,26 +426,30 @@ def report(
         f"run: {other_cpu:.0f} CPU s of the {took * (os.cpu_count() or 1):.0f} there were "
         f"({other_cpu / (took * (os.cpu_count() or 1)):.0%}; the benchmark's own processes "
         "excluded)",
-        f"- Python {platform.python_version()}, {loop_name()} (our guest, host, the target "
-        f"service); {machine.tool_version(['go', 'version'])}; "
+        f"- Python {platform.python_version()}, {loop_name()} (our guest and host"
+        f"{', the target service' if target == 'python' else ''}); "
+        f"{machine.tool_version(['go', 'version'])}; "
         f"{machine.tool_version([socat, '-V']) if socat else 'socat not installed'}",
         f"- Workloads: throughput {size} up then {size} down on one connection each (byte "
         f"counts checked); {settings.rtt_count:,} 1-byte round trips after 200 warm-up; "
+        f"time to first byte: {settings.ttfb_count:,} new connections one after another "
+        "after 20 warm-up, each timed from connect to its 1-byte echo; "
         f"connection rate: {settings.workers} concurrent loops of connect, 1-byte echo, close, "
         f"for {settings.conn_seconds:g} s; burst: {settings.burst:,} connects as fast as one "
         f"thread can, each sends 1 byte, answers awaited {settings.burst_bound:g} s; memory: "
         f"{settings.idle:,} connections each answered once and held open, RSS of the "
         "forwarding processes (and their children) minus the same processes' RSS just "
         "before; CPU: user+system seconds of the forwarding processes over both throughput "
-        "transfers.",
-        "- Load generator: this script's own process (blocking sockets for bulk and round "
-        "trips, one epoll loop for many connections); its DIRECT figures are its ceiling. "
-        "Target service: one uvloop process shared by all paths.",
+        "transfers (the memory run's connections come from Python with either load).",
+        f"{load_line} {target_line}",
         "- Cells: median, with min-max over the rounds in small print.",
         "",
         "Paths:",
         "",
-        *[f"- **{p}**: {PATH_HELP[p]}" for p in paths],
+        *[
+            f"- **{p}**: {PATH_HELP[p]}{' (the ceiling)' if go_load and p == 'DIRECT' else ''}"
+            for p in paths
+        ],
         "",
         *markdown.table(
             ["path", *(m.label for m in METRICS)],
@@ -416,7 +460,7 @@ def report(
     ratio_paths = [p for p in ("OURS", "OURS>GO", "GO>OURS") if p in paths]
     if ratio_paths:
         rows = [
-            [f"{p} / {base}", *(ratio_cell(samples, p, base, m.key) for m in METRICS[:7])]
+            [f"{p} / {base}", *(ratio_cell(samples, p, base, m.key) for m in RATIO_METRICS)]
             for p in ratio_paths
             for base in ("GO", "DIRECT")
             if base in paths and not (p != "OURS" and base == "DIRECT")
@@ -426,7 +470,9 @@ def report(
             "Ratios of medians (for µs, s/GiB and KiB lower is better):",
             "",
             *markdown.table(
-                ["ratio", *(m.label for m in METRICS[:7])], rows, align="l" + RIGHT * 7
+                ["ratio", *(m.label for m in RATIO_METRICS)],
+                rows,
+                align="l" + RIGHT * len(RATIO_METRICS),
             ),
         ]
     if "OURS" in paths:
@@ -455,7 +501,7 @@ def report(
     return "\n".join(out) + "\n"
 
 
-def readme_table(samples: Samples, rounds: int) -> str:
+def readme_table(samples: Samples, rounds: int, load: str, target: str) -> str:
     """The README's summary: direct, nerdbox's path and ours, medians only."""
     cols = [("DIRECT", "direct"), ("GO", "nerdbox (Go)"), ("OURS", "socketforward")]
 
@@ -471,12 +517,17 @@ def readme_table(samples: Samples, rounds: int) -> str:
         ("throughput up / down, MB/s", lambda p: pair(p, "up", "down", "{:,.0f}")),
         ("CPU seconds per GiB relayed", lambda p: one(p, "cpu", "{:.2f}")),
         ("1-byte round trip p50 / p99, µs", lambda p: pair(p, "p50", "p99", "{:.0f}")),
+        (
+            "new connection's first byte p50 / p99, µs",
+            lambda p: pair(p, "ttfb50", "ttfb99", "{:.0f}"),
+        ),
         ("new connections per second", lambda p: one(p, "conns", "{:,.0f}")),
         ("burst of 2,000 connects served", lambda p: one(p, "served", "{:,.0f}")),
         ("memory per idle connection, KiB", lambda p: one(p, "rss", "{:.1f}")),
     ]
     lines = [
-        f"Median of {rounds} interleaved rounds, {datetime.date.today().isoformat()}:",
+        f"Median of {rounds} interleaved rounds, {datetime.date.today().isoformat()} "
+        f"({load} load generator, {target} target service):",
         "",
         *markdown.table(
             ["", *(title for _, title in cols)],
@@ -536,12 +587,14 @@ def plot(samples: Samples, paths: list[str], settings: Settings, png: Path) -> b
         ("Throughput down (MB/s, higher is better)", "down"),
         ("1-byte round trip p50 (µs, lower is better)", "p50"),
         ("1-byte round trip p99 (µs, lower is better)", "p99"),
+        ("New connection's first byte p50 (µs, lower is better)", "ttfb50"),
+        ("New connection's first byte p99 (µs, lower is better)", "ttfb99"),
         ("Connection rate (conns/s, higher is better)", "conns"),
         (f"Burst of {settings.burst:,}: served / refused+reset / hung", "burst"),
         ("RSS per idle connection (KiB, lower is better)", "rss"),
         ("CPU seconds per GiB relayed (lower is better)", "cpu"),
     ]
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
+    fig, axes = plt.subplots(2, 5, figsize=(25, 8.5))
     for ax, (title, key) in zip(axes.flat, panels, strict=True):
         ax.set_title(title, fontsize=10)
         xs = list(range(len(paths)))
@@ -588,7 +641,7 @@ def plot(samples: Samples, paths: list[str], settings: Settings, png: Path) -> b
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(
         "socketforward forward path vs nerdbox (Go), socat and a direct socket — "
-        "median of rounds, bars show min-max",
+        f"median of rounds, bars show min-max ({settings.load.name} load generator)",
         fontsize=12,
     )
     fig.tight_layout()
@@ -609,13 +662,27 @@ def main() -> int:
         "--workloads", help=f"comma-separated subset of {','.join(w for w, _ in WORKLOADS)}"
     )
     parser.add_argument("--size", type=int, help="bytes each way per throughput run")
+    parser.add_argument(
+        "--load",
+        choices=["go", "python"],
+        default="go",
+        help="load generator: bench/go/cmd/sfload (default) or bench/loadgen.py",
+    )
+    parser.add_argument(
+        "--target",
+        choices=["go", "python"],
+        default="go",
+        help="target service: sfload target (default) or bench/target.py",
+    )
     parser.add_argument("--out", type=Path, help="report file (default: latest.md unless --quick)")
     parser.add_argument("--png", type=Path, help="plot file (default: latest.png unless --quick)")
     args = parser.parse_args()
     quick = args.quick
     settings = Settings(
+        load=loadgen.PythonLoad(),
         size=args.size or (128 * MiB if quick else GiB),
         rtt_count=500 if quick else 5000,
+        ttfb_count=200 if quick else 1000,
         conn_seconds=0.5 if quick else 2.0,
         workers=32,
         burst=500 if quick else 2000,
@@ -654,12 +721,29 @@ def main() -> int:
             paths = [p for p in paths if "GO" not in p]
 
     samples = Samples()
+    sfload: Path | None = None
+    if "go" in (args.load, args.target):
+        try:
+            sfload = goload.build()
+        except RuntimeError as exc:
+            why = f"Go load generator unavailable ({exc}): Python load and target ran"
+            print(why, file=sys.stderr)
+            args.load = args.target = "python"
+            samples.notes.append(why.replace("\n", " "))
+    if args.load == "go":
+        assert sfload is not None
+        settings.load = goload.GoLoad(sfload)
+
     busy0, own0 = machine.machine_busy_seconds(), machine.own_cpu_seconds()
     t0 = time.perf_counter()
     with processes.scratch_dir("fwdbench-") as tmp:
         target = str(tmp / "target.sock")
         with ProcessGroup(tmp) as services:
-            start_target(services, target)
+            if args.target == "go":
+                assert sfload is not None
+                goload.start_target(services, sfload, target)
+            else:
+                start_python_target(services, target)
             for r in range(rounds):
                 order = paths[r % len(paths) :] + paths[: r % len(paths)]
                 round_dir = tmp / f"round{r}"
@@ -687,6 +771,7 @@ def main() -> int:
         took=took,
         socat=socat,
         other_cpu=other_cpu,
+        target=args.target,
     )
     print(text)
     if out_md is not None:
@@ -697,7 +782,8 @@ def main() -> int:
         print(f"written to {out_png}", file=sys.stderr)
     # A full default run also refreshes the README's summary (never typed by hand).
     full = out_md == RESULTS_MD and {"DIRECT", "GO", "OURS"} <= set(paths)
-    if full and len(workloads) == len(WORKLOADS) and update_readme(readme_table(samples, rounds)):
+    table = readme_table(samples, rounds, settings.load.name, args.target.capitalize())
+    if full and len(workloads) == len(WORKLOADS) and update_readme(table):
         print(f"updated the table in {README}", file=sys.stderr)
     return 0
 

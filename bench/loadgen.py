@@ -4,7 +4,8 @@ the target service's protocol (bench/target.py).
 The load runs in the benchmark's own process, with blocking sockets for bulk
 transfers and round trips, and one epoll loop (no threads) for the
 many-connection workloads, so the load itself stays cheap. Its DIRECT figures
-show its ceiling.
+show its ceiling. bench/goload.py runs the same workloads from a Go program
+(:class:`Load` is what both offer).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from bench.target import COUNT, DOWNLOAD, ECHO, UPLOAD
 
@@ -96,6 +98,23 @@ def round_trips(path: str, count: int, warmup: int = 200) -> list[float]:
                 raise RuntimeError(f"{path}: echo lost")
             if i >= warmup:
                 samples.append((time.perf_counter_ns() - t0) / 1000)
+    samples.sort()
+    return samples
+
+
+def first_bytes(path: str, count: int, warmup: int = 20) -> list[float]:
+    """Time to first byte of new connections, one after another: connect, send
+    1 byte, receive it back, close; sorted samples in microseconds."""
+    samples = []
+    for i in range(count + warmup):
+        t0 = time.perf_counter_ns()
+        with connect(path) as sock:
+            sock.sendall(ECHO)
+            if sock.recv(1) != ECHO:
+                raise RuntimeError(f"{path}: no first byte")
+            t1 = time.perf_counter_ns()
+        if i >= warmup:
+            samples.append((t1 - t0) / 1000)
     samples.sort()
     return samples
 
@@ -256,3 +275,47 @@ def idle_connections(path: str, count: int, concurrency: int, bound: float) -> I
         waiting.close()
         for sock in held:
             sock.close()
+
+
+# -- either load generator -------------------------------------------------------------
+
+
+class Load(Protocol):
+    """The workloads forward_bench runs, from this module or from the Go
+    program of bench/goload.py (same results, same checks)."""
+
+    name: str
+
+    def upload(self, path: str, size: int) -> float: ...
+    def download(self, path: str, size: int) -> float: ...
+    def round_trips(self, path: str, count: int) -> list[float]: ...
+    def first_bytes(self, path: str, count: int) -> list[float]: ...
+    def connection_rate(self, path: str, seconds: float, workers: int) -> tuple[float, int]: ...
+    def burst(self, path: str, count: int, bound: float) -> BurstResult: ...
+
+
+class PythonLoad:
+    """This module's workloads, run in the calling process."""
+
+    name = "Python"
+
+    def __init__(self) -> None:
+        self.chunk = os.urandom(MiB)
+
+    def upload(self, path: str, size: int) -> float:
+        return upload(path, size, self.chunk)
+
+    def download(self, path: str, size: int) -> float:
+        return download(path, size)
+
+    def round_trips(self, path: str, count: int) -> list[float]:
+        return round_trips(path, count)
+
+    def first_bytes(self, path: str, count: int) -> list[float]:
+        return first_bytes(path, count)
+
+    def connection_rate(self, path: str, seconds: float, workers: int) -> tuple[float, int]:
+        return connection_rate(path, seconds, workers)
+
+    def burst(self, path: str, count: int, bound: float) -> BurstResult:
+        return burst(path, count, bound)
