@@ -9,6 +9,8 @@ Paths, all over UNIX sockets, each forwarding side its own process:
   GO       nerdbox-vm + nerdbox-host, the Go stand-ins of tests/interop (io.Copy relays)
   OURS     ``socketforward guest`` + ``socketforward host`` (uvloop when installed)
   OURS>GO  our guest + the Go host;  GO>OURS  the Go guest + our host
+  EXPOSE   OURS the other way: the load connects to the host's socket of an
+           expose and the target is "in the VM" (docs/protocol.md 4.10)
 Workloads: throughput (1 GiB up, 1 GiB down, byte counts checked), 1-byte round
 trip (p50/p99), time to first byte of a new connection (connect, send 1 byte,
 receive it; p50/p99 over new connections one after another, so a path's
@@ -62,7 +64,7 @@ README_END = "<!-- end of forward_bench.py's table -->"
 RESULTS_PNG = REPO_ROOT / "bench" / "results" / "latest.png"
 START_TIMEOUT = 30.0
 
-ALL_PATHS = ["DIRECT", "SOCAT", "GO", "OURS", "OURS>GO", "GO>OURS"]
+ALL_PATHS = ["DIRECT", "SOCAT", "GO", "OURS", "OURS>GO", "GO>OURS", "EXPOSE"]
 PATH_HELP = {
     "DIRECT": "load -> target service, no forwarder",
     "SOCAT": "two chained socat relays (fork per connection, backlog=4096)",
@@ -70,6 +72,7 @@ PATH_HELP = {
     "OURS": "socketforward guest + socketforward host",
     "OURS>GO": "our guest + the Go host",
     "GO>OURS": "the Go guest + our host",
+    "EXPOSE": "our guest + our host, VM -> host (an expose)",
 }
 
 # Reference figures for nerdbox on this machine (developers' guide) and our targets.
@@ -143,16 +146,19 @@ def start_path(
     go_guest, go_host = name.startswith("GO"), name.endswith("GO")
     assert go_bins is not None or not (go_guest or go_host)
     forward = f"bench={target}:{vm_path}"
+    exposed = d / "host" / "exposed.sock"
     log_host, log_guest = f"{name}-host.log", f"{name}-guest.log"
     if go_host:
         assert go_bins is not None
         argv = [str(go_bins[0]), "--rpc-listen", f"unix:{rpc}", "--streams", f"unix:{streams}"]
         host = procs.start([*argv, "--forward", forward], log_host)
     else:
+        # EXPOSE: the forward's VM socket appearing says the guest is connected.
+        expose = ["--expose", f"bench-x={target}:{exposed}"] if name == "EXPOSE" else []
         host = procs.start(
             _ours(
                 "host", "--rpc-listen", f"unix:{rpc}", "--streams", f"unix:{streams}",
-                "--forward", forward,
+                "--forward", forward, *expose,
             ),
             log_host,
         )  # fmt: skip
@@ -170,7 +176,8 @@ def start_path(
         )
     try:
         processes.wait_for_path(str(vm_path), START_TIMEOUT, host, guest)
-        p.entry, p.pids = str(vm_path), [guest.pid, host.pid]
+        entry = exposed if name == "EXPOSE" else vm_path
+        p.entry, p.pids = str(entry), [guest.pid, host.pid]
         _check(p)
     except Exception as exc:
         raise RuntimeError(
@@ -457,13 +464,15 @@ def report(
             align="l" + RIGHT * len(METRICS),
         ),
     ]
-    ratio_paths = [p for p in ("OURS", "OURS>GO", "GO>OURS") if p in paths]
+    ratio_paths = [p for p in ("OURS", "OURS>GO", "GO>OURS", "EXPOSE") if p in paths]
     if ratio_paths:
+        # EXPOSE against OURS: the two directions side by side (issue 18's goal).
+        bases = {"OURS": ("GO", "DIRECT"), "EXPOSE": ("OURS", "DIRECT")}
         rows = [
             [f"{p} / {base}", *(ratio_cell(samples, p, base, m.key) for m in RATIO_METRICS)]
             for p in ratio_paths
-            for base in ("GO", "DIRECT")
-            if base in paths and not (p != "OURS" and base == "DIRECT")
+            for base in bases.get(p, ("GO",))
+            if base in paths
         ]
         out += [
             "",
@@ -581,6 +590,7 @@ def plot(samples: Samples, paths: list[str], settings: Settings, png: Path) -> b
         "OURS": "#2ca25f",
         "OURS>GO": "#8fd19e",
         "GO>OURS": "#9ecae1",
+        "EXPOSE": "#756bb1",
     }
     panels = [
         ("Throughput up (MB/s, higher is better)", "up"),

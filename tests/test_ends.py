@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from socketforward.api import socketforward_pb2 as pb
 from socketforward.ends import EndRegistry
 from socketforward.relay import Relay, RelayStats
 from tests.test_relay import MODES, MiB, _digest, recv_all, send_all
@@ -29,20 +30,35 @@ class Peer:
         self.done: asyncio.Future[RelayStats] = asyncio.get_running_loop().create_future()
 
 
+class Sink:
+    """The far side's channel: records what a relay announces."""
+
+    def __init__(self, up: bool) -> None:
+        self.up = up
+        self.peers: dict[Relay, Peer] = {}
+
+    def announce(self, relay: Relay, total: int) -> bool:
+        peer = self.peers[relay]
+        peer.announced.append(total)
+        peer.heard.set()
+        return self.up
+
+
 @contextlib.asynccontextmanager
 async def relay_with_ends(
-    mode: str, *, channel_up: bool = True, end_timeout: float = 30.0
+    mode: str,
+    *,
+    channel_up: bool = True,
+    end_timeout: float = 30.0,
+    ends_id: str = "s-1",
+    channel: int = 1,
 ) -> AsyncIterator[Peer]:
     client, ra = socket.socketpair()
     rb, stream = socket.socketpair()
     for s in (client, stream):
         s.setblocking(False)
     holder: list[Peer] = []
-
-    def announce(total: int) -> bool:
-        holder[0].announced.append(total)
-        holder[0].heard.set()
-        return channel_up
+    sink = Sink(channel_up)
 
     def done(stats: RelayStats) -> None:
         holder[0].done.set_result(stats)
@@ -51,11 +67,14 @@ async def relay_with_ends(
         ra,
         rb,
         mode=mode,  # type: ignore[arg-type]
-        announce=announce,
+        ends=sink,
+        ends_id=ends_id,
+        ends_channel=channel,
         on_done=done,
         end_timeout=end_timeout,
     )
-    peer = Peer(client, stream, relay)
+    sink.peers[relay] = Peer(client, stream, relay)
+    peer = sink.peers[relay]
     holder.append(peer)
     relay.start()
     try:
@@ -183,22 +202,22 @@ async def test_end_in_band_shuts_the_stream_down_after_all() -> None:
 async def test_registry_hands_an_early_count_to_its_relay() -> None:
     """The guest may read the host's count before it starts that relay: the
     count waits for it."""
-    registry = EndRegistry(early_limit=4)
-    async with relay_with_ends("copy") as peer:
+    registry = EndRegistry(_no_call, early_limit=4)
+    async with relay_with_ends("copy", ends_id="s-1") as peer:
         assert not registry.received("s-1", 2000)
         answer = asyncio.create_task(recv_all(peer.client))
-        registry.add("s-1", peer.relay, channel=1)
+        registry.add(peer.relay)
         await send_all(peer.stream, 2000, 11, half_close=False)
         assert await answer == (2000, _digest(2000, 11))
 
 
 def test_registry_bounds_what_it_keeps_for_no_relay() -> None:
     """Counts for ids that never get a relay cost bounded memory; the host keeps none."""
-    guest = EndRegistry(early_limit=3)
+    guest = EndRegistry(_no_call, early_limit=3)
     for i in range(10):
         guest.received(f"s-{i}", i)
     assert guest.strays == 7
-    host = EndRegistry(early_limit=0)
+    host = EndRegistry(_no_call, early_limit=0)
     assert not host.received("s-1", 1)
     assert host.strays == 1
 
@@ -206,10 +225,13 @@ def test_registry_bounds_what_it_keeps_for_no_relay() -> None:
 async def test_registry_falls_back_only_for_the_lost_channel() -> None:
     """Losing one StreamEnds call shuts down the streams of its relays that
     announced; a relay on another channel is left alone."""
-    registry = EndRegistry()
-    async with relay_with_ends("copy") as lost, relay_with_ends("copy") as kept:
-        registry.add("lost", lost.relay, channel=1)
-        registry.add("kept", kept.relay, channel=2)
+    registry = EndRegistry(_no_call)
+    async with (
+        relay_with_ends("copy", ends_id="lost", channel=1) as lost,
+        relay_with_ends("copy", ends_id="kept", channel=2) as kept,
+    ):
+        registry.add(lost.relay)
+        registry.add(kept.relay)
         for peer in (lost, kept):
             await send_all(peer.client, 10, 12)
             await asyncio.wait_for(peer.heard.wait(), 5)
@@ -217,11 +239,15 @@ async def test_registry_falls_back_only_for_the_lost_channel() -> None:
         assert registry.channel_lost(1) == 1
         assert await recv_all(lost.stream) == (0, _digest(0, 0))
         assert await nothing_more(kept.stream)
-        registry.discard("lost", lost.relay)
+        registry.discard(lost.relay)
         assert "lost" not in registry and len(registry) == 1
 
 
 # -- helpers -----------------------------------------------------------------------
+
+
+def _no_call(channel: int) -> None:
+    return None
 
 
 async def _read(sock: socket.socket, size: int) -> str:
@@ -235,3 +261,24 @@ async def _read(sock: socket.socket, size: int) -> str:
         h.update(data)
         left -= len(data)
     return h.hexdigest()
+
+
+class _Call:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int]] = []
+
+    def send_nowait(self, message: pb.StreamEnd, /) -> None:
+        self.sent.append((message.stream_id, message.bytes))
+
+
+async def test_registry_sends_on_the_relays_channel_while_it_is_open() -> None:
+    """A relay's end goes on the call of its own channel; once that call is
+    gone the registry says so and the relay shuts its data stream down."""
+    call = _Call()
+    open_calls: dict[int, _Call] = {3: call}
+    registry = EndRegistry(open_calls.get)
+    async with relay_with_ends("copy", ends_id="s-9", channel=3) as peer:
+        assert registry.announce(peer.relay, 1234)
+        assert call.sent == [("s-9", 1234)]
+        del open_calls[3]
+        assert not registry.announce(peer.relay, 1234)

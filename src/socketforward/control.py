@@ -244,23 +244,25 @@ def status_dict(status: pb.StatusResponse) -> dict[str, Any]:
             "connections": status.rpc.connections,
             "endpoint": status.rpc.endpoint,
         },
-        "forwards": {
-            f.forward_id: {
-                "host_path": f.host_path,
-                "vm_path": f.vm_path,
-                "source": f.source,
-                "removed": f.removed,
-                "requests": f.requests,
-                "connected": f.connected,
-                "active": f.active,
-                "failed": dict(sorted(f.failed.items())),
-                "bytes_to_host": f.bytes_to_host,
-                "bytes_to_vm": f.bytes_to_vm,
-            }
-            for f in status.forwards
-        },
+        "forwards": {f.forward_id: _forward_dict(f) for f in status.forwards},
+        "exposes": {f.forward_id: _forward_dict(f) for f in status.exposes},
         "budgets": {b.name: {"used": b.used, "limit": b.limit} for b in status.budgets},
         "counters": dict(sorted(status.counters.items())),
+    }
+
+
+def _forward_dict(f: pb.ForwardStatus) -> dict[str, Any]:
+    return {
+        "host_path": f.host_path,
+        "vm_path": f.vm_path,
+        "source": f.source,
+        "removed": f.removed,
+        "requests": f.requests,
+        "connected": f.connected,
+        "active": f.active,
+        "failed": dict(sorted(f.failed.items())),
+        "bytes_to_host": f.bytes_to_host,
+        "bytes_to_vm": f.bytes_to_vm,
     }
 
 
@@ -286,6 +288,35 @@ def _table(rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
     return lines
 
 
+def _counter_table(kind: str, entries: Sequence[pb.ForwardStatus]) -> list[str]:
+    """Forwards or exposes with their counters, one row each (no rows: [])."""
+    if not entries:
+        return []
+    rows = [[kind, "requests", "connected", "active", "failed", "to_host", "to_vm", "paths"]]
+    for f in entries:
+        failed = ",".join(f"{k}:{v}" for k, v in sorted(f.failed.items())) or "-"
+        if kind == "expose":
+            paths = f"{f.vm_path} -> {f.host_path}" if f.host_path else f.vm_path or "-"
+        else:
+            paths = f"{f.host_path} -> {f.vm_path}" if f.host_path else f.vm_path or "-"
+        notes = [n for n in (f.source, "removed" if f.removed else "") if n]
+        if notes:
+            paths += f" ({', '.join(notes)})"
+        rows.append(
+            [
+                f.forward_id,
+                str(f.requests),
+                str(f.connected),
+                str(f.active),
+                failed,
+                str(f.bytes_to_host),
+                str(f.bytes_to_vm),
+                paths,
+            ]
+        )
+    return _table(rows, [False, True, True, True, False, True, True, False])
+
+
 def format_status(status: pb.StatusResponse, *, now: float | None = None) -> str:
     """*status* as a readable table (*now*: unix seconds, for the ``since`` age)."""
     now = time.time() if now is None else now
@@ -299,31 +330,10 @@ def format_status(status: pb.StatusResponse, *, now: float | None = None) -> str
         f"{rpc.connections} connection{'' if rpc.connections == 1 else 's'} so far",
         "",
     ]
-    if status.forwards:
-        rows = [
-            ["forward", "requests", "connected", "active", "failed", "to_host", "to_vm", "paths"]
-        ]
-        for f in status.forwards:
-            failed = ",".join(f"{k}:{v}" for k, v in sorted(f.failed.items())) or "-"
-            paths = f"{f.host_path} -> {f.vm_path}" if f.host_path else f.vm_path or "-"
-            notes = [n for n in (f.source, "removed" if f.removed else "") if n]
-            if notes:
-                paths += f" ({', '.join(notes)})"
-            rows.append(
-                [
-                    f.forward_id,
-                    str(f.requests),
-                    str(f.connected),
-                    str(f.active),
-                    failed,
-                    str(f.bytes_to_host),
-                    str(f.bytes_to_vm),
-                    paths,
-                ]
-            )
-        lines += _table(rows, [False, True, True, True, False, True, True, False])
-    else:
-        lines.append("no forwards")
+    lines += _counter_table("forward", status.forwards) or ["no forwards"]
+    if status.exposes:
+        lines.append("")
+        lines += _counter_table("expose", status.exposes)
     if status.budgets:
         lines.append("")
         rows = [["budget", "used", "limit"]]

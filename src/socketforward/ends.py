@@ -16,23 +16,34 @@ from typing import Final, Protocol
 
 from socketforward import ttrpc
 from socketforward.api import socketforward_pb2 as pb
-from socketforward.relay import Announce, Relay
+from socketforward.relay import Relay
 
-__all__ = ["EARLY_LIMIT", "EndRegistry", "EndSender", "announcer"]
+__all__ = ["EARLY_LIMIT", "EndRegistry", "EndSender"]
 
 EARLY_LIMIT: Final = 4096
 """Counts kept for relays not started yet (the oldest go first)."""
 
 
-class EndRegistry:
-    """Relays whose direction ends travel out of band, by stream id.
+class EndSender(Protocol):
+    """Our side of a StreamEnds call (either side's stream type)."""
 
-    *early_limit*: how many counts to keep for stream ids with no relay yet
-    (the guest may read the host's count before it claims the stream); 0
+    def send_nowait(self, message: pb.StreamEnd, /) -> None: ...
+
+
+class EndRegistry:
+    """Relays whose direction ends travel out of band, by stream id; also their
+    :class:`~socketforward.relay.EndSink`.
+
+    *calls* gives the StreamEnds call open on a channel (None once it is
+    gone). *early_limit*: how many counts to keep for stream ids with no relay
+    yet (the guest may read the host's count before it claims the stream); 0
     keeps none (the host: its relay always exists first)."""
 
-    def __init__(self, *, early_limit: int = EARLY_LIMIT) -> None:
-        self._relays: dict[str, tuple[Relay, int]] = {}
+    def __init__(
+        self, calls: Callable[[int], EndSender | None], *, early_limit: int = EARLY_LIMIT
+    ) -> None:
+        self._calls = calls
+        self._relays: dict[str, Relay] = {}
         self._early: dict[str, int] = {}
         self._early_limit = early_limit
         self.strays = 0
@@ -44,26 +55,36 @@ class EndRegistry:
     def __len__(self) -> int:
         return len(self._relays)
 
-    def add(self, stream_id: str, relay: Relay, channel: int) -> None:
-        """*relay* (running) takes its ends out of band on *channel*; a count
-        that came before it is handed over now."""
-        self._relays[stream_id] = (relay, channel)
-        early = self._early.pop(stream_id, None)
+    def add(self, relay: Relay) -> None:
+        """*relay* (running, made with this registry as its ``ends``) takes its
+        ends out of band; a count that came before it is handed over now."""
+        self._relays[relay.ends_id] = relay
+        early = self._early.pop(relay.ends_id, None)
         if early is not None:
             relay.peer_end(early)
 
-    def discard(self, stream_id: str, relay: Relay) -> None:
+    def discard(self, relay: Relay) -> None:
         """*relay* ended (only its own entry goes)."""
-        entry = self._relays.get(stream_id)
-        if entry is not None and entry[0] is relay:
-            del self._relays[stream_id]
+        if self._relays.get(relay.ends_id) is relay:
+            del self._relays[relay.ends_id]
+
+    def announce(self, relay: Relay, total: int) -> bool:
+        """A StreamEnd for *relay* on its channel; False when that call is gone."""
+        call = self._calls(relay.ends_channel)
+        if call is None:
+            return False
+        try:
+            call.send_nowait(pb.StreamEnd(stream_id=relay.ends_id, bytes=total))
+        except (ttrpc.TtrpcError, ttrpc.ProtocolError):
+            return False
+        return True
 
     def received(self, stream_id: str, total: int) -> bool:
         """The far side's count for *stream_id*; False when no relay has it yet
         (kept for a while when early counts are, else dropped)."""
-        entry = self._relays.get(stream_id)
-        if entry is not None:
-            entry[0].peer_end(total)
+        relay = self._relays.get(stream_id)
+        if relay is not None:
+            relay.peer_end(total)
             return True
         if self._early_limit:
             self._early.pop(stream_id, None)
@@ -79,31 +100,7 @@ class EndRegistry:
         """*channel* is gone, and with it any count sent on it and not read yet:
         every relay on it that announced an end shuts its data stream down
         after all. Returns how many relays were on it."""
-        relays = [relay for relay, ch in self._relays.values() if ch == channel]
+        relays = [relay for relay in self._relays.values() if relay.ends_channel == channel]
         for relay in relays:
             relay.end_in_band()
         return len(relays)
-
-
-class EndSender(Protocol):
-    """Our side of a StreamEnds call (either side's stream type)."""
-
-    def send_nowait(self, message: pb.StreamEnd, /) -> None: ...
-
-
-def announcer(call: Callable[[], EndSender | None], stream_id: str) -> Announce:
-    """What a relay calls on its local EOF: a StreamEnd for *stream_id* on the
-    call *call* returns, or False (the data stream is shut down instead) when
-    that call is gone."""
-
-    def announce(total: int) -> bool:
-        sender = call()
-        if sender is None:
-            return False
-        try:
-            sender.send_nowait(pb.StreamEnd(stream_id=stream_id, bytes=total))
-        except (ttrpc.TtrpcError, ttrpc.ProtocolError):
-            return False
-        return True
-
-    return announce

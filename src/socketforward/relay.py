@@ -6,9 +6,9 @@ direction moves bytes through one bounded stage: a user-space buffer (copy
 mode) or a pipe (splice mode, kernel to kernel).
 
 A direction's end can also travel out of band (docs/protocol.md 5.5): instead
-of shutting *b* down, the relay reports the byte count (*announce*), and the
-far side's count (:meth:`Relay.peer_end`) ends the direction from *b* once
-that many bytes are relayed, so *b* itself is never half-closed.
+of shutting *b* down, the relay reports the byte count to its :class:`EndSink`,
+and the far side's count (:meth:`Relay.peer_end`) ends the direction from *b*
+once that many bytes are relayed, so *b* itself is never half-closed.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 from socketforward.transport import RESOURCE_ERRNOS, family_of, type_of
 
@@ -34,8 +34,8 @@ __all__ = [
     "COPY_BUFFER_SIZE",
     "END_TIMEOUT",
     "PIPE_SIZE",
-    "Announce",
     "EndMismatch",
+    "EndSink",
     "PipePool",
     "Relay",
     "RelayStats",
@@ -45,8 +45,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "splice", "copy"]
-Announce = Callable[[int], bool]
-"""Tells the far side of *b* that a -> b ended after this many bytes; False: it cannot."""
+
+
+class EndSink(Protocol):
+    """Where a relay reports that a -> b ended (docs/protocol.md 5.5); one for
+    many relays, so that a relay holds no closure of its own."""
+
+    def announce(self, relay: Relay, total: int) -> bool:
+        """Tell the far side of *relay*'s b that a -> b carried *total* bytes
+        in all; False when that cannot be sent (b is shut down instead)."""
+
+
 Ending = Literal["eof", "reset", "error", "cancelled"]
 
 COPY_BUFFER_SIZE: Final = 256 * 1024
@@ -168,9 +177,9 @@ class _Direction:
 
     # Slots: two of these live as long as every idle forwarded connection.
     __slots__ = (
-        "_buf", "_pipe", "_start", "_view", "announce", "announced", "buffer_size", "done",
-        "dst", "dst_fd", "grow_to", "limit", "loop", "mode", "moved", "pending", "pipe_size",
-        "pipes", "reading", "relay", "src", "src_eof", "src_fd", "writing",
+        "_buf", "_pipe", "_start", "_view", "announced", "buffer_size", "done", "dst", "dst_fd",
+        "grow_to", "limit", "loop", "mode", "moved", "pending", "pipe_size", "pipes", "reading",
+        "relay", "src", "src_eof", "src_fd", "writing",
     )  # fmt: skip
 
     def __init__(
@@ -183,10 +192,8 @@ class _Direction:
         buffer_size: int,
         pipes: PipePool,
         sndbuf: int | None,
-        announce: Announce | None = None,
     ) -> None:
         self.relay = relay
-        self.announce = announce  # tells dst's far side of our EOF instead of a shutdown
         self.announced = False
         self.limit: int | None = None  # bytes src carries in all, when told out of band
         self.grow_to = sndbuf  # None once applied (or never wanted)
@@ -307,13 +314,14 @@ class _Direction:
             # tells the peer the same as shutdown() would, one wake-up fewer.
             self.relay.direction_done()
             return
-        if self.announce is not None:
+        ends = self.relay.ends
+        if ends is not None and self is self.relay._ab:
             if _hung_up(self.src):
                 # The local peer closed whole: nothing can reach it any more, so
                 # the data stream closes whole too, and no count need travel.
                 self.relay.end_whole()
                 return
-            if self.announce(self.moved):
+            if ends.announce(self.relay, self.moved):
                 # dst stays open both ways: its far side ends our direction by the count.
                 self.announced = True
                 self.relay.direction_done()
@@ -487,9 +495,9 @@ class Relay:
     """
 
     __slots__ = (
-        "_a", "_ab", "_announce", "_b", "_ba", "_buffer_size", "_closed", "_done", "_end_seen",
-        "_end_timeout", "_end_timer", "_on_done", "_own_pipes", "_pipes", "_sndbuf", "_t0",
-        "loop", "stats",
+        "_a", "_ab", "_b", "_ba", "_buffer_size", "_closed", "_done", "_end_seen", "_end_timeout",
+        "_end_timer", "_on_done", "_own_pipes", "_pipes", "_sndbuf", "_t0", "ends",
+        "ends_channel", "ends_id", "loop", "stats",
     )  # fmt: skip
 
     def __init__(
@@ -503,7 +511,9 @@ class Relay:
         sndbuf: int | None = BULK_SNDBUF,
         on_done: Callable[[RelayStats], None] | None = None,
         pipes: PipePool | None = None,
-        announce: Announce | None = None,
+        ends: EndSink | None = None,
+        ends_id: str = "",
+        ends_channel: int = 0,
         end_timeout: float = END_TIMEOUT,
     ) -> None:
         self.loop = asyncio.get_running_loop()
@@ -521,7 +531,10 @@ class Relay:
         self._done: asyncio.Future[None] | None = None  # made by run() only
         self._closed = False
         self._t0 = time.monotonic()
-        self._announce = announce
+        self.ends = ends
+        """Where a -> b's end goes instead of a shutdown of b (None: shut b down)."""
+        self.ends_id = ends_id  # the data stream's id, for *ends*
+        self.ends_channel = ends_channel  # the call its ends travel on, for *ends*
         self._end_timeout = end_timeout
         self._end_timer: asyncio.TimerHandle | None = None
         self._end_seen = 0
@@ -561,7 +574,6 @@ class Relay:
                 buffer_size=self._buffer_size,
                 pipes=self._pipes,
                 sndbuf=self._sndbuf,
-                announce=self._announce,
             )
             self._ba = _Direction(
                 self,

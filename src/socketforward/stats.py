@@ -34,12 +34,20 @@ class ForwardStats:
         return replace(self, failed=dict(self.failed))
 
 
-def log_stats(log: logging.Logger, stats: Mapping[str, ForwardStats], **totals: int) -> None:
-    """One line per forward, then one with the side's own totals."""
+def log_stats(
+    log: logging.Logger,
+    stats: Mapping[str, ForwardStats],
+    *,
+    id_key: str = "forward_id",
+    **totals: int,
+) -> None:
+    """One line per forward (or expose: *id_key*), then one with the side's own
+    totals, if any."""
     for fid, st in sorted(stats.items()):
         failed = ",".join(f"{k}:{v}" for k, v in sorted(st.failed.items())) or "none"
         log.info(
-            "stats forward_id=%s requests=%d connected=%d active=%d failed=%s to_host=%d to_vm=%d",
+            "stats %s=%s requests=%d connected=%d active=%d failed=%s to_host=%d to_vm=%d",
+            id_key,
             fid,
             st.requests,
             st.connected,
@@ -48,4 +56,5 @@ def log_stats(log: logging.Logger, stats: Mapping[str, ForwardStats], **totals: 
             st.bytes_to_host,
             st.bytes_to_vm,
         )
-    log.info("stats %s", " ".join(f"{k}={v}" for k, v in totals.items()))
+    if totals:
+        log.info("stats %s", " ".join(f"{k}={v}" for k, v in totals.items()))

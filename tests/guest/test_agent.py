@@ -113,7 +113,7 @@ def test_defaults_are_nerdbox_endpoints() -> None:
     assert cfg.rpc_dial == transport.VsockEndpoint(2, 1025)
     assert cfg.rpc_listen is None
     assert cfg.streams == transport.VsockEndpoint(None, 1026)
-    assert (cfg.socket_mode, cfg.max_unanswered, cfg.pending_limit) == (0o666, 32, 4096)
+    assert (cfg.socket_mode, cfg.max_unanswered, cfg.pending_limit) == (0o600, 32, 4096)
     assert cfg.pending_timeout == 30.0 and cfg.fail_fast is False
     cfg = guest.config_from_args(
         _parse("--rpc-listen", "unix:/run/sf.sock", "--socket-mode", "660", "--fail-fast")

@@ -101,14 +101,14 @@ async def test_bind_is_all_or_nothing_and_never_deletes_a_file() -> None:
 
 
 async def test_bind_creates_socket_files_mode_and_parents() -> None:
-    """After Bind returns, the socket file exists with mode 0666 and its new
-    parent directories are 0755, so container users of any uid can connect."""
+    """After Bind returns, the socket file exists with mode 0600 (owner-only by
+    default) and its new parent directories are 0755."""
     async with running_guest() as guest:
         stub = await guest.connect()
         path = guest.root / "run" / "socketfwd" / "a.sock"
         await bind(stub, {"a": path})
         assert stat.S_ISSOCK(path.lstat().st_mode)
-        assert stat.S_IMODE(path.stat().st_mode) == 0o666
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert stat.S_IMODE((guest.root / "run").stat().st_mode) == 0o755
         assert stat.S_IMODE((guest.root / "run" / "socketfwd").stat().st_mode) == 0o755
         assert guest.service.bound() == {"a": str(path)}

@@ -115,9 +115,12 @@ def test_duplicate_destination_and_missing_mounts() -> None:
 
 def test_forwards_from_spec_keep_the_host_path_on_the_host() -> None:
     """The host side turns each uds mount into a forward: host path from the spec,
-    VM path under /run/socketfwd."""
+    VM path under /run/socketfwd; a spec without process.user runs the container
+    as root, so root owns the VM socket, mode 0600."""
     forwards, _ = forwards_from_oci_spec(_spec(), "container-abc")
-    assert forwards[0] == Forward(BAR_ID, "/var/run/foo.sock", f"/run/socketfwd/{BAR_ID}.sock")
+    assert forwards[0] == Forward(
+        BAR_ID, "/var/run/foo.sock", f"/run/socketfwd/{BAR_ID}.sock", mode=0o600, uid=0, gid=0
+    )
     with pytest.raises(oci.OciSpecError, match="absolute"):
         forwards_from_oci_spec(
             {"mounts": [{"type": "uds", "source": "rel.sock", "destination": "/x.sock"}]}, "c"
@@ -161,3 +164,67 @@ def test_load_spec_reports_bad_json(tmp_path: Path) -> None:
     path.write_text("[]")
     with pytest.raises(oci.OciSpecError, match="not a JSON object"):
         oci.load_spec(path)
+
+
+def test_vm_sockets_belong_to_the_containers_user_mode_0600() -> None:
+    """Every uds mount's VM socket is owned by the container's process.user and
+    mode 0600: a container running as a non-root user can connect to it and no
+    other user of the VM can."""
+    spec = _spec()
+    spec["process"]["user"] = {"uid": 1234, "gid": 5678, "additionalGids": [10]}
+    forwards, _ = forwards_from_oci_spec(spec, "container-abc")
+    assert [(f.mode, f.uid, f.gid) for f in forwards] == [(0o600, 1234, 5678)] * 2
+    assert oci.container_owner(spec) == (1234, 5678)
+
+
+@pytest.mark.parametrize(
+    ("process", "owner"),
+    [
+        (None, (0, 0)),
+        ({"args": ["sh"]}, (0, 0)),
+        ({"user": {}}, (0, 0)),
+        ({"user": {"uid": 1000}}, (1000, 0)),
+        ({"user": {"gid": 100}}, (0, 100)),
+        ({"user": {"uid": 4294967294, "gid": 0}}, (4294967294, 0)),
+    ],
+)
+def test_missing_user_or_ids_mean_root_as_the_oci_spec_says(
+    process: dict[str, Any] | None, owner: tuple[int, int]
+) -> None:
+    """Without process.user, or without its uid or gid, the container runs with
+    uid or gid 0, so that is the VM socket's owner."""
+    spec = _spec()
+    del spec["process"]
+    if process is not None:
+        spec["process"] = process
+    forwards, _ = forwards_from_oci_spec(spec, "c1")
+    assert {(f.uid, f.gid) for f in forwards} == {owner}
+
+
+_NOT_AN_ID = "must be an integer from 0 to 4294967294, not"
+
+
+@pytest.mark.parametrize(
+    ("process", "message"),
+    [
+        ({"user": {"uid": "1234", "gid": 0}}, f'process.user.uid {_NOT_AN_ID} "1234"'),
+        ({"user": {"uid": 1234, "gid": 5.5}}, f"process.user.gid {_NOT_AN_ID} 5.5"),
+        ({"user": {"uid": True}}, f"process.user.uid {_NOT_AN_ID} true"),
+        ({"user": {"uid": None}}, f"process.user.uid {_NOT_AN_ID} null"),
+        ({"user": {"uid": -1}}, f"process.user.uid {_NOT_AN_ID} -1"),
+        ({"user": {"gid": 4294967295}}, f"process.user.gid {_NOT_AN_ID} 4294967295"),
+        ({"user": "root"}, "process.user must be an object"),
+        (["sh"], "process must be an object"),
+    ],
+)
+def test_user_of_the_wrong_type_is_refused_naming_the_field(process: Any, message: str) -> None:
+    """A process.user whose uid or gid is not a 32-bit user id (a string, a
+    float, a boolean, null, out of range) is refused with an OciSpecError
+    naming the field, and no mount of the spec is rewritten."""
+    spec = _spec()
+    spec["process"] = process
+    before = copy.deepcopy(spec)
+    with pytest.raises(oci.OciSpecError) as info:
+        forwards_from_oci_spec(spec, "c1")
+    assert str(info.value) == message
+    assert spec == before

@@ -90,3 +90,30 @@ async def test_our_host_drives_nerdbox_vm(
                 assert all(await asyncio.gather(*(one(i) for i in range(start, start + 32))))
         assert host.stop() == 0, host.log()
     assert not rpc.exists()
+
+
+async def test_our_host_exposes_nothing_through_nerdbox_vm(
+    nerdbox_vm_bin: Path, target: Path, tmp_path: Path
+) -> None:
+    """nerdbox's VM side has no Dial: a client of an expose is closed at once
+    and the host says once that this VM cannot expose sockets; forwards keep
+    working."""
+    rpc, streams = tmp_path / "rpc.sock", tmp_path / "streams.sock"
+    vm_path, exposed = tmp_path / "vm" / "echo.sock", tmp_path / "host" / "vm-echo.sock"
+    args = [
+        "host", "--rpc-listen", f"unix:{rpc}", "--streams", f"unix:{streams}",
+        "--forward", f"fwd-echo={target}:{vm_path}",
+        "--expose", f"vm-echo={vm_path}:{exposed}",
+    ]  # fmt: skip
+    with socketforward(args, tmp_path / "host.log") as host:
+        await asyncio.to_thread(wait_for_socket, rpc, 30, host)
+        with nerdbox_vm(nerdbox_vm_bin, rpc, streams, tmp_path / "vm.log"):
+            await asyncio.to_thread(wait_for_socket, vm_path, 30, host)
+            for _ in range(3):
+                reader, writer = await asyncio.open_unix_connection(str(exposed))
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+                writer.close()
+            assert await echo_round_trip(vm_path, b"still", half_close=False) == b"still"
+            assert host.log().count("the guest cannot expose sockets (Dial unimplemented)") == 1
+        assert host.stop() == 0, host.log()
+    assert not exposed.exists()

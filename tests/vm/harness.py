@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,10 @@ from tests.vm import vm
 
 HERE = Path(__file__).resolve().parent
 VM_SOCKET = "/run/socketfwd/svc.sock"
+VM_SERVICE = "/run/vmsvc.sock"
+"""A service inside the VM (tests/vm/service.py), exposed on the host."""
+EXPOSED = "exposed.sock"
+"""Its socket on the host, in the run's directory."""
 RPC_PORT, STREAM_PORT, SOCAT_PORT = 1025, 1026, 1027
 
 
@@ -72,6 +76,23 @@ def client_line(target: str, out: str, args: str) -> str:
     )
 
 
+def expose_clients(wait: float) -> str:
+    """Guest lines for an expose run: serve tests/vm/service.py at VM_SERVICE,
+    say SF-EXPOSE-READY once the host is connected, then wait (at most *wait*
+    s) until the host's clients are done (``share/host-done``)."""
+    return (
+        f'"$PY" "$REPO/tests/vm/service.py" {VM_SERVICE} "$SHARE/vm-service.jsonl" '
+        '>"$SHARE/vm-service.log" 2>&1 &\nVMSVC=$!\n'
+        f"while [ ! -S {VM_SERVICE} ]; do sleep 0.05; done\n"
+        # The forward's socket appears once the host has Bound: the RPC is up.
+        f"while [ ! -S {VM_SOCKET} ]; do sleep 0.05; done\n"
+        "echo SF-EXPOSE-READY\n"
+        f'i=0; while [ ! -e "$SHARE/host-done" ] && [ $i -lt {int(wait * 10)} ]; do '
+        "sleep 0.1; i=$((i+1)); done\n"
+        "kill -TERM $VMSVC; wait $VMSVC\n"
+    )
+
+
 def guest_script(share: Path, clients: str, socat: bool = False) -> str:
     """guest.sh: start the agent with its defaults, run the clients, SIGTERM the agent."""
     lines = [
@@ -117,8 +138,13 @@ def run(
     timeout: float,
     boot_timeout: float = 90,
     socat: bool = False,
+    host_clients: Callable[[Path], None] | None = None,
 ) -> Outcome:
-    """Boot the VM with the host side running; everything is stopped before returning."""
+    """Boot the VM with the host side running; everything is stopped before returning.
+
+    With *host_clients* the host also exposes VM_SERVICE at ``workdir/EXPOSED``
+    and, once the guest (running :func:`expose_clients`) says it is ready,
+    calls it with that path; then it tells the guest it is done."""
     deadline = time.monotonic() + timeout
     share = workdir / "share"
     with contextlib.ExitStack() as stack:
@@ -128,7 +154,9 @@ def run(
             socketforward(
                 ["host", "--rpc-listen", f"unix:{uds}_{RPC_PORT}",
                  "--streams", f"hvsock:{uds}:{STREAM_PORT}",
-                 "--forward", f"svc={svc}:{VM_SOCKET}"],
+                 "--forward", f"svc={svc}:{VM_SOCKET}",
+                 *(["--expose", f"vmsvc={VM_SERVICE}:{workdir / EXPOSED}"]
+                   if host_clients is not None else [])],
                 workdir / "host.log",
             )
         )  # fmt: skip
@@ -142,6 +170,12 @@ def run(
         machine = stack.enter_context(vm.boot(tools, workdir, guest_script(share, clients, socat)))
         try:
             boot_s = machine.wait_console("SF-GUEST-START", boot_timeout)
+            if host_clients is not None:
+                machine.wait_console("SF-EXPOSE-READY", max(1.0, deadline - time.monotonic()))
+                try:
+                    host_clients(workdir / EXPOSED)
+                finally:
+                    (share / "host-done").touch()
             machine.wait_exit(max(1.0, deadline - time.monotonic()))
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- host.log\n{host.log()[-6000:]}") from None
@@ -154,6 +188,12 @@ def run(
             if path.is_file():
                 results[name] = json.loads(path.read_text())
         service_log = [json.loads(line) for line in svc_log.read_text().splitlines() if line]
+        vm_log = share / "vm-service.jsonl"
+        vm_service_log = (
+            [json.loads(line) for line in vm_log.read_text().splitlines() if line]
+            if vm_log.is_file()
+            else []
+        )
         return Outcome(
             boot_s=boot_s,
             total_s=total_s,
@@ -163,6 +203,7 @@ def run(
             host_exit=host_exit,
             host_log=host.log(),
             diagnostics=diagnostics,
+            extra={"vm_service_log": vm_service_log},
         )
     raise AssertionError("unreachable")
 

@@ -15,6 +15,9 @@ QEMU cannot start at all; anything else missing fails.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -154,3 +157,47 @@ def test_exact_256mib_each_way(tools: vm.VmTools) -> None:
     check_transfers(out)
     assert check_part(out, "concurrent")["ok"] == 200
     check_clean_shutdown(out)
+
+
+@pytest.fixture(scope="module")
+def run_expose(tools: vm.VmTools) -> harness.Outcome:
+    """A service inside the VM, exposed on the host; the guest client's parts
+    run on the host against the exposed socket."""
+
+    def host_clients(exposed: Path) -> None:
+        args = [
+            sys.executable, str(harness.HERE / "guest_client.py"),
+            "--target", f"unix:{exposed}", "--out", str(exposed.parent / "share" / "host.json"),
+            "--mib", "8", "--concurrent", "50", "--rtt", "100", "--connects", "10",
+            "--half-close", str(HALF_CLOSE_TIMEOUT), "--wait", "30",
+        ]  # fmt: skip
+        subprocess.run(args, check=False, timeout=180, stdin=subprocess.DEVNULL)
+
+    clients = harness.expose_clients(wait=200)
+    with short_tmp_dir("sfvm-") as workdir:
+        return harness.run(
+            tools, workdir, clients, result_names=("host.json",), timeout=300,
+            host_clients=host_clients,
+        )  # fmt: skip
+
+
+def test_a_vm_socket_exposed_on_the_host(run_expose: harness.Outcome) -> None:
+    """A client on the host reaches a service inside the VM through the exposed
+    socket: 8 MiB each way sha256-exact, 50 concurrent connections, and a
+    half-close from the host side (1 MiB, then a 1 MiB answer) through
+    vhost-device-vsock."""
+    out = run_expose
+    assert "host.json" in out.results, f"no host client results\n{out.diagnostics}"
+    res = out.results["host.json"]
+    assert not res["errors"], f"{res['errors']}\n{out.diagnostics}"
+    vm_log = out.extra["vm_service_log"]
+    sinks = [e for e in vm_log if e["op"] == "sink" and e["length"] == 8 * MIB]
+    assert [e["sha256"] for e in sinks] == [res["upload"]["sha256_sent"]], (sinks, res["upload"])
+    sources = [e for e in vm_log if e["op"] == "source" and e["length"] == 8 * MIB]
+    assert [e["sha256"] for e in sources] == [res["download"]["sha256"]]
+    assert res["concurrent"]["ok"] == 50, res["concurrent"]
+    assert res["half_close"]["ok"], res["half_close"]["detail"]
+    answered = [e for e in vm_log if e["op"] == "answer"]
+    assert [e["sha256"] for e in answered] == [res["half_close"]["sha256_sent"]]
+    assert res["half_close_host"]["ok"], res["half_close_host"]["detail"]
+    assert out.host_exit == 0, out.host_log

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&socketforward/control/v1/control.proto\x12\x18socketforward.control.v1\"\x0f\n\rStatusRequest\"\xee\x02\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04side\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12/\n\x03rpc\x18\x05 \x01(\x0b\x32\".socketforward.control.v1.RpcState\x12\x39\n\x08\x66orwards\x18\x06 \x03(\x0b\x32\'.socketforward.control.v1.ForwardStatus\x12\x31\n\x07\x62udgets\x18\x07 \x03(\x0b\x32 .socketforward.control.v1.Budget\x12H\n\x08\x63ounters\x18\x08 \x03(\x0b\x32\x36.socketforward.control.v1.StatusResponse.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"S\n\x08RpcState\x12\x11\n\tconnected\x18\x01 \x01(\x08\x12\r\n\x05since\x18\x02 \x01(\x01\x12\x13\n\x0b\x63onnections\x18\x03 \x01(\x04\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\"\xbd\x02\n\rForwardStatus\x12\x12\n\nforward_id\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x0f\n\x07vm_path\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0f\n\x07removed\x18\x05 \x01(\x08\x12\x10\n\x08requests\x18\x06 \x01(\x04\x12\x11\n\tconnected\x18\x07 \x01(\x04\x12\x0e\n\x06\x61\x63tive\x18\x08 \x01(\x04\x12\x43\n\x06\x66\x61iled\x18\t \x03(\x0b\x32\x33.socketforward.control.v1.ForwardStatus.FailedEntry\x12\x15\n\rbytes_to_host\x18\n \x01(\x04\x12\x13\n\x0b\x62ytes_to_vm\x18\x0b \x01(\x04\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"3\n\x06\x42udget\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04used\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\x04\"A\n\x07\x46orward\x12\x12\n\nforward_id\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x0f\n\x07vm_path\x18\x03 \x01(\t\"I\n\x12\x41\x64\x64\x46orwardsRequest\x12\x33\n\x08\x66orwards\x18\x01 \x03(\x0b\x32!.socketforward.control.v1.Forward\"$\n\x13\x41\x64\x64\x46orwardsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\",\n\x15RemoveForwardsRequest\x12\x13\n\x0b\x66orward_ids\x18\x01 \x03(\t\")\n\x16RemoveForwardsResponse\x12\x0f\n\x07removed\x18\x01 \x03(\t2\xc7\x02\n\x07\x43ontrol\x12[\n\x06Status\x12\'.socketforward.control.v1.StatusRequest\x1a(.socketforward.control.v1.StatusResponse\x12j\n\x0b\x41\x64\x64\x46orwards\x12,.socketforward.control.v1.AddForwardsRequest\x1a-.socketforward.control.v1.AddForwardsResponse\x12s\n\x0eRemoveForwards\x12/.socketforward.control.v1.RemoveForwardsRequest\x1a\x30.socketforward.control.v1.RemoveForwardsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&socketforward/control/v1/control.proto\x12\x18socketforward.control.v1\"\x0f\n\rStatusRequest\"\xa8\x03\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04side\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12/\n\x03rpc\x18\x05 \x01(\x0b\x32\".socketforward.control.v1.RpcState\x12\x39\n\x08\x66orwards\x18\x06 \x03(\x0b\x32\'.socketforward.control.v1.ForwardStatus\x12\x31\n\x07\x62udgets\x18\x07 \x03(\x0b\x32 .socketforward.control.v1.Budget\x12H\n\x08\x63ounters\x18\x08 \x03(\x0b\x32\x36.socketforward.control.v1.StatusResponse.CountersEntry\x12\x38\n\x07\x65xposes\x18\t \x03(\x0b\x32\'.socketforward.control.v1.ForwardStatus\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"S\n\x08RpcState\x12\x11\n\tconnected\x18\x01 \x01(\x08\x12\r\n\x05since\x18\x02 \x01(\x01\x12\x13\n\x0b\x63onnections\x18\x03 \x01(\x04\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\"\xbd\x02\n\rForwardStatus\x12\x12\n\nforward_id\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x0f\n\x07vm_path\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0f\n\x07removed\x18\x05 \x01(\x08\x12\x10\n\x08requests\x18\x06 \x01(\x04\x12\x11\n\tconnected\x18\x07 \x01(\x04\x12\x0e\n\x06\x61\x63tive\x18\x08 \x01(\x04\x12\x43\n\x06\x66\x61iled\x18\t \x03(\x0b\x32\x33.socketforward.control.v1.ForwardStatus.FailedEntry\x12\x15\n\rbytes_to_host\x18\n \x01(\x04\x12\x13\n\x0b\x62ytes_to_vm\x18\x0b \x01(\x04\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"3\n\x06\x42udget\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04used\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\x04\"A\n\x07\x46orward\x12\x12\n\nforward_id\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x0f\n\x07vm_path\x18\x03 \x01(\t\"I\n\x12\x41\x64\x64\x46orwardsRequest\x12\x33\n\x08\x66orwards\x18\x01 \x03(\x0b\x32!.socketforward.control.v1.Forward\"$\n\x13\x41\x64\x64\x46orwardsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\",\n\x15RemoveForwardsRequest\x12\x13\n\x0b\x66orward_ids\x18\x01 \x03(\t\")\n\x16RemoveForwardsResponse\x12\x0f\n\x07removed\x18\x01 \x03(\t2\xc7\x02\n\x07\x43ontrol\x12[\n\x06Status\x12\'.socketforward.control.v1.StatusRequest\x1a(.socketforward.control.v1.StatusResponse\x12j\n\x0b\x41\x64\x64\x46orwards\x12,.socketforward.control.v1.AddForwardsRequest\x1a-.socketforward.control.v1.AddForwardsResponse\x12s\n\x0eRemoveForwards\x12/.socketforward.control.v1.RemoveForwardsRequest\x1a\x30.socketforward.control.v1.RemoveForwardsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,27 +38,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=68
   _globals['_STATUSREQUEST']._serialized_end=83
   _globals['_STATUSRESPONSE']._serialized_start=86
-  _globals['_STATUSRESPONSE']._serialized_end=452
-  _globals['_STATUSRESPONSE_COUNTERSENTRY']._serialized_start=405
-  _globals['_STATUSRESPONSE_COUNTERSENTRY']._serialized_end=452
-  _globals['_RPCSTATE']._serialized_start=454
-  _globals['_RPCSTATE']._serialized_end=537
-  _globals['_FORWARDSTATUS']._serialized_start=540
-  _globals['_FORWARDSTATUS']._serialized_end=857
-  _globals['_FORWARDSTATUS_FAILEDENTRY']._serialized_start=812
-  _globals['_FORWARDSTATUS_FAILEDENTRY']._serialized_end=857
-  _globals['_BUDGET']._serialized_start=859
-  _globals['_BUDGET']._serialized_end=910
-  _globals['_FORWARD']._serialized_start=912
-  _globals['_FORWARD']._serialized_end=977
-  _globals['_ADDFORWARDSREQUEST']._serialized_start=979
-  _globals['_ADDFORWARDSREQUEST']._serialized_end=1052
-  _globals['_ADDFORWARDSRESPONSE']._serialized_start=1054
-  _globals['_ADDFORWARDSRESPONSE']._serialized_end=1090
-  _globals['_REMOVEFORWARDSREQUEST']._serialized_start=1092
-  _globals['_REMOVEFORWARDSREQUEST']._serialized_end=1136
-  _globals['_REMOVEFORWARDSRESPONSE']._serialized_start=1138
-  _globals['_REMOVEFORWARDSRESPONSE']._serialized_end=1179
-  _globals['_CONTROL']._serialized_start=1182
-  _globals['_CONTROL']._serialized_end=1509
+  _globals['_STATUSRESPONSE']._serialized_end=510
+  _globals['_STATUSRESPONSE_COUNTERSENTRY']._serialized_start=463
+  _globals['_STATUSRESPONSE_COUNTERSENTRY']._serialized_end=510
+  _globals['_RPCSTATE']._serialized_start=512
+  _globals['_RPCSTATE']._serialized_end=595
+  _globals['_FORWARDSTATUS']._serialized_start=598
+  _globals['_FORWARDSTATUS']._serialized_end=915
+  _globals['_FORWARDSTATUS_FAILEDENTRY']._serialized_start=870
+  _globals['_FORWARDSTATUS_FAILEDENTRY']._serialized_end=915
+  _globals['_BUDGET']._serialized_start=917
+  _globals['_BUDGET']._serialized_end=968
+  _globals['_FORWARD']._serialized_start=970
+  _globals['_FORWARD']._serialized_end=1035
+  _globals['_ADDFORWARDSREQUEST']._serialized_start=1037
+  _globals['_ADDFORWARDSREQUEST']._serialized_end=1110
+  _globals['_ADDFORWARDSRESPONSE']._serialized_start=1112
+  _globals['_ADDFORWARDSRESPONSE']._serialized_end=1148
+  _globals['_REMOVEFORWARDSREQUEST']._serialized_start=1150
+  _globals['_REMOVEFORWARDSREQUEST']._serialized_end=1194
+  _globals['_REMOVEFORWARDSRESPONSE']._serialized_start=1196
+  _globals['_REMOVEFORWARDSRESPONSE']._serialized_end=1237
+  _globals['_CONTROL']._serialized_start=1240
+  _globals['_CONTROL']._serialized_end=1567
 # @@protoc_insertion_point(module_scope)

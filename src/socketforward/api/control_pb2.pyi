@@ -68,6 +68,7 @@ class StatusResponse(_message.Message):
     FORWARDS_FIELD_NUMBER: _builtins.int
     BUDGETS_FIELD_NUMBER: _builtins.int
     COUNTERS_FIELD_NUMBER: _builtins.int
+    EXPOSES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     side: _builtins.str
     """"host" or "guest"."""
@@ -87,6 +88,10 @@ class StatusResponse(_message.Message):
     def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Plain counts of the side (e.g. unknown_requests on the host), by name."""
 
+    @_builtins.property
+    def exposes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForwardStatus]:
+        """Exposes (VM -> host), sorted by id; forward_id holds the expose's id."""
+
     def __init__(
         self,
         *,
@@ -98,10 +103,11 @@ class StatusResponse(_message.Message):
         forwards: _abc.Iterable[Global___ForwardStatus] | None = ...,
         budgets: _abc.Iterable[Global___Budget] | None = ...,
         counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        exposes: _abc.Iterable[Global___ForwardStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rpc", b"rpc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "counters", b"counters", "forwards", b"forwards", "pid", b"pid", "rpc", b"rpc", "side", b"side", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "counters", b"counters", "exposes", b"exposes", "forwards", b"forwards", "pid", b"pid", "rpc", b"rpc", "side", b"side", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

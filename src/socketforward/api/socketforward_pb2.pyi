@@ -47,19 +47,42 @@ class Socket(_message.Message):
 
     FORWARD_ID_FIELD_NUMBER: _builtins.int
     SOCKET_PATH_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    GID_FIELD_NUMBER: _builtins.int
     forward_id: _builtins.str
     socket_path: _builtins.str
+    mode: _builtins.int
+    """socketforward extension: the listener's file mode, owner and group in the
+    VM; absent, the guest's defaults (its --socket-mode, its own user).
+    """
+    uid: _builtins.int
+    gid: _builtins.int
     def __init__(
         self,
         *,
         forward_id: _builtins.str = ...,
         socket_path: _builtins.str = ...,
+        mode: _builtins.int | None = ...,
+        uid: _builtins.int | None = ...,
+        gid: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_mode", b"_mode", "_uid", b"_uid", "gid", b"gid", "mode", b"mode", "uid", b"uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["forward_id", b"forward_id", "socket_path", b"socket_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_mode", b"_mode", "_uid", b"_uid", "forward_id", b"forward_id", "gid", b"gid", "mode", b"mode", "socket_path", b"socket_path", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__gid: _TypeAlias = _typing.Literal["gid"]  # noqa: Y015
+    _WhichOneofArgType__gid: _TypeAlias = _typing.Literal["_gid", b"_gid"]  # noqa: Y015
+    _WhichOneofReturnType__mode: _TypeAlias = _typing.Literal["mode"]  # noqa: Y015
+    _WhichOneofArgType__mode: _TypeAlias = _typing.Literal["_mode", b"_mode"]  # noqa: Y015
+    _WhichOneofReturnType__uid: _TypeAlias = _typing.Literal["uid"]  # noqa: Y015
+    _WhichOneofArgType__uid: _TypeAlias = _typing.Literal["_uid", b"_uid"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gid) -> _WhichOneofReturnType__gid | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mode) -> _WhichOneofReturnType__mode | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__uid) -> _WhichOneofReturnType__uid | None: ...
 
 Global___Socket: _TypeAlias = Socket  # noqa: Y015
 
@@ -165,3 +188,35 @@ class StreamEnd(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamEnd: _TypeAlias = StreamEnd  # noqa: Y015
+
+@_typing.final
+class DialRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    EXPOSE_ID_FIELD_NUMBER: _builtins.int
+    SOCKET_PATH_FIELD_NUMBER: _builtins.int
+    ENDS_CHANNEL_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    expose_id: _builtins.str
+    """The host's name for this expose (for the guest's logs and counters)."""
+    socket_path: _builtins.str
+    ends_channel: _builtins.int
+    """As ConnectResult.ends_channel: nonzero when the ends of this data
+    stream's directions travel on that StreamEnds call.
+    """
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        expose_id: _builtins.str = ...,
+        socket_path: _builtins.str = ...,
+        ends_channel: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ends_channel", b"ends_channel", "expose_id", b"expose_id", "socket_path", b"socket_path", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DialRequest: _TypeAlias = DialRequest  # noqa: Y015

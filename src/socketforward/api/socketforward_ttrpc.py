@@ -32,6 +32,9 @@ class SocketForwardBase:
     async def StreamEnds(self, stream: ttrpc.ServerStream[socketforward.api.socketforward_pb2.StreamEnd, socketforward.api.socketforward_pb2.StreamEnd]) -> None:
         raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method StreamEnds")
 
+    async def Dial(self, request: socketforward.api.socketforward_pb2.DialRequest, context: ttrpc.CallContext) -> google.protobuf.empty_pb2.Empty:
+        raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method Dial")
+
 
 class SocketForwardStub:
     """Typed client of ``nerdbox.services.socketforward.v1.SocketForward``."""
@@ -79,4 +82,13 @@ class SocketForwardStub:
             server_streaming=True,
             request=None,
             metadata=metadata,
+        )
+
+    async def Dial(
+        self, request: socketforward.api.socketforward_pb2.DialRequest, *, timeout: float | None = None,
+        metadata: ttrpc.MetadataLike | None = None,
+    ) -> google.protobuf.empty_pb2.Empty:
+        return await self._client.unary(
+            self.SERVICE_NAME, "Dial", request, google.protobuf.empty_pb2.Empty,
+            timeout=timeout, metadata=metadata,
         )

@@ -1,5 +1,6 @@
 """Bind's rules: validating a BindRequest, the table of bound sockets and of
-the directories Bind created, and creating listeners all-or-nothing
+the directories Bind created, and creating listeners with each entry's mode
+and owner (or changing a bound one's in place) all-or-nothing
 (docs/protocol.md 4.3, 4.4).
 
 Every failure is a :class:`BindError` naming the entry (index, forward_id,
@@ -14,31 +15,41 @@ An OSError is never INTERNAL.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Final
 
 from socketforward import transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.logs import escape
 
 __all__ = [
+    "Access",
     "BindError",
+    "BindPlan",
     "BindTable",
     "Bound",
+    "Changed",
     "CreatedDir",
     "code_for",
     "create_listeners",
     "remove_dirs",
+    "requested_access",
     "validate",
 ]
 
 log = logging.getLogger("socketforward.guest")
 
 _Code = ttrpc.Code
+
+# chown() reads 2**32 - 1 as "leave unchanged": never an owner one can ask for.
+_NO_ID: Final = 0xFFFF_FFFF
+_MAX_MODE: Final = 0o7777
 
 # errno -> status of a Bind entry that failed with it (docs/protocol.md 4.3).
 # INVALID_ARGUMENT: wrong whatever the VM's state; FAILED_PRECONDITION: the
@@ -94,6 +105,18 @@ class ParentNotADirectoryError(NotADirectoryError):
         return str(self.strerror)
 
 
+class SocketFileReplacedError(FileNotFoundError):
+    """The path no longer holds the listener's socket file (removed or replaced)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            errno.ENOENT, f"{path} is no longer the listener's socket file (removed or replaced)"
+        )
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 @dataclass(frozen=True)
 class CreatedDir:
     """A directory Bind created: its normalised path and its (st_dev, st_ino),
@@ -103,15 +126,72 @@ class CreatedDir:
     inode: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class Access:
+    """A socket file's mode and owner."""
+
+    mode: int
+    uid: int
+    gid: int
+
+    def __str__(self) -> str:
+        return f"mode={self.mode:04o} uid={self.uid} gid={self.gid}"
+
+
+def requested_access(sock: pb.Socket, default_mode: int) -> Access:
+    """The mode and owner *sock* asks for; each one it leaves out is the
+    guest's default: *default_mode*, the agent's own user and group."""
+    return Access(
+        sock.mode if sock.HasField("mode") else default_mode,
+        sock.uid if sock.HasField("uid") else os.geteuid(),
+        sock.gid if sock.HasField("gid") else os.getegid(),
+    )
+
+
 @dataclass
 class Bound:
-    """A listener in place for one forward, with the directories Bind created
-    for it (outermost first)."""
+    """A listener in place for one forward: its socket file's mode and owner
+    and (st_dev, st_ino), and the directories Bind created for it (outermost
+    first)."""
 
     forward_id: str
     path: str
     listener: transport.Listener
+    access: Access
+    inode: tuple[int, int]
     created_dirs: tuple[CreatedDir, ...] = ()
+
+    @property
+    def mode(self) -> int:
+        return self.access.mode
+
+    @property
+    def uid(self) -> int:
+        return self.access.uid
+
+    @property
+    def gid(self) -> int:
+        return self.access.gid
+
+
+@dataclass(frozen=True)
+class Changed:
+    """A bound socket whose mode or owner a Bind changed, and what it was."""
+
+    bound: Bound
+    was: Access
+
+
+@dataclass
+class BindPlan:
+    """What a valid BindRequest asks of the table."""
+
+    create: list[tuple[int, pb.Socket]] = field(default_factory=list)
+    """New listeners: ``(index, entry)``."""
+    change: list[tuple[int, pb.Socket, Bound]] = field(default_factory=list)
+    """Bound at the same path with another mode or owner: changed in place."""
+    same: list[Bound] = field(default_factory=list)
+    """Bound exactly so already: nothing to do (Bind is idempotent)."""
 
 
 @dataclass
@@ -141,6 +221,12 @@ def validate(request: pb.BindRequest) -> None:
             problem = f"forward_id repeats sockets[{ids[sock.forward_id]}]"
         elif _path_key(path) in paths:
             problem = f"socket_path repeats sockets[{paths[_path_key(path)]}]"
+        elif sock.HasField("mode") and sock.mode > _MAX_MODE:
+            problem = f"mode {sock.mode:o} is not a file mode (0 to 7777, octal)"
+        elif sock.HasField("uid") and sock.uid == _NO_ID:
+            problem = f"uid {_NO_ID} is not a user id"
+        elif sock.HasField("gid") and sock.gid == _NO_ID:
+            problem = f"gid {_NO_ID} is not a group id"
         if problem is not None:
             raise BindError(_Code.INVALID_ARGUMENT, i, sock, problem)
         ids[sock.forward_id] = i
@@ -173,11 +259,15 @@ class BindTable:
         return sorted(self._dirs)
 
     def is_bound(self, index: int, sock: pb.Socket) -> bool:
-        """True for an identical entry (Bind is idempotent); ALREADY_EXISTS when
-        the forward_id or the path is bound otherwise."""
+        """True when *sock*'s forward_id is bound at its path (whatever the mode
+        and owner); ALREADY_EXISTS when the forward_id or the path is bound
+        otherwise."""
+        return self._bound_at(index, sock) is not None
+
+    def _bound_at(self, index: int, sock: pb.Socket) -> Bound | None:
         bound = self._by_id.get(sock.forward_id)
         if bound is not None and _path_key(bound.path) == _path_key(sock.socket_path):
-            return True
+            return bound
         if bound is not None:
             problem = f"forward_id is already bound at {bound.path}"
             raise BindError(_Code.ALREADY_EXISTS, index, sock, problem)
@@ -185,7 +275,24 @@ class BindTable:
         if owner is not None:
             problem = f"socket_path is already bound by forward_id {owner}"
             raise BindError(_Code.ALREADY_EXISTS, index, sock, problem)
-        return False
+        return None
+
+    def plan(self, request: pb.BindRequest, default_mode: int) -> BindPlan:
+        """Sort a validated request's entries into new, changed and identical
+        ones; ALREADY_EXISTS naming the first entry that conflicts."""
+        plan = BindPlan()
+        for i, sock in enumerate(request.sockets):
+            bound = self._bound_at(i, sock)
+            if bound is None:
+                plan.create.append((i, sock))
+            elif bound.access != requested_access(sock, default_mode):
+                # Same forward at the same path, another mode or owner: what the
+                # host wants now (its configuration changed, then it restarted
+                # or re-Bound) is applied in place; connections go on.
+                plan.change.append((i, sock, bound))
+            else:
+                plan.same.append(bound)
+        return plan
 
     def add(self, bound: Bound) -> None:
         self._by_id[bound.forward_id] = bound
@@ -250,10 +357,94 @@ def remove_dirs(dirs: Iterable[CreatedDir], ids: str) -> None:
         log.debug("directory removed %s directory=%s", ids, escape(made.path))
 
 
-async def create_listeners(todo: Iterable[tuple[int, pb.Socket]], mode: int) -> list[Bound]:
-    """Listen at each ``(index, entry)``, creating missing parents; on any
-    failure close what was made, remove the directories made, and raise
-    (a :class:`BindError` for an OSError)."""
+async def create_listeners(plan: BindPlan, default_mode: int) -> tuple[list[Bound], list[Changed]]:
+    """Carry out *plan*: create its listeners and change its bound sockets'
+    mode and owner (each entry's own, else the defaults: :func:`requested_access`),
+    all or nothing: on any failure the listeners and directories made are
+    removed, the changed sockets get their mode and owner back, and the error
+    is raised (a :class:`BindError` for an OSError). Returns the listeners
+    created and the changes made (their :class:`Bound` records already carry
+    the new access)."""
+    created = await _create(plan.create, default_mode)
+    changed: list[Changed] = []
+    try:
+        for index, sock, bound in plan.change:
+            new = requested_access(sock, default_mode)
+            try:
+                _set_access(bound.path, bound.inode, bound.access, new)
+            except OSError as exc:
+                problem = _owner_problem(f"changing the socket file to {new}", exc, new)
+                raise BindError(code_for(exc), index, sock, problem) from None
+            changed.append(Changed(bound, bound.access))
+            bound.access = new
+    except BaseException:
+        for change in reversed(changed):
+            _restore(change)
+        for bound in created:
+            bound.listener.close()
+        remove_dirs([d for b in created for d in b.created_dirs], "bind=rollback")
+        raise
+    return created, changed
+
+
+def _set_access(path: str, inode: tuple[int, int], old: Access, new: Access) -> None:
+    """Take the socket file at *path* (the listener's, *inode*) from *old* to
+    *new* mode and owner, in place.
+
+    The file is reached through an O_PATH descriptor checked to be the
+    listener's very socket (not a symlink or a file put there since), so a
+    user who can write to the directory cannot redirect the chmod or chown.
+    The mode is narrowed to the bits the old and the new mode share before
+    the owner changes and widened after: at no moment may a user connect who
+    may do so neither before nor after (the socket listens throughout).
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) != inode:
+            raise SocketFileReplacedError(path)
+        # chmod/chown on an O_PATH descriptor itself fail (EBADF); its /proc
+        # link reaches the same inode whatever the path holds by now.
+        target = f"/proc/self/fd/{fd}"
+        if not os.path.exists(target):
+            raise FileNotFoundError(errno.ENOENT, "/proc is not mounted (needed for this)")
+        os.chmod(target, old.mode & new.mode)
+        try:
+            if (old.uid, old.gid) != (new.uid, new.gid):
+                os.chown(target, new.uid, new.gid)
+            os.chmod(target, new.mode)  # after chown, which may clear set-id bits
+        except BaseException:
+            # Half done (a refused chown): back to the old owner, then the old mode.
+            with contextlib.suppress(OSError):
+                os.chown(target, old.uid, old.gid)
+            with contextlib.suppress(OSError):
+                os.chmod(target, old.mode)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _restore(change: Changed) -> None:
+    """Undo one change of a failed Bind; a failure is logged (the Bind fails anyway)."""
+    bound = change.bound
+    try:
+        _set_access(bound.path, bound.inode, bound.access, change.was)
+    except OSError as exc:
+        log.warning(
+            "bind rollback: socket file not restored forward_id=%s socket_path=%s %s error=%r",
+            escape(bound.forward_id),
+            escape(bound.path),
+            change.was,
+            exc,
+        )
+        return
+    bound.access = change.was
+
+
+async def _create(todo: Iterable[tuple[int, pb.Socket]], default_mode: int) -> list[Bound]:
+    """Listen at each ``(index, entry)`` with the entry's mode and owner,
+    creating missing parents; on any failure close what was made, remove the
+    directories made, and raise (a :class:`BindError` for an OSError)."""
     created: list[Bound] = []
     made_dirs: list[CreatedDir] = []
     try:
@@ -266,17 +457,34 @@ async def create_listeners(todo: Iterable[tuple[int, pb.Socket]], mode: int) -> 
             except OSError as exc:
                 what = f"creating directory {exc.filename or os.path.dirname(sock.socket_path)}"
                 raise BindError(code_for(exc), index, sock, _problem(what, exc)) from None
+            access = requested_access(sock, default_mode)
             try:
+                # transport.listen gives the socket inode the mode before bind()
+                # (so the file is born no wider than asked; the umask can only
+                # narrow it), then chmods and chowns the file, and only then
+                # calls listen(): until that, connect() is refused, so nobody
+                # reaches the socket before its mode and owner are final. No
+                # temporary name or rename, no process-wide umask change.
                 listener = await transport.listen(
-                    transport.UnixEndpoint(sock.socket_path), mode=mode
+                    transport.UnixEndpoint(sock.socket_path),
+                    mode=access.mode,
+                    uid=access.uid,
+                    gid=access.gid,
                 )
             except (transport.NotASocketError, transport.EndpointInUseError) as exc:
                 # Their text already says what is at the path and that it stays.
                 raise BindError(code_for(exc), index, sock, str(exc.strerror)) from None
             except OSError as exc:
+                problem = _owner_problem(f"listening as {access}", exc, access)
+                raise BindError(code_for(exc), index, sock, problem) from None
+            try:
+                st = os.lstat(sock.socket_path)
+            except OSError as exc:
+                listener.close()
                 raise BindError(code_for(exc), index, sock, _problem("listening", exc)) from None
             made = tuple(made_dirs[first:])
-            created.append(Bound(sock.forward_id, sock.socket_path, listener, made))
+            inode = (st.st_dev, st.st_ino)
+            created.append(Bound(sock.forward_id, sock.socket_path, listener, access, inode, made))
     except BaseException:
         for bound in created:
             bound.listener.close()
@@ -290,6 +498,15 @@ def _problem(what: str, exc: OSError) -> str:
         return f"{what}: {exc}"
     detail = exc.strerror or os.strerror(exc.errno)
     return f"{what}: {detail} ({errno.errorcode.get(exc.errno, exc.errno)})"
+
+
+def _owner_problem(what: str, exc: OSError, access: Access) -> str:
+    """:func:`_problem`, with why when the owner asked for is what was refused."""
+    problem = _problem(what, exc)
+    own = (access.uid, access.gid) == (os.geteuid(), os.getegid())
+    if exc.errno == errno.EPERM and not own:
+        problem += "; only root (CAP_CHOWN) can give a socket to another user or group"
+    return problem
 
 
 def _kind(path: str) -> str:

@@ -49,9 +49,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--socket-mode",
         type=daemon.octal_mode,
-        default=0o666,
+        default=0o600,
         metavar="OCTAL",
-        help="mode of the forwarded socket files (default 666)",
+        help="mode of the forwarded socket files when the host sets none (default 600: "
+        "only the agent's user; the host's per-socket mode and owner take precedence, "
+        "and an OCI uds mount gets the container's user)",
     )
     parser.add_argument(
         "--max-unanswered",
@@ -79,6 +81,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="while no host is connected, close new connections at once (logged as "
         "no_host) instead of letting them wait for one",
+    )
+    parser.add_argument(
+        "--expose-allow",
+        metavar="PATTERN",
+        action="append",
+        help="a VM socket path (a glob pattern, e.g. '/run/containerd/*') the host may "
+        "reach with an expose (repeatable); without it, any socket the agent can connect to",
     )
     parser.add_argument(
         "--max-connections",
@@ -132,6 +141,8 @@ class AgentConfig:
     """None: derived from the fd limit (:class:`FdPlan`)."""
     control: transport.UnixEndpoint | None = None
     """Where to serve the Control service (None: nowhere)."""
+    expose_allow: tuple[str, ...] | None = None
+    """The VM socket paths (glob patterns) exposes may reach; None: any."""
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
@@ -166,6 +177,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         max_unclaimed_streams=args.max_unclaimed_streams,
         max_connections=args.max_connections,
         control=args.control,
+        expose_allow=None if args.expose_allow is None else tuple(args.expose_allow),
     )
 
 
@@ -173,6 +185,7 @@ def _log_stats(service: Service, registry: StreamRegistry) -> None:
     """One line per forward (SIGUSR1, and at exit), as the host's."""
     streams = registry.stats()
     budget = service.budget()
+    stats.log_stats(log, service.expose_stats(), id_key="expose_id")
     stats.log_stats(
         log,
         service.stats(),
@@ -243,6 +256,7 @@ async def _serve(cfg: AgentConfig, plan: FdPlan) -> None:
         fail_fast=cfg.fail_fast,
         max_connections=plan.max_connections,
         pipe_pool=plan.pipe_pool,
+        expose_allow=cfg.expose_allow,
     )
     agent = Agent(service, rpc_dial=cfg.rpc_dial, rpc_listen=cfg.rpc_listen)
     notifier = daemon.Notifier.from_environment()

@@ -58,6 +58,8 @@ class GuestControl(ControlService):
                     fid, stats.get(fid), vm_path=bound.get(fid, ""), removed=fid not in bound
                 )
             )
+        for eid, st in sorted(service.expose_stats().items()):
+            status.exposes.append(forward_status(eid, st))
         budget = service.budget()
         streams = self.registry.stats()
         for name, used, limit in sorted(

@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fnmatch
 import itertools
 import logging
 import select
 import socket
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Any, Final, Protocol
 
 from google.protobuf import empty_pb2
 
-from socketforward import relay, ttrpc
+from socketforward import relay, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
 from socketforward.deadlines import Deadlines
-from socketforward.ends import EndRegistry, announcer
+from socketforward.ends import EndRegistry
 from socketforward.guest.bind import (
     BindError,
     BindTable,
@@ -56,6 +59,31 @@ log = logging.getLogger("socketforward.guest")
 
 # How long accepting pauses after an accept() error (EMFILE...) instead of spinning.
 _ACCEPT_BACKOFF = 0.1
+
+# A VM socket the host asked for that could not be dialed: errno -> status.
+_DIAL_CODES: Final = {
+    errno.ENOENT: ttrpc.Code.NOT_FOUND,
+    errno.ECONNREFUSED: ttrpc.Code.UNAVAILABLE,
+    errno.EACCES: ttrpc.Code.PERMISSION_DENIED,
+    errno.EPERM: ttrpc.Code.PERMISSION_DENIED,
+    errno.ENOTSOCK: ttrpc.Code.FAILED_PRECONDITION,
+    errno.EPROTOTYPE: ttrpc.Code.FAILED_PRECONDITION,
+    errno.ENOTDIR: ttrpc.Code.NOT_FOUND,
+    errno.EMFILE: ttrpc.Code.RESOURCE_EXHAUSTED,
+    errno.ENFILE: ttrpc.Code.RESOURCE_EXHAUSTED,
+    errno.ENOBUFS: ttrpc.Code.RESOURCE_EXHAUSTED,
+    errno.ENOMEM: ttrpc.Code.RESOURCE_EXHAUSTED,
+}
+# ... and status -> the failure reason counted in the expose's stats.
+_DIAL_REASONS: Final = {
+    ttrpc.Code.NOT_FOUND: "not_found",
+    ttrpc.Code.UNAVAILABLE: "refused",
+    ttrpc.Code.PERMISSION_DENIED: "denied",
+    ttrpc.Code.FAILED_PRECONDITION: "not_a_socket",
+    ttrpc.Code.RESOURCE_EXHAUSTED: "exhausted",
+    ttrpc.Code.DEADLINE_EXCEEDED: "timeout",
+    ttrpc.Code.INVALID_ARGUMENT: "invalid",
+}
 
 
 class StreamManager(Protocol):
@@ -137,13 +165,16 @@ class Service(SocketForwardBase):
     the process's fd limit (:class:`~socketforward.guest.budget.FdPlan`).
     *fail_fast*: while no host Accept call is open, close new connections at
     once (reason ``no_host``) instead of letting them wait for one.
+    *expose_allow*: glob patterns (fnmatch) of the VM socket paths a host may
+    have dialed (Dial, docs/protocol.md 4.10); None allows any. *dial_timeout*:
+    how long such a dial may take.
     """
 
     def __init__(
         self,
         streams: StreamManager,
         *,
-        socket_mode: int = 0o666,
+        socket_mode: int = 0o600,
         max_unanswered_per_stream: int = 32,
         pending_limit: int = 4096,
         pending_timeout: float = 30.0,
@@ -151,6 +182,8 @@ class Service(SocketForwardBase):
         max_connections: int | None = None,
         pipe_pool: int | None = None,
         fail_fast: bool = False,
+        expose_allow: Iterable[str] | None = None,
+        dial_timeout: float = 5.0,
     ) -> None:
         if pending_timeout <= 0:
             raise ValueError("pending_timeout must be > 0")
@@ -179,7 +212,10 @@ class Service(SocketForwardBase):
         self._call_numbers = itertools.count(1)
         # StreamEnds calls open now, by the number each hello gave (docs/protocol.md 5.5).
         self._ends_calls: dict[int, ttrpc.ServerStream[pb.StreamEnd, pb.StreamEnd]] = {}
-        self._ends = EndRegistry()
+        self._ends = EndRegistry(self._ends_calls.get)
+        self._expose_stats: dict[str, ForwardStats] = {}
+        self._expose_allow = None if expose_allow is None else tuple(expose_allow)
+        self._dial_timeout = dial_timeout
         self._pipes = relay.PipePool(limit=pipe_pool)  # splice pipes shared by every relay
         self._budget = Budget(
             max_connections, pause=self._pause_accepting, resume=self._resume_accepting
@@ -197,6 +233,10 @@ class Service(SocketForwardBase):
     def stats(self) -> dict[str, ForwardStats]:
         """Counts per forward_id (copies)."""
         return {k: v.copy() for k, v in self._stats.items()}
+
+    def expose_stats(self) -> dict[str, ForwardStats]:
+        """Counts per expose_id of the connections the host had dialed (copies)."""
+        return {k: v.copy() for k, v in self._expose_stats.items()}
 
     def bound(self) -> dict[str, str]:
         """forward_id -> socket path of every listener in place."""
@@ -275,24 +315,39 @@ class Service(SocketForwardBase):
         async with self._bind_lock:
             if self._closed:
                 raise ttrpc.TtrpcError(ttrpc.Code.UNAVAILABLE, "socketforward: shutting down")
-            todo = []
-            for i, sock in enumerate(request.sockets):
-                if self._bound.is_bound(i, sock):
-                    # A host Binds again before it announces again (reconnect, reload).
-                    self._dispatcher.forward_bound(sock.forward_id)
-                else:
-                    todo.append((i, sock))
-            for bound in await create_listeners(todo, self._socket_mode):
+            plan = self._bound.plan(request, self._socket_mode)
+            for same in plan.same:
+                # A host Binds again before it announces again (reconnect, reload).
+                self._dispatcher.forward_bound(same.forward_id)
+            created, changed = await create_listeners(plan, self._socket_mode)
+            for change in changed:
+                bound = change.bound
+                self._dispatcher.forward_bound(bound.forward_id)
+                log.info(
+                    "socket mode and owner changed forward_id=%s socket_path=%s "
+                    "mode=%04o uid=%d gid=%d was_mode=%04o was_uid=%d was_gid=%d",
+                    escape(bound.forward_id),
+                    escape(bound.path),
+                    bound.mode,
+                    bound.uid,
+                    bound.gid,
+                    change.was.mode,
+                    change.was.uid,
+                    change.was.gid,
+                )
+            for bound in created:
                 self._bound.add(bound)
                 self._dispatcher.forward_bound(bound.forward_id)
                 self._stats.setdefault(bound.forward_id, ForwardStats())
                 if self._budget.accepting:  # else the budget's resume starts it
                     self._start_accepting(bound)
                 log.info(
-                    "listening forward_id=%s socket_path=%s mode=%o",
+                    "listening forward_id=%s socket_path=%s mode=%04o uid=%d gid=%d",
                     escape(bound.forward_id),
                     escape(bound.path),
-                    self._socket_mode,
+                    bound.mode,
+                    bound.uid,
+                    bound.gid,
                 )
 
     async def Unbind(
@@ -471,6 +526,103 @@ class Service(SocketForwardBase):
             relays = self._ends.channel_lost(channel)
             log.info("stream ends call closed channel=%d relays=%d", channel, relays)
 
+    # -- Dial: the expose direction (docs/protocol.md 4.10) -----------------------------
+
+    async def Dial(self, request: pb.DialRequest, context: ttrpc.CallContext) -> empty_pb2.Empty:
+        if self._closed:
+            raise ttrpc.TtrpcError(ttrpc.Code.UNAVAILABLE, "socketforward: shutting down")
+        stream_id, expose_id, path = request.stream_id, request.expose_id, request.socket_path
+        what = (
+            f"stream_id={escape(stream_id)} expose_id={escape(expose_id)} "
+            f"socket_path={escape(path)}"
+        )
+        try:
+            self._check_dial(stream_id, path)
+        except ttrpc.TtrpcError as exc:
+            self._dial_failed(what, exc)
+            raise
+        stats = self._expose_stats.setdefault(expose_id, ForwardStats())
+        stats.requests += 1
+        if self._budget.connections >= self._budget.max_connections:
+            spent = ttrpc.TtrpcError(
+                ttrpc.Code.RESOURCE_EXHAUSTED,
+                f"socketforward: connections at their budget ({self._budget.max_connections})",
+            )
+            stats.fail("budget")
+            self._dial_failed(what, spent)
+            raise spent
+        self._budget.take()  # given back by the relay, or below
+        conn: socket.socket | None = None
+        data: socket.socket | None = None
+        try:
+            data = await self._claim_stream(stream_id)
+            conn = await self._dial(path)
+        except ttrpc.TtrpcError as exc:
+            for sock in (conn, data):
+                if sock is not None:
+                    sock.close()
+            self._budget.give_back()
+            reason = _DIAL_REASONS.get(exc.code) if isinstance(exc.code, ttrpc.Code) else None
+            stats.fail(reason or "dial")
+            self._dial_failed(what, exc)
+            raise
+        except BaseException:
+            for sock in (conn, data):
+                if sock is not None:
+                    sock.close()
+            self._budget.give_back()
+            raise
+        self._run_relay(what, stream_id, conn, data, stats, ends_channel=request.ends_channel)
+        return empty_pb2.Empty()
+
+    def _check_dial(self, stream_id: str, path: str) -> None:
+        if not valid_stream_id(stream_id):
+            raise ttrpc.TtrpcError(ttrpc.Code.INVALID_ARGUMENT, "socketforward: invalid stream ID")
+        problem = transport.unix_path_problem(path)
+        if problem is not None:
+            raise ttrpc.TtrpcError(
+                ttrpc.Code.INVALID_ARGUMENT, f"socketforward: socket path {path!r} {problem}"
+            )
+        if self._expose_allow is not None and not any(
+            fnmatch.fnmatchcase(path, pattern) for pattern in self._expose_allow
+        ):
+            raise ttrpc.TtrpcError(
+                ttrpc.Code.PERMISSION_DENIED,
+                f"socketforward: socket path {path!r} is not allowed here (--expose-allow)",
+            )
+
+    async def _claim_stream(self, stream_id: str) -> socket.socket:
+        # The host opens the data stream before it asks: usually here already.
+        try:
+            return self._streams.get(stream_id)
+        except LookupError:
+            pass
+        try:
+            return await self._streams.wait_for(stream_id, self._stream_wait)
+        except LookupError as exc:
+            raise ttrpc.TtrpcError(
+                ttrpc.Code.NOT_FOUND, f"socketforward: no data stream {stream_id!r}: {exc}"
+            ) from None
+
+    async def _dial(self, path: str) -> socket.socket:
+        """Connect to the VM socket *path*; a TtrpcError whose code says why not."""
+        try:
+            return await transport.connect(transport.UnixEndpoint(path), timeout=self._dial_timeout)
+        except TimeoutError:
+            code = ttrpc.Code.DEADLINE_EXCEEDED
+            detail = f"no answer within {self._dial_timeout:g}s"
+        except OSError as exc:
+            code = _DIAL_CODES.get(exc.errno or 0, ttrpc.Code.UNAVAILABLE)
+            detail = exc.strerror or str(exc)
+        raise ttrpc.TtrpcError(code, f"socketforward: dial {path!r}: {detail}")
+
+    def _dial_failed(self, what: str, exc: ttrpc.TtrpcError) -> None:
+        # The host asks for these at will: rate-limited, ids escaped.
+        code = exc.code.name if isinstance(exc.code, ttrpc.Code) else exc.code
+        self._peer_log.warning(
+            "dial_failed", "dial failed %s code=%s error=%r", what, code, exc.message
+        )
+
     # -- the dispatcher's sink ----------------------------------------------------
 
     def send_request(self, call: _AcceptCall, pending: _Connection) -> bool:
@@ -550,32 +702,48 @@ class Service(SocketForwardBase):
         self._relay(p, data)
 
     def _relay(self, p: _Connection, data: socket.socket) -> None:
-        """Relay on callbacks, no task: an idle connection costs only its relay."""
+        """Relay a container connection on callbacks, no task: an idle connection
+        costs only its relay."""
         self._deadlines.discard(p)
         conn, p.conn = p.conn, None
         if conn is None:
             data.close()
             return
         stats = self._stats.setdefault(p.forward_id, ForwardStats())
+        self._run_relay(p, p.stream_id, conn, data, stats, ends_channel=p.ends_channel)
+
+    def _run_relay(
+        self,
+        what: object,
+        stream_id: str,
+        conn: socket.socket,
+        data: socket.socket,
+        stats: ForwardStats,
+        *,
+        ends_channel: int,
+    ) -> None:
+        """Relay *conn* (in the VM) and the data stream *data*; *conn* holds a
+        budget share, given back when the relay ends. *what* names the
+        connection in the log."""
         stats.connected += 1
         stats.active += 1
-        log.debug("relaying %s", p)
+        log.debug("relaying %s", what)
 
         def done(result: relay.RelayStats) -> None:
-            # Called once per relay, with both sockets closed: the share p.conn held.
+            # Called once per relay, with both sockets closed: the share conn held.
             self._budget.give_back()
             self._relays.discard(running)
             if channel:
-                self._ends.discard(p.stream_id, running)
+                self._ends.discard(running)
             stats.active -= 1
             stats.bytes_to_host += result.bytes_a_to_b
             stats.bytes_to_vm += result.bytes_b_to_a
             if result.ended == "cancelled":
-                log.debug("connection ended by shutdown %s", p)
+                log.debug("connection ended by shutdown %s", what)
                 return
             log.debug(
                 "connection done %s ended=%s to_host=%d from_host=%d duration=%.3f%s",
-                p,
+                what,
                 result.ended,
                 result.bytes_a_to_b,
                 result.bytes_b_to_a,
@@ -583,12 +751,17 @@ class Service(SocketForwardBase):
                 f" error={result.error!r}" if result.error else "",
             )
 
-        channel = p.ends_channel if p.ends_channel in self._ends_calls else 0
-        announce = (
-            announcer(lambda: self._ends_calls.get(channel), p.stream_id) if channel else None
-        )
+        channel = ends_channel if ends_channel in self._ends_calls else 0
         try:
-            running = relay.Relay(conn, data, pipes=self._pipes, on_done=done, announce=announce)
+            running = relay.Relay(
+                conn,
+                data,
+                pipes=self._pipes,
+                on_done=done,
+                ends=self._ends if channel else None,
+                ends_id=stream_id,
+                ends_channel=channel,
+            )
         except BaseException:
             conn.close()
             data.close()
@@ -599,4 +772,4 @@ class Service(SocketForwardBase):
         with contextlib.suppress(Exception):  # on_done has logged it; sockets are closed
             running.start()
             if channel and not running.closed:
-                self._ends.add(p.stream_id, running, channel)
+                self._ends.add(running)

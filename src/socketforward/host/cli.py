@@ -35,9 +35,11 @@ from socketforward.host import oci
 from socketforward.host.control import FORWARDS_FILE, ForwardTable, HostControl
 from socketforward.host.forwarder import Forwarder
 from socketforward.host.forwards import (
+    Expose,
     Forward,
     Source,
     merge_sources,
+    parse_expose,
     parse_forward,
     read_forwards_file,
 )
@@ -74,6 +76,13 @@ def _uid_arg(text: str) -> int:
 def _forward_arg(text: str) -> Forward:
     try:
         return parse_forward(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _expose_arg(text: str) -> Expose:
+    try:
+        return parse_expose(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -125,6 +134,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="append",
         default=[],
         help="a forward (repeatable)",
+    )
+    parser.add_argument(
+        "--expose",
+        metavar="EXPOSE_ID=VM_PATH:HOST_PATH",
+        type=_expose_arg,
+        action="append",
+        default=[],
+        help="a VM socket to reach from the host: the host listens at HOST_PATH (mode "
+        "0600) and connects each client to VM_PATH in the VM (repeatable)",
     )
     parser.add_argument(
         "--forwards-file",
@@ -276,6 +294,7 @@ def _check_streams_dir(ep: transport.Endpoint, streams_uid: int | None) -> None:
 
 
 def _log_stats(forwarder: Forwarder) -> None:
+    stats.log_stats(log, forwarder.expose_stats(), id_key="expose_id")
     stats.log_stats(
         log,
         forwarder.stats(),
@@ -337,6 +356,13 @@ async def _serve(
             listener.close()
 
 
+async def _start_exposes(forwarder: Forwarder, exposes: list[Expose]) -> None:
+    try:
+        await forwarder.add_exposes(exposes)
+    except ValueError as exc:
+        raise _Unusable(f"--expose: {exc}") from None
+
+
 async def _start_control(ep: transport.UnixEndpoint, service: HostControl) -> control.ControlServer:
     problem = transport.private_dir_problem(ep.path)
     if problem is not None:
@@ -383,6 +409,8 @@ async def _run(
             on_reload=reloads.request_reload if reloads is not None else None,
         ) as stop:
             try:
+                if args.expose:
+                    await _start_exposes(forwarder, args.expose)
                 if host_control is not None:
                     control_server = await _start_control(args.control, host_control)
                     watch = asyncio.get_running_loop().create_task(host_control.watch())

@@ -38,7 +38,7 @@ from typing import Any, Final, Protocol
 from socketforward import datastream, relay, transport, ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.deadlines import Deadlines
-from socketforward.ends import EndRegistry, EndSender, announcer
+from socketforward.ends import EndRegistry, EndSender
 from socketforward.host.forwards import Forward
 from socketforward.logs import RateLimitedLog, escape
 from socketforward.protocol import HostError, valid_stream_id
@@ -161,7 +161,7 @@ class Connector:
         self.pipes = relay.PipePool()  # splice pipes shared by every relay
         self.peer_log = RateLimitedLog(log)
         """Warnings a VM can cause at will, one request at a time."""
-        self.ends = EndRegistry(early_limit=0)  # our relays exist before the guest's
+        self.ends = EndRegistry(self._ends_call_for, early_limit=0)  # ours exist first
         """Relays whose direction ends travel out of band (docs/protocol.md 5.5)."""
         self._ends_call: ttrpc.ClientStream[pb.StreamEnd, pb.StreamEnd] | None = None
         self._ends_channel = 0
@@ -181,9 +181,9 @@ class Connector:
             self._ends_call, self._ends_channel = None, 0
         self.ends.channel_lost(channel)
 
-    def _ends_call_for(self, channel: int) -> Callable[[], EndSender | None]:
+    def _ends_call_for(self, channel: int) -> EndSender | None:
         # The call of *channel* while it is the open one; later, None.
-        return lambda: self._ends_call if self._ends_channel == channel else None
+        return self._ends_call if self._ends_channel == channel else None
 
     def ends_channel_for(self, stream_id: str) -> int:
         """The channel a new relay for *stream_id* takes its ends on; 0 (as a
@@ -340,7 +340,7 @@ class Connector:
             if not self.relays:
                 self.no_relays.set()
             if ends_channel:
-                self.ends.discard(stream_id, running)
+                self.ends.discard(running)
                 if result.end_mismatch:
                     self._log_end_error(stream_id, fid, str(result.error))
             stats.active -= 1
@@ -356,16 +356,21 @@ class Connector:
             )
 
         # No task per relay: an idle forwarded connection costs only its relay.
-        announce = announcer(self._ends_call_for(ends_channel), stream_id) if ends_channel else None
         running = relay.Relay(
-            host_sock, data_sock, pipes=self.pipes, on_done=done, announce=announce
+            host_sock,
+            data_sock,
+            pipes=self.pipes,
+            on_done=done,
+            ends=self.ends if ends_channel else None,
+            ends_id=stream_id,
+            ends_channel=ends_channel,
         )
         self.relays[running] = fid
         self.no_relays.clear()
         log.debug("connection forwarded stream_id=%s forward_id=%s", stream_id, fid)
         running.start()
         if ends_channel and not running.closed:
-            self.ends.add(stream_id, running, ends_channel)
+            self.ends.add(running)
 
     def _log_end_error(self, stream_id: str, fid: str, error: str) -> None:
         self.peer_log.warning(

@@ -261,7 +261,20 @@ class HostControl(ControlService):
                     removed=forward is None,
                 )
             )
-        relays = sum(max(s.active, 0) for s in stats.values())
+        exposes = forwarder.exposes
+        expose_stats = forwarder.expose_stats()
+        for eid in sorted(set(expose_stats) | set(exposes)):
+            expose = exposes.get(eid)
+            status.exposes.append(
+                forward_status(
+                    eid,
+                    expose_stats.get(eid),
+                    host_path=expose.host_path if expose else "",
+                    vm_path=expose.vm_path if expose else "",
+                    removed=expose is None,
+                )
+            )
+        relays = sum(max(s.active, 0) for s in (*stats.values(), *expose_stats.values()))
         for name, used, limit in [
             ("pending", forwarder.pending, forwarder.max_pending),
             ("queued_to_vm", forwarder.queued_to_vm, forwarder.max_queued_to_vm),

@@ -26,7 +26,8 @@ from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
 from socketforward.deadlines import Deadlines
 from socketforward.host.connect import Connector, ConnectRequest, default_max_relays
-from socketforward.host.forwards import Forward
+from socketforward.host.expose import Exposer
+from socketforward.host.forwards import Expose, Forward
 from socketforward.logs import escape
 from socketforward.protocol import FORWARD_IDS_METADATA
 from socketforward.stats import ForwardStats
@@ -41,6 +42,19 @@ MAX_QUEUED_TO_VM: Final = 1 << 20
 """Bytes queued toward the VM on the RPC connection past which ConnectRequests are not read."""
 VM_READ_TIMEOUT: Final = 30.0
 """How long the VM may leave that queue unread before its RPC connection is dropped."""
+
+
+def _socket(forward: Forward) -> pb.Socket:
+    """A forward as Bind sends it: ids and the VM path; mode and owner only when
+    configured (nerdbox's guest skips them; ours then applies its defaults)."""
+    sock = pb.Socket(forward_id=forward.forward_id, socket_path=forward.vm_path)
+    if forward.mode is not None:
+        sock.mode = forward.mode
+    if forward.uid is not None:
+        sock.uid = forward.uid
+    if forward.gid is not None:
+        sock.gid = forward.gid
+    return sock
 
 
 class AcceptCall:
@@ -158,6 +172,7 @@ class Forwarder:
             max_relays=default_max_relays() if max_relays is None else max_relays,
             streams_uid=streams_uid,
         )
+        self._exposer = Exposer(self._connector, self._current, rpc_timeout=rpc_timeout)
         self._undecodable = 0
         self._unread_drops = 0
         self.sessions = 0
@@ -202,6 +217,27 @@ class Forwarder:
         """ConnectRequests that did not decode (e.g. a string field that is not
         UTF-8): dropped, nothing to answer them by."""
         return self._undecodable
+
+    @property
+    def exposes(self) -> Mapping[str, Expose]:
+        """The exposes (VM sockets reached from the host) listened for now."""
+        return self._exposer.exposes
+
+    async def add_exposes(self, exposes: Iterable[Expose]) -> None:
+        """Listen for *exposes* (docs/protocol.md 4.10), all or none; ValueError
+        names what cannot be used."""
+        if self._closed:
+            raise RuntimeError("Forwarder is closed")
+        await self._exposer.add(exposes)
+
+    def remove_exposes(self, expose_ids: Iterable[str]) -> list[str]:
+        """Stop listening for *expose_ids*; running connections go on. Returns
+        the ids that were there."""
+        return self._exposer.remove(expose_ids)
+
+    def expose_stats(self) -> dict[str, ForwardStats]:
+        """Counts per expose_id (copies)."""
+        return {k: v.copy() for k, v in self._exposer.stats.items()}
 
     @property
     def stray_ends(self) -> int:
@@ -372,9 +408,7 @@ class Forwarder:
             log.info("rpc connection closed")
 
     async def _bind_call(self, session: _Session, forwards: list[Forward]) -> None:
-        request = pb.BindRequest(
-            sockets=[pb.Socket(forward_id=f.forward_id, socket_path=f.vm_path) for f in forwards]
-        )
+        request = pb.BindRequest(sockets=[_socket(f) for f in forwards])
         await session.stub.Bind(request, timeout=self.rpc_timeout)
         log.info(
             "bound forward_ids=%s count=%d",
@@ -699,6 +733,7 @@ class Forwarder:
         """Drop the RPC connection (no new connections), let running relays
         finish for up to *drain* seconds, then end the rest. Idempotent."""
         self._closed = True
+        self._exposer.close()
         session, self._session = self._session, None
         self._ready.clear()
         if session is not None:

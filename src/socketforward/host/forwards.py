@@ -12,16 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
+from typing import Final
 
 from socketforward.protocol import MAX_FORWARD_ID_LEN
 from socketforward.transport import unix_path_problem
 
 __all__ = [
+    "Expose",
     "Forward",
     "ForwardsClash",
     "Reload",
     "Source",
     "merge_sources",
+    "parse_expose",
     "parse_forward",
     "plan_reload",
     "read_forwards_file",
@@ -34,27 +37,73 @@ def _check_socket_path(what: str, path: str) -> None:
         raise ValueError(f"{what} {path!r} {problem}")
 
 
+MAX_ID: Final = 0xFFFF_FFFE
+"""The largest uid or gid (2**32 - 1 means "none" to chown)."""
+
+
+def _check_id(what: str, ident: str) -> None:
+    if not ident:
+        raise ValueError(f"{what} must not be empty")
+    if len(ident) > MAX_FORWARD_ID_LEN:
+        raise ValueError(f"{what} is longer than {MAX_FORWARD_ID_LEN} characters")
+    # The Accept metadata lists forward_ids comma-separated.
+    if not ident.isprintable() or any(c in ident for c in ", =") or not ident.isascii():
+        raise ValueError(
+            f"{what} {ident!r} may hold printable ASCII only, without ',', '=' or spaces"
+        )
+
+
+def _check_owner(mode: int | None, uid: int | None, gid: int | None) -> None:
+    if mode is not None and not 0 <= mode <= 0o7777:
+        raise ValueError(f"mode {mode:o} is not a file mode (0 to 7777, octal)")
+    for what, value in (("uid", uid), ("gid", gid)):
+        if value is not None and not 0 <= value <= MAX_ID:
+            raise ValueError(f"{what} {value} is out of range 0..{MAX_ID}")
+
+
 @dataclass(frozen=True)
 class Forward:
-    """One forward: the VM listens at *vm_path*; connections reach *host_path*."""
+    """One forward: the VM listens at *vm_path*; connections reach *host_path*.
+
+    *mode*, *uid*, *gid*: the VM socket's file mode and owner; None leaves
+    each to the guest's default (docs/protocol.md 4.3)."""
 
     forward_id: str
     host_path: str
     vm_path: str
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
 
     def __post_init__(self) -> None:
-        fid = self.forward_id
-        if not fid:
-            raise ValueError("forward ID must not be empty")
-        if len(fid) > MAX_FORWARD_ID_LEN:
-            raise ValueError(f"forward ID is longer than {MAX_FORWARD_ID_LEN} characters")
-        # The Accept metadata lists forward_ids comma-separated.
-        if not fid.isprintable() or any(c in fid for c in ", =") or not fid.isascii():
-            raise ValueError(
-                f"forward ID {fid!r} may hold printable ASCII only, without ',', '=' or spaces"
-            )
+        _check_id("forward ID", self.forward_id)
         _check_socket_path("host path", self.host_path)
         _check_socket_path("VM path", self.vm_path)
+        _check_owner(self.mode, self.uid, self.gid)
+
+
+EXPOSE_MODE: Final = 0o600
+"""The mode of an exposed socket on the host unless configured."""
+
+
+@dataclass(frozen=True)
+class Expose:
+    """One expose (VM -> host): the host listens at *host_path*; connections
+    reach the VM socket *vm_path*. *mode*, *uid*, *gid*: the host socket's file
+    mode and owner (None: this process's user and group)."""
+
+    expose_id: str
+    vm_path: str
+    host_path: str
+    mode: int = EXPOSE_MODE
+    uid: int | None = None
+    gid: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_id("expose ID", self.expose_id)
+        _check_socket_path("VM path", self.vm_path)
+        _check_socket_path("host path", self.host_path)
+        _check_owner(self.mode, self.uid, self.gid)
 
 
 def parse_forward(text: str) -> Forward:
@@ -65,6 +114,19 @@ def parse_forward(text: str) -> Forward:
         raise ValueError(f"{text!r} is not FORWARD_ID=HOST_PATH:VM_PATH (both paths absolute)")
     try:
         return Forward(fid, paths[:cut], paths[cut + 1 :])
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
+
+
+def parse_expose(text: str) -> Expose:
+    """``EXPOSE_ID=VM_PATH:HOST_PATH`` (the mirror of ``--forward``); the paths
+    split at the last ``:/``."""
+    eid, sep, paths = text.partition("=")
+    cut = paths.rfind(":/")
+    if not sep or cut < 0:
+        raise ValueError(f"{text!r} is not EXPOSE_ID=VM_PATH:HOST_PATH (both paths absolute)")
+    try:
+        return Expose(eid, paths[:cut], paths[cut + 1 :])
     except ValueError as exc:
         raise ValueError(f"{text!r}: {exc}") from None
 

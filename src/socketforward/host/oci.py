@@ -3,8 +3,9 @@
 
 A mount ``{"type": "uds", "source": HOST_PATH, "destination": CTR_PATH}`` becomes
 a forward with ``forward_id = hex(sha256(container_id + ":" + destination))``;
-the VM listens at ``/run/socketfwd/{forward_id}.sock`` and the mount is
-rewritten in place to a bind mount of that path. The host path stays on the host.
+the VM listens at ``/run/socketfwd/{forward_id}.sock``, mode 0600, owned by
+the container's ``process.user``, and the mount is rewritten in place to a
+bind mount of that path. The host path stays on the host.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from socketforward.host.forwards import Forward
+from socketforward.host.forwards import MAX_ID, Forward
 
 __all__ = [
     "VM_SOCKET_DIR",
+    "VM_SOCKET_MODE",
     "OciSpecError",
     "UdsMount",
+    "container_owner",
     "forward_id_for",
     "forwards_from_oci_spec",
     "load_spec",
@@ -34,6 +37,8 @@ __all__ = [
 ]
 
 VM_SOCKET_DIR: Final = "/run/socketfwd"
+VM_SOCKET_MODE: Final = 0o600
+"""The mode of a uds mount's socket in the VM: its owner (the container's user) only."""
 
 
 class OciSpecError(ValueError):
@@ -128,6 +133,33 @@ def rewrite_uds_mounts(spec: dict[str, Any], container_id: str) -> list[UdsMount
     return [uds for _, uds in found]
 
 
+def container_owner(spec: dict[str, Any]) -> tuple[int, int]:
+    """The uid and gid of the container's ``process.user``; each one missing is
+    0 (root), as the OCI runtime spec says. :class:`OciSpecError` names a field
+    of the wrong type."""
+    process = spec.get("process")
+    if process is None:
+        return 0, 0
+    if not isinstance(process, dict):
+        raise OciSpecError("process must be an object")
+    user = process.get("user")
+    if user is None:
+        return 0, 0
+    if not isinstance(user, dict):
+        raise OciSpecError("process.user must be an object")
+    ids = []
+    for name in ("uid", "gid"):
+        value = user.get(name, 0)
+        # bool is an int to Python, never to the spec; 2**32 - 1 is chown's "unchanged".
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ID:
+            raise OciSpecError(
+                f"process.user.{name} must be an integer from 0 to {MAX_ID}, "
+                f"not {json.dumps(value)}"
+            )
+        ids.append(value)
+    return ids[0], ids[1]
+
+
 def load_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read an OCI runtime spec (config.json)."""
     try:
@@ -173,12 +205,15 @@ def write_spec(path: str | os.PathLike[str], spec: dict[str, Any]) -> None:
 def forwards_from_oci_spec(
     spec: dict[str, Any], container_id: str
 ) -> tuple[list[Forward], list[UdsMount]]:
-    """Rewrite *spec*'s uds mounts in place; the forwards they make."""
+    """Rewrite *spec*'s uds mounts in place; the forwards they make. Each VM
+    socket is mode 0600 and owned by the container's user (:func:`container_owner`),
+    so a container running as any user can connect and no other user can."""
+    uid, gid = container_owner(spec)  # before the rewrite: on error *spec* is unchanged
     mounts = rewrite_uds_mounts(spec, container_id)
     forwards = []
     for m in mounts:
         try:
-            forwards.append(Forward(m.forward_id, m.host_path, m.vm_path))
+            forwards.append(Forward(m.forward_id, m.host_path, m.vm_path, VM_SOCKET_MODE, uid, gid))
         except ValueError as exc:
             raise OciSpecError(f"uds mount for {m.container_path!r}: {exc}") from None
     return forwards, mounts

@@ -71,9 +71,14 @@ func (x *BindRequest) GetSockets() []*Socket {
 }
 
 type Socket struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	ForwardId     string                 `protobuf:"bytes,1,opt,name=forward_id,json=forwardId,proto3" json:"forward_id,omitempty"`
-	SocketPath    string                 `protobuf:"bytes,2,opt,name=socket_path,json=socketPath,proto3" json:"socket_path,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	ForwardId  string                 `protobuf:"bytes,1,opt,name=forward_id,json=forwardId,proto3" json:"forward_id,omitempty"`
+	SocketPath string                 `protobuf:"bytes,2,opt,name=socket_path,json=socketPath,proto3" json:"socket_path,omitempty"`
+	// socketforward extension: the listener's file mode, owner and group in the
+	// VM; absent, the guest's defaults (its --socket-mode, its own user).
+	Mode          *uint32 `protobuf:"varint,3,opt,name=mode,proto3,oneof" json:"mode,omitempty"`
+	Uid           *uint32 `protobuf:"varint,4,opt,name=uid,proto3,oneof" json:"uid,omitempty"`
+	Gid           *uint32 `protobuf:"varint,5,opt,name=gid,proto3,oneof" json:"gid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -120,6 +125,27 @@ func (x *Socket) GetSocketPath() string {
 		return x.SocketPath
 	}
 	return ""
+}
+
+func (x *Socket) GetMode() uint32 {
+	if x != nil && x.Mode != nil {
+		return *x.Mode
+	}
+	return 0
+}
+
+func (x *Socket) GetUid() uint32 {
+	if x != nil && x.Uid != nil {
+		return *x.Uid
+	}
+	return 0
+}
+
+func (x *Socket) GetGid() uint32 {
+	if x != nil && x.Gid != nil {
+		return *x.Gid
+	}
+	return 0
 }
 
 type ConnectRequest struct {
@@ -346,18 +372,95 @@ func (x *StreamEnd) GetChannel() uint32 {
 	return 0
 }
 
+type DialRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	StreamId string                 `protobuf:"bytes,1,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
+	// The host's name for this expose (for the guest's logs and counters).
+	ExposeId   string `protobuf:"bytes,2,opt,name=expose_id,json=exposeId,proto3" json:"expose_id,omitempty"`
+	SocketPath string `protobuf:"bytes,3,opt,name=socket_path,json=socketPath,proto3" json:"socket_path,omitempty"`
+	// As ConnectResult.ends_channel: nonzero when the ends of this data
+	// stream's directions travel on that StreamEnds call.
+	EndsChannel   uint32 `protobuf:"varint,4,opt,name=ends_channel,json=endsChannel,proto3" json:"ends_channel,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DialRequest) Reset() {
+	*x = DialRequest{}
+	mi := &file_nerdbox_services_socketforward_v1_socketforward_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DialRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DialRequest) ProtoMessage() {}
+
+func (x *DialRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_nerdbox_services_socketforward_v1_socketforward_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DialRequest.ProtoReflect.Descriptor instead.
+func (*DialRequest) Descriptor() ([]byte, []int) {
+	return file_nerdbox_services_socketforward_v1_socketforward_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *DialRequest) GetStreamId() string {
+	if x != nil {
+		return x.StreamId
+	}
+	return ""
+}
+
+func (x *DialRequest) GetExposeId() string {
+	if x != nil {
+		return x.ExposeId
+	}
+	return ""
+}
+
+func (x *DialRequest) GetSocketPath() string {
+	if x != nil {
+		return x.SocketPath
+	}
+	return ""
+}
+
+func (x *DialRequest) GetEndsChannel() uint32 {
+	if x != nil {
+		return x.EndsChannel
+	}
+	return 0
+}
+
 var File_nerdbox_services_socketforward_v1_socketforward_proto protoreflect.FileDescriptor
 
 const file_nerdbox_services_socketforward_v1_socketforward_proto_rawDesc = "" +
 	"\n" +
 	"5nerdbox/services/socketforward/v1/socketforward.proto\x12!nerdbox.services.socketforward.v1\x1a\x1bgoogle/protobuf/empty.proto\"R\n" +
 	"\vBindRequest\x12C\n" +
-	"\asockets\x18\x01 \x03(\v2).nerdbox.services.socketforward.v1.SocketR\asockets\"H\n" +
+	"\asockets\x18\x01 \x03(\v2).nerdbox.services.socketforward.v1.SocketR\asockets\"\xa8\x01\n" +
 	"\x06Socket\x12\x1d\n" +
 	"\n" +
 	"forward_id\x18\x01 \x01(\tR\tforwardId\x12\x1f\n" +
 	"\vsocket_path\x18\x02 \x01(\tR\n" +
-	"socketPath\"L\n" +
+	"socketPath\x12\x17\n" +
+	"\x04mode\x18\x03 \x01(\rH\x00R\x04mode\x88\x01\x01\x12\x15\n" +
+	"\x03uid\x18\x04 \x01(\rH\x01R\x03uid\x88\x01\x01\x12\x15\n" +
+	"\x03gid\x18\x05 \x01(\rH\x02R\x03gid\x88\x01\x01B\a\n" +
+	"\x05_modeB\x06\n" +
+	"\x04_uidB\x06\n" +
+	"\x04_gid\"L\n" +
 	"\x0eConnectRequest\x12\x1b\n" +
 	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x1d\n" +
 	"\n" +
@@ -372,13 +475,20 @@ const file_nerdbox_services_socketforward_v1_socketforward_proto_rawDesc = "" +
 	"\tStreamEnd\x12\x1b\n" +
 	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x14\n" +
 	"\x05bytes\x18\x02 \x01(\x04R\x05bytes\x12\x18\n" +
-	"\achannel\x18\x03 \x01(\rR\achannel2\x94\x03\n" +
+	"\achannel\x18\x03 \x01(\rR\achannel\"\x8b\x01\n" +
+	"\vDialRequest\x12\x1b\n" +
+	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x1b\n" +
+	"\texpose_id\x18\x02 \x01(\tR\bexposeId\x12\x1f\n" +
+	"\vsocket_path\x18\x03 \x01(\tR\n" +
+	"socketPath\x12!\n" +
+	"\fends_channel\x18\x04 \x01(\rR\vendsChannel2\xe4\x03\n" +
 	"\rSocketForward\x12N\n" +
 	"\x04Bind\x12..nerdbox.services.socketforward.v1.BindRequest\x1a\x16.google.protobuf.Empty\x12q\n" +
 	"\x06Accept\x120.nerdbox.services.socketforward.v1.ConnectResult\x1a1.nerdbox.services.socketforward.v1.ConnectRequest(\x010\x01\x12R\n" +
 	"\x06Unbind\x120.nerdbox.services.socketforward.v1.UnbindRequest\x1a\x16.google.protobuf.Empty\x12l\n" +
 	"\n" +
-	"StreamEnds\x12,.nerdbox.services.socketforward.v1.StreamEnd\x1a,.nerdbox.services.socketforward.v1.StreamEnd(\x010\x01BCZAgithub.com/socketforward/socketforward/tests/interop/go/sfpb;sfpbb\x06proto3"
+	"StreamEnds\x12,.nerdbox.services.socketforward.v1.StreamEnd\x1a,.nerdbox.services.socketforward.v1.StreamEnd(\x010\x01\x12N\n" +
+	"\x04Dial\x12..nerdbox.services.socketforward.v1.DialRequest\x1a\x16.google.protobuf.EmptyBCZAgithub.com/socketforward/socketforward/tests/interop/go/sfpb;sfpbb\x06proto3"
 
 var (
 	file_nerdbox_services_socketforward_v1_socketforward_proto_rawDescOnce sync.Once
@@ -392,7 +502,7 @@ func file_nerdbox_services_socketforward_v1_socketforward_proto_rawDescGZIP() []
 	return file_nerdbox_services_socketforward_v1_socketforward_proto_rawDescData
 }
 
-var file_nerdbox_services_socketforward_v1_socketforward_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_nerdbox_services_socketforward_v1_socketforward_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_nerdbox_services_socketforward_v1_socketforward_proto_goTypes = []any{
 	(*BindRequest)(nil),    // 0: nerdbox.services.socketforward.v1.BindRequest
 	(*Socket)(nil),         // 1: nerdbox.services.socketforward.v1.Socket
@@ -400,7 +510,8 @@ var file_nerdbox_services_socketforward_v1_socketforward_proto_goTypes = []any{
 	(*ConnectResult)(nil),  // 3: nerdbox.services.socketforward.v1.ConnectResult
 	(*UnbindRequest)(nil),  // 4: nerdbox.services.socketforward.v1.UnbindRequest
 	(*StreamEnd)(nil),      // 5: nerdbox.services.socketforward.v1.StreamEnd
-	(*emptypb.Empty)(nil),  // 6: google.protobuf.Empty
+	(*DialRequest)(nil),    // 6: nerdbox.services.socketforward.v1.DialRequest
+	(*emptypb.Empty)(nil),  // 7: google.protobuf.Empty
 }
 var file_nerdbox_services_socketforward_v1_socketforward_proto_depIdxs = []int32{
 	1, // 0: nerdbox.services.socketforward.v1.BindRequest.sockets:type_name -> nerdbox.services.socketforward.v1.Socket
@@ -408,12 +519,14 @@ var file_nerdbox_services_socketforward_v1_socketforward_proto_depIdxs = []int32
 	3, // 2: nerdbox.services.socketforward.v1.SocketForward.Accept:input_type -> nerdbox.services.socketforward.v1.ConnectResult
 	4, // 3: nerdbox.services.socketforward.v1.SocketForward.Unbind:input_type -> nerdbox.services.socketforward.v1.UnbindRequest
 	5, // 4: nerdbox.services.socketforward.v1.SocketForward.StreamEnds:input_type -> nerdbox.services.socketforward.v1.StreamEnd
-	6, // 5: nerdbox.services.socketforward.v1.SocketForward.Bind:output_type -> google.protobuf.Empty
-	2, // 6: nerdbox.services.socketforward.v1.SocketForward.Accept:output_type -> nerdbox.services.socketforward.v1.ConnectRequest
-	6, // 7: nerdbox.services.socketforward.v1.SocketForward.Unbind:output_type -> google.protobuf.Empty
-	5, // 8: nerdbox.services.socketforward.v1.SocketForward.StreamEnds:output_type -> nerdbox.services.socketforward.v1.StreamEnd
-	5, // [5:9] is the sub-list for method output_type
-	1, // [1:5] is the sub-list for method input_type
+	6, // 5: nerdbox.services.socketforward.v1.SocketForward.Dial:input_type -> nerdbox.services.socketforward.v1.DialRequest
+	7, // 6: nerdbox.services.socketforward.v1.SocketForward.Bind:output_type -> google.protobuf.Empty
+	2, // 7: nerdbox.services.socketforward.v1.SocketForward.Accept:output_type -> nerdbox.services.socketforward.v1.ConnectRequest
+	7, // 8: nerdbox.services.socketforward.v1.SocketForward.Unbind:output_type -> google.protobuf.Empty
+	5, // 9: nerdbox.services.socketforward.v1.SocketForward.StreamEnds:output_type -> nerdbox.services.socketforward.v1.StreamEnd
+	7, // 10: nerdbox.services.socketforward.v1.SocketForward.Dial:output_type -> google.protobuf.Empty
+	6, // [6:11] is the sub-list for method output_type
+	1, // [1:6] is the sub-list for method input_type
 	1, // [1:1] is the sub-list for extension type_name
 	1, // [1:1] is the sub-list for extension extendee
 	0, // [0:1] is the sub-list for field type_name
@@ -424,13 +537,14 @@ func file_nerdbox_services_socketforward_v1_socketforward_proto_init() {
 	if File_nerdbox_services_socketforward_v1_socketforward_proto != nil {
 		return
 	}
+	file_nerdbox_services_socketforward_v1_socketforward_proto_msgTypes[1].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_nerdbox_services_socketforward_v1_socketforward_proto_rawDesc), len(file_nerdbox_services_socketforward_v1_socketforward_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -13,6 +13,7 @@ type SocketForwardService interface {
 	Accept(context.Context, SocketForward_AcceptServer) error
 	Unbind(context.Context, *UnbindRequest) (*emptypb.Empty, error)
 	StreamEnds(context.Context, SocketForward_StreamEndsServer) error
+	Dial(context.Context, *DialRequest) (*emptypb.Empty, error)
 }
 
 type SocketForward_AcceptServer interface {
@@ -76,6 +77,13 @@ func RegisterSocketForwardService(srv *ttrpc.Server, svc SocketForwardService) {
 				}
 				return svc.Unbind(ctx, &req)
 			},
+			"Dial": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req DialRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.Dial(ctx, &req)
+			},
 		},
 		Streams: map[string]ttrpc.Stream{
 			"Accept": {
@@ -101,6 +109,7 @@ type SocketForwardClient interface {
 	Accept(context.Context) (SocketForward_AcceptClient, error)
 	Unbind(context.Context, *UnbindRequest) (*emptypb.Empty, error)
 	StreamEnds(context.Context) (SocketForward_StreamEndsClient, error)
+	Dial(context.Context, *DialRequest) (*emptypb.Empty, error)
 }
 
 type socketforwardClient struct {
@@ -195,4 +204,12 @@ func (x *socketforwardStreamEndsClient) Recv() (*StreamEnd, error) {
 		return nil, err
 	}
 	return m, nil
+}
+
+func (c *socketforwardClient) Dial(ctx context.Context, req *DialRequest) (*emptypb.Empty, error) {
+	var resp emptypb.Empty
+	if err := c.client.Call(ctx, "nerdbox.services.socketforward.v1.SocketForward", "Dial", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
 }
