@@ -288,3 +288,19 @@ async def _until_counted(ctl: Path) -> None:
                 assert (echo["bytes_to_vm"], echo["bytes_to_host"]) == (300, 300), echo
                 return
             await asyncio.sleep(0.05)
+
+
+async def test_exposes_come_back_after_a_host_restart(pair: Pair) -> None:
+    """The host restarts: its exposed socket is made again (mode 0600) and,
+    once the guest has dialed back, serves as before."""
+    async with await echo_server(pair.vm / "echo.sock"):
+        with running(pair.guest_args(), pair.tmp / "guest.log") as g:
+            for round_ in range(2):
+                log = pair.tmp / f"host{round_}.log"
+                with running(pair.host_args(pair.expose("echo")), log) as host:
+                    # The guest's listeners outlive a host: wait for the host's own socket.
+                    await asyncio.to_thread(wait_for_socket, pair.host / "echo.sock", 30, host, g)
+                    assert oct((pair.host / "echo.sock").stat().st_mode & 0o777) == "0o600"
+                    await _until_served(pair.host / "echo.sock")
+                    assert await echo_round_trip(pair.host / "echo.sock", b"y" * 99) == b"y" * 99
+                assert not (pair.host / "echo.sock").exists()
