@@ -1,9 +1,13 @@
 """``socketforward host``: the command line and the process around a Forwarder.
 
 Signals: SIGTERM/SIGINT stop cleanly, SIGUSR1 logs the statistics, SIGHUP
-re-reads --forwards-file (logged and ignored without one). With --control it
-serves the Control service (status, forwards added and removed at run time;
-:mod:`socketforward.host.control`).
+re-reads --forwards-file and --config (logged and ignored without either). With
+--control it serves the Control service (status, forwards added and removed at
+run time; :mod:`socketforward.host.control`).
+
+``--config FILE`` (:mod:`socketforward.host.config`) gives endpoints, budgets,
+forwards and exposes; every setting in it has a flag of the same name, and a
+flag on the command line wins over the file.
 
 Under systemd (``NOTIFY_SOCKET`` set) it reports ``READY=1`` once its RPC
 endpoint listens (or dialing it has started) and ``STOPPING=1`` when it begins
@@ -19,6 +23,8 @@ import logging
 import os
 import stat
 import sys
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from socketforward import control, runner, stats, transport
 from socketforward.daemon import (
@@ -32,6 +38,16 @@ from socketforward.daemon import (
     run_until_stopped,
 )
 from socketforward.host import oci
+from socketforward.host.config import (
+    CONFIG,
+    SETTINGS,
+    Config,
+    ConfigError,
+    entry_id,
+    listen_endpoint,
+    plan_source,
+    read_config,
+)
 from socketforward.host.control import FORWARDS_FILE, ForwardTable, HostControl
 from socketforward.host.forwarder import Forwarder
 from socketforward.host.forwards import (
@@ -48,6 +64,8 @@ __all__ = ["add_parser", "main"]
 
 log = logging.getLogger("socketforward.host")
 
+_E = TypeVar("_E", Forward, Expose)
+
 
 def _endpoint_arg(text: str) -> transport.Endpoint:
     try:
@@ -57,13 +75,10 @@ def _endpoint_arg(text: str) -> transport.Endpoint:
 
 
 def _listen_endpoint_arg(text: str) -> transport.Endpoint:
-    ep = _endpoint_arg(text)
-    if isinstance(ep, transport.HvsockEndpoint):
-        raise argparse.ArgumentTypeError(
-            f"cannot listen on {text!r}: guest dials to hybrid vsock port {ep.port} arrive "
-            f"on unix:{ep.path}_{ep.port}; listen there"
-        )
-    return ep
+    try:
+        return listen_endpoint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _uid_arg(text: str) -> int:
@@ -92,20 +107,27 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "host",
         help="the host side: serve forwards to host UNIX sockets for one VM",
         description="Forward connections made in a VM to UNIX sockets on this host. "
+        "--config FILE holds what the flags give (a flag on the command line wins). "
         "SIGTERM/SIGINT stop it cleanly; SIGUSR1 logs the statistics; SIGHUP re-reads "
-        "--forwards-file; --control serves status and run-time changes of the forwards "
-        "(socketforward status, socketforward forward). Under systemd (NOTIFY_SOCKET "
+        "--forwards-file and --config; --control serves status and run-time changes of the "
+        "forwards (socketforward status, socketforward forward). Under systemd (NOTIFY_SOCKET "
         "set) it reports READY=1 once listening or dialing, STOPPING=1 when it shuts "
         "down. Exit status: 0 clean stop, 1 an unusable RPC endpoint or an unexpected "
         "stop, 2 bad arguments.",
     )
-    rpc = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML file for this VM: endpoints, budgets, [[forward]] and [[expose]] "
+        "tables; SIGHUP re-reads its forwards and exposes (README, 'Running it with a VM')",
+    )
+    rpc = parser.add_mutually_exclusive_group()
     rpc.add_argument(
         "--rpc-listen",
         metavar="URI",
         type=_listen_endpoint_arg,
         help="accept the guest's RPC dial here (nerdbox's direction), "
-        "e.g. unix:/run/user/1000/vm1/rpc.sock",
+        "e.g. unix:/run/user/1000/vm1/rpc.sock (this or --rpc-dial, here or in --config)",
     )
     rpc.add_argument(
         "--rpc-dial",
@@ -117,8 +139,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--streams",
         metavar="URI",
         type=_endpoint_arg,
-        required=True,
-        help="the guest's data-stream endpoint, e.g. vsock://3:1026 or unix:/path/vm.sock_1026",
+        help="the guest's data-stream endpoint, e.g. vsock://3:1026 or unix:/path/vm.sock_1026 "
+        "(here or in --config)",
     )
     parser.add_argument(
         "--streams-uid",
@@ -161,28 +183,24 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--dial-timeout",
         metavar="SECONDS",
         type=positive_seconds,
-        default=5.0,
         help="bound on dialing a host socket (default 5)",
     )
     parser.add_argument(
         "--stream-timeout",
         metavar="SECONDS",
         type=positive_seconds,
-        default=10.0,
         help="bound on each data-stream handshake (default 10)",
     )
     parser.add_argument(
         "--stream-retry-for",
         metavar="SECONDS",
         type=positive_seconds,
-        default=30.0,
         help="keep retrying a missing stream endpoint this long (VM booting; default 30)",
     )
     parser.add_argument(
         "--drain",
         metavar="SECONDS",
         type=non_negative_seconds,
-        default=5.0,
         help="on SIGTERM/SIGINT, stop taking connections and let running ones finish "
         "for up to this long before closing them (default 5; 0 closes at once)",
     )
@@ -194,6 +212,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "of the descriptors left after a reserve)",
     )
     parser.add_argument(
+        "--max-pending",
+        metavar="N",
+        type=positive_int,
+        help="the VM's connection requests being answered at once; more are refused "
+        f"(default {_DEFAULTS['max_pending']})",
+    )
+    parser.add_argument(
         "--control",
         metavar="URI",
         type=control.endpoint_arg,
@@ -203,25 +228,72 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(run=main)
 
 
+_DEFAULTS: dict[str, object] = {
+    "dial_timeout": 5.0,
+    "stream_timeout": 10.0,
+    "stream_retry_for": 30.0,
+    "drain": 5.0,
+    "max_pending": 1024,
+}
+"""Settings the command line and the file both leave out (the others: None)."""
+
+
 class _UsageError(Exception):
     """A bad command line; the message names the argument."""
+
+
+def _settings(args: argparse.Namespace, config: Config | None) -> frozenset[str]:
+    """Fill in *args* from the file where the command line gave nothing, then the
+    defaults; the settings the command line overrides. ``--rpc-listen`` or
+    ``--rpc-dial`` replaces both of the file's ``rpc_listen`` and ``rpc_dial``."""
+    given = {key for key in SETTINGS if getattr(args, key) is not None}
+    if given & {"rpc_listen", "rpc_dial"}:
+        given |= {"rpc_listen", "rpc_dial"}
+    args.from_config = set()
+    if config is not None:
+        for key in SETTINGS:
+            if key not in given and config.setting(key) is not None:
+                setattr(args, key, config.setting(key))
+                args.from_config.add(key)
+    for key, value in _DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    hint = " (or its key in --config)" if config is None else f" (or in {config.path})"
+    if args.rpc_listen is None and args.rpc_dial is None:
+        raise _UsageError(f"give --rpc-listen or --rpc-dial{hint}")
+    if args.streams is None:
+        raise _UsageError(f"give --streams{hint}")
+    return frozenset(given)
+
+
+def _named(args: argparse.Namespace, key: str) -> str:
+    """How to name the setting *key* in a message: its flag, or FILE:LINE: key."""
+    config: Config | None = args.loaded_config
+    if config is not None and key in args.from_config:
+        return f"{config.at(key)}: {key}"
+    return "--" + key.replace("_", "-")
 
 
 class _Unusable(Exception):
     """An endpoint the host cannot use (exit status 1); the message names it."""
 
 
-def _forwards_from_args(args: argparse.Namespace) -> tuple[list[Forward], dict[str, str]]:
-    """Every forward the command line names, and the option each came from
-    (a SIGHUP may change those of --forwards-file, never the others)."""
+def _forwards_from_args(
+    args: argparse.Namespace, config: Config | None = None
+) -> tuple[list[Forward], dict[str, str]]:
+    """Every forward the command line and *config* name, and the option each came
+    from (a SIGHUP may change those of --forwards-file and --config, never the
+    others)."""
     if args.write_spec and not args.oci_spec:
         raise _UsageError("--write-spec needs --oci-spec")
     if args.oci_spec and not args.container_id:
         raise _UsageError("--oci-spec needs --container-id")
     if args.container_id and not args.oci_spec:
         raise _UsageError("--container-id needs --oci-spec")
-    if not args.forward and not args.oci_spec and not args.forwards_file:
-        raise _UsageError("nothing to forward: give --forward, --forwards-file or --oci-spec")
+    if not (args.forward or args.oci_spec or args.forwards_file or args.expose or config):
+        raise _UsageError(
+            "nothing to forward: give --forward, --forwards-file, --oci-spec, --expose or --config"
+        )
     from_file: list[Forward] = []
     if args.forwards_file:
         try:
@@ -257,19 +329,62 @@ def _forwards_from_args(args: argparse.Namespace) -> tuple[list[Forward], dict[s
     sources = {f.forward_id: "--forward" for f in args.forward}
     sources.update({f.forward_id: FORWARDS_FILE for f in from_file})
     sources.update({f.forward_id: "--oci-spec" for f in from_spec})
+    if config is not None:
+        table = {f.forward_id: f for f in forwards}
+        forwards += _merge_config(config, "forward", table, config.forwards, sources)
     return forwards, sources
 
 
-def _check_private_dir(ep: transport.UnixEndpoint) -> None:
+def _exposes_from_args(
+    args: argparse.Namespace, config: Config | None
+) -> tuple[list[Expose], dict[str, str]]:
+    """Every expose of ``--expose`` and *config*, and the option each came from."""
+    exposes: dict[str, Expose] = {}
+    for expose in args.expose:
+        if expose.expose_id in exposes:
+            raise _UsageError(f"--expose: expose ID {expose.expose_id} is given twice")
+        exposes[expose.expose_id] = expose
+    sources = dict.fromkeys(exposes, "--expose")
+    if config is not None:
+        for expose in _merge_config(config, "expose", exposes, config.exposes, sources):
+            exposes[expose.expose_id] = expose
+    return list(exposes.values()), sources
+
+
+def _merge_config(
+    config: Config,
+    section: str,
+    table: Mapping[str, _E],
+    entries: Sequence[_E],
+    sources: dict[str, str],
+) -> list[_E]:
+    """The file's *entries* to add to *table*; an id the command line gives too
+    must be the very same entry (the command line keeps it). *sources* gets
+    the ones added."""
+    plan = plan_source(CONFIG, table, sources, entries)
+    if plan.clashes:
+        ident, owner = min(plan.clashes.items())
+        error = config.error(
+            f"{section} {ident}",
+            f"[[{section}]] {ident}: {section} ID {ident} is also given with {owner}, "
+            "with other paths, mode or owner",
+            "id",
+        )
+        raise _UsageError(str(error))
+    sources.update(dict.fromkeys(map(entry_id, plan.add), CONFIG))
+    return plan.add
+
+
+def _check_private_dir(ep: transport.UnixEndpoint, name: str) -> None:
     """The RPC socket's directory must be ours and closed to everyone else: any
     process that can connect to it can play the guest (docs/protocol.md
     9.3)."""
     problem = transport.private_dir_problem(ep.path)
     if problem is not None:
-        raise _UsageError(f"--rpc-listen {ep}: {problem}")
+        raise _UsageError(f"{name} {ep}: {problem}")
 
 
-def _check_streams_dir(ep: transport.Endpoint, streams_uid: int | None) -> None:
+def _check_streams_dir(ep: transport.Endpoint, streams_uid: int | None, name: str) -> None:
     """Whoever can write the directory of a UNIX stream endpoint can put their own
     socket at its path (a sticky bit does not stop that while the path is still
     missing, as when the VM boots) and receive host connections: refuse a
@@ -282,11 +397,11 @@ def _check_streams_dir(ep: transport.Endpoint, streams_uid: int | None) -> None:
     except FileNotFoundError:
         return  # nothing there yet: the SO_PEERCRED check of each stream still holds
     except OSError as exc:
-        raise _UsageError(f"--streams {ep}: directory {parent}: {exc}") from None
+        raise _UsageError(f"{name} {ep}: directory {parent}: {exc}") from None
     trusted = {os.geteuid(), 0, os.geteuid() if streams_uid is None else streams_uid}
     if st.st_mode & 0o022 or st.st_uid not in trusted:
         raise _UsageError(
-            f"--streams {ep}: directory {parent} can be written by other users "
+            f"{name} {ep}: directory {parent} can be written by other users "
             f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}), who could put "
             "their own socket at that path and receive forwarded connections; use a "
             "directory that only you (or --streams-uid) can write"
@@ -305,15 +420,16 @@ def _log_stats(forwarder: Forwarder) -> None:
 
 
 class _Reloads:
-    """SIGHUP: each signal starts a reload of the forwards file (the table's
-    lock runs them one at a time); :meth:`close` cancels those still running."""
+    """SIGHUP: each signal starts a reload of the forwards file and the
+    configuration file (the table's lock runs them one at a time);
+    :meth:`close` cancels those still running."""
 
     def __init__(self, table: ForwardTable) -> None:
         self.table = table
         self._tasks: set[asyncio.Task[None]] = set()
 
     def request_reload(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.table.reload_file())
+        task = asyncio.get_running_loop().create_task(self.table.reload())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -329,15 +445,15 @@ async def _serve(
     """Listen or dial until *stop* is set; the exit status."""
     listener: transport.Listener | None = None
     try:
-        _check_streams_dir(args.streams, args.streams_uid)
+        _check_streams_dir(args.streams, args.streams_uid, _named(args, "streams"))
         if args.rpc_listen is not None:
             ep = args.rpc_listen
             if isinstance(ep, transport.UnixEndpoint):
-                _check_private_dir(ep)
+                _check_private_dir(ep, _named(args, "rpc_listen"))
             try:
                 listener = await transport.listen(ep, mode=0o600)
             except OSError as exc:
-                raise _Unusable(f"--rpc-listen: {exc}") from None
+                raise _Unusable(f"{_named(args, 'rpc_listen')}: {exc}") from None
             work = forwarder.run_listening(listener)
             log.info("host listening rpc=%s streams=%s forwards=%d", ep, args.streams, count)
         else:
@@ -356,27 +472,36 @@ async def _serve(
             listener.close()
 
 
-async def _start_exposes(forwarder: Forwarder, exposes: list[Expose]) -> None:
+async def _start_exposes(
+    table: ForwardTable, exposes: list[Expose], sources: dict[str, str]
+) -> None:
     try:
-        await forwarder.add_exposes(exposes)
+        await table.start_exposes(exposes, sources)
     except ValueError as exc:
-        raise _Unusable(f"--expose: {exc}") from None
+        # The message names the expose; say which option or file it may come from.
+        options = sorted(set(sources.values()))
+        if table.config is not None and CONFIG in options:
+            options[options.index(CONFIG)] = f"{CONFIG} {table.config.path}"
+        raise _Unusable(f"{' or '.join(options) or '--expose'}: {exc}") from None
 
 
-async def _start_control(ep: transport.UnixEndpoint, service: HostControl) -> control.ControlServer:
+async def _start_control(
+    ep: transport.UnixEndpoint, service: HostControl, name: str
+) -> control.ControlServer:
     problem = transport.private_dir_problem(ep.path)
     if problem is not None:
-        raise _UsageError(f"--control {ep}: {problem}")
+        raise _UsageError(f"{name} {ep}: {problem}")
     try:
         return await control.ControlServer.start(ep, service)
     except OSError as exc:
-        raise _Unusable(f"--control: {exc}") from None
+        raise _Unusable(f"{name}: {exc}") from None
 
 
 async def _run(
     args: argparse.Namespace,
     forwards: list[Forward],
     sources: dict[str, str],
+    exposes: tuple[list[Expose], dict[str, str]],
     limits_at_start: tuple[int, int] | None,
 ) -> int:
     forwarder = Forwarder(
@@ -385,6 +510,7 @@ async def _run(
         dial_timeout=args.dial_timeout,
         stream_timeout=args.stream_timeout,
         stream_retry_for=args.stream_retry_for,
+        max_pending=args.max_pending,
         max_relays=args.max_relays,
         streams_uid=args.streams_uid,
     )
@@ -397,8 +523,11 @@ async def _run(
         forwarder.max_relays,
         forwarder.max_pending,
     )
-    table = ForwardTable(forwarder, sources, args.forwards_file)
-    reloads = _Reloads(table) if args.forwards_file else None
+    config: Config | None = args.loaded_config
+    table = ForwardTable(
+        forwarder, sources, args.forwards_file, config=config, overridden=args.overridden
+    )
+    reloads = _Reloads(table) if args.forwards_file or config is not None else None
     rpc = f"listen {args.rpc_listen}" if args.rpc_listen is not None else f"dial {args.rpc_dial}"
     host_control = HostControl(table, rpc_endpoint=rpc) if args.control else None
     control_server: control.ControlServer | None = None
@@ -409,10 +538,12 @@ async def _run(
             on_reload=reloads.request_reload if reloads is not None else None,
         ) as stop:
             try:
-                if args.expose:
-                    await _start_exposes(forwarder, args.expose)
+                if exposes[0]:
+                    await _start_exposes(table, *exposes)
                 if host_control is not None:
-                    control_server = await _start_control(args.control, host_control)
+                    control_server = await _start_control(
+                        args.control, host_control, _named(args, "control")
+                    )
                     watch = asyncio.get_running_loop().create_task(host_control.watch())
                 return await _serve(args, forwarder, stop, len(forwards))
             except _UsageError as exc:
@@ -437,10 +568,22 @@ async def _run(
 
 def main(args: argparse.Namespace) -> int:
     try:
-        forwards, sources = _forwards_from_args(args)
+        config = _read_config(args.config) if args.config else None
+        args.loaded_config = config
+        args.overridden = _settings(args, config)
+        forwards, sources = _forwards_from_args(args, config)
+        exposes = _exposes_from_args(args, config)
     except _UsageError as exc:
         print(f"socketforward host: error: {exc}", file=sys.stderr)
         return 2
     before = fd_limits()
     raise_fd_limit()
-    return runner.run(_run(args, forwards, sources, before))
+    return runner.run(_run(args, forwards, sources, exposes, before))
+
+
+def _read_config(path: str) -> Config:
+    try:
+        return read_config(path)
+    except ConfigError as exc:
+        # The message starts with the file's name (and line): no option name needed.
+        raise _UsageError(str(exc)) from None

@@ -2,8 +2,8 @@
 --control``): Status, AddForwards, RemoveForwards.
 
 :class:`ForwardTable` is the one place the table changes once the host runs,
-whether by a SIGHUP reload of ``--forwards-file`` or by a control call; it
-knows where each entry came from. :class:`HostControl` serves it.
+whether by a SIGHUP reload of ``--forwards-file`` or ``--config`` or by a
+control call; it knows where each entry came from. :class:`HostControl` serves it.
 """
 
 from __future__ import annotations
@@ -11,21 +11,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
+from typing import Final, TypeVar
 
 from socketforward import ttrpc
 from socketforward.api import control_pb2 as pb
 from socketforward.control import ControlService, forward_status
+from socketforward.host.config import (
+    CONFIG,
+    SETTINGS,
+    Config,
+    Plan,
+    entry_id,
+    plan_source,
+    read_config,
+)
+from socketforward.host.expose import listen_problem
 from socketforward.host.forwarder import Forwarder
 from socketforward.host.forwards import (
+    Expose,
     Forward,
     ForwardsClash,
-    plan_reload,
     read_forwards_file,
 )
 
-__all__ = ["CONTROL", "FORWARDS_FILE", "ForwardTable", "HostControl"]
+__all__ = ["CONFIG", "CONTROL", "FORWARDS_FILE", "ForwardTable", "HostControl"]
 
 log = logging.getLogger("socketforward.host")
 
@@ -33,32 +43,50 @@ FORWARDS_FILE: Final = "--forwards-file"
 CONTROL: Final = "control"
 """The source of a forward added through the control endpoint."""
 
+_RELOADED: Final = (FORWARDS_FILE, CONFIG)
+"""Sources re-read on SIGHUP."""
+
 _Code = ttrpc.Code
+_E = TypeVar("_E", Forward, Expose)
 
 
 def _entry(forward: Forward) -> str:
     return repr(f"{forward.forward_id}={forward.host_path}:{forward.vm_path}")
 
 
+class _NotApplied(Exception):
+    """A reload that failed half way (the guest refused a Bind, a listener could
+    not be opened); *restored* says whether the table is back as it was."""
+
+    def __init__(self, error: str, restored: bool) -> None:
+        super().__init__(error)
+        self.restored = restored
+
+
 class ForwardTable:
-    """The forward table while the host runs, and where each entry came from:
-    ``--forward`` or ``--oci-spec`` (given at start), ``--forwards-file``
-    (re-read on SIGHUP) or ``control`` (:meth:`add`). One lock orders every
-    change, so a reload and a control call never interleave.
+    """The forward and expose tables while the host runs, and where each entry
+    came from: ``--forward``, ``--expose`` or ``--oci-spec`` (given at start),
+    ``--forwards-file`` or ``--config`` (re-read on SIGHUP) or ``control``
+    (:meth:`add`). One lock orders every change, so a reload and a control call
+    never interleave.
 
     What a user can count on:
 
     * :meth:`add` and :meth:`remove` are all or nothing: every entry is checked
       first, and a Bind the guest refuses adds none. An entry identical to one
       in the table is left as it is; an id in use with other paths is refused.
-    * :meth:`remove` refuses an id the forwards file holds (the next reload
-      would bring it back): take it out of the file and reload. Forwards given
-      on the command line or added here can be removed.
-    * A reload (:meth:`reload_file`) changes only what the file put in the
-      table: forwards added here stay. When the file names one of them with
-      the same paths, the file takes it over (a later reload without it
-      removes it); with other paths the reload is refused, table unchanged,
-      as for an id the command line gives.
+    * :meth:`remove` refuses an id a file holds (the next reload would bring it
+      back): take it out of the file and reload. Forwards given on the command
+      line or added here can be removed.
+    * A reload (:meth:`reload_file`, :meth:`reload_config`) changes only what
+      that file put in the table: forwards added here stay. When the file names
+      one of them with the same paths, the file takes it over (a later reload
+      without it removes it); with other paths the reload is refused, table
+      unchanged, as for an id the command line gives. An entry the file changed
+      (same id, other paths, mode or owner) is removed, then added.
+    * A reload of ``--config`` also refuses, as a whole, a file whose endpoints
+      or budgets differ from those the host runs with (keys the command line
+      overrides excepted): those need a restart.
     * Nothing is saved: run-time changes last until the host stops.
     """
 
@@ -67,18 +95,56 @@ class ForwardTable:
         forwarder: Forwarder,
         sources: Mapping[str, str],
         forwards_file: str | None = None,
+        *,
+        config: Config | None = None,
+        overridden: Set[str] = frozenset(),
     ) -> None:
+        """*config*: the configuration file as read at start; *overridden*: its
+        settings (:data:`SETTINGS`) the command line gave instead."""
         self.forwarder = forwarder
         self.forwards_file = forwards_file
+        self.config = config
+        self.overridden = frozenset(overridden)
         self._sources = {fid: sources.get(fid, "") for fid in forwarder.forwards}
+        self._expose_sources: dict[str, str] = {}
+        # What each re-read file lists now: an entry another source gives
+        # identically stays with that source, and passes to the file when the
+        # other one drops it.
+        self._wanted: dict[str, dict[str, Forward]] = {}
+        if forwards_file is not None:
+            table = forwarder.forwards
+            self._wanted[FORWARDS_FILE] = {
+                fid: table[fid] for fid, src in self._sources.items() if src == FORWARDS_FILE
+            }
+        if config is not None:
+            self._wanted[CONFIG] = {f.forward_id: f for f in config.forwards}
         self._lock = asyncio.Lock()
 
     def source(self, forward_id: str) -> str:
         """Where the forward came from ("" when it is not in the table)."""
         return self._sources.get(forward_id, "")
 
-    def _ids(self, source: str) -> set[str]:
-        return {fid for fid, src in self._sources.items() if src == source}
+    def expose_source(self, expose_id: str) -> str:
+        """Where the expose came from ("" when it is not in the table)."""
+        return self._expose_sources.get(expose_id, "")
+
+    def _describe(self, source: str) -> str:
+        if source == FORWARDS_FILE:
+            return f"{FORWARDS_FILE} {self.forwards_file}"
+        if source == CONFIG and self.config is not None:
+            return f"{CONFIG} {self.config.path}"
+        return source or "unknown"
+
+    async def start_exposes(self, exposes: Sequence[Expose], sources: Mapping[str, str]) -> None:
+        """Listen for the exposes given at start (*sources*: where each came from),
+        all or none; ValueError names what cannot be used."""
+        async with self._lock:
+            # A reload that ran first may have opened the file's ones already.
+            table = self.forwarder.exposes
+            new = [e for e in exposes if table.get(e.expose_id) != e]
+            await self.forwarder.add_exposes(new)
+            for expose in new:
+                self._expose_sources[expose.expose_id] = sources.get(expose.expose_id, "")
 
     async def add(self, forwards: Iterable[Forward]) -> list[str]:
         """Add *forwards*, all or none; the forward_ids added (identical entries
@@ -125,7 +191,7 @@ class ForwardTable:
     async def remove(self, forward_ids: Iterable[str]) -> list[str]:
         """Remove *forward_ids*, all or none; running connections go on.
         TtrpcError: NOT_FOUND (an id not in the table), FAILED_PRECONDITION (an
-        id the forwards file holds)."""
+        id a file re-read on SIGHUP holds)."""
         async with self._lock:
             ids = list(dict.fromkeys(forward_ids))
             table = self.forwarder.forwards
@@ -136,14 +202,14 @@ class ForwardTable:
                     f"no forward with ID {', '.join(map(repr, unknown))} "
                     f"(the table has: {', '.join(sorted(table)) or 'none'}); nothing removed",
                 )
-            held = [fid for fid in ids if self.source(fid) == FORWARDS_FILE]
-            if held:
-                raise ttrpc.TtrpcError(
-                    _Code.FAILED_PRECONDITION,
-                    f"forward {', '.join(held)} comes from --forwards-file "
-                    f"{self.forwards_file}: take it out of the file and reload (SIGHUP); "
-                    "nothing removed",
-                )
+            for source in _RELOADED:
+                held = [fid for fid in ids if fid in self._wanted.get(source, {})]
+                if held:
+                    raise ttrpc.TtrpcError(
+                        _Code.FAILED_PRECONDITION,
+                        f"forward {', '.join(held)} comes from {self._describe(source)}: "
+                        "take it out of the file and reload (SIGHUP); nothing removed",
+                    )
             if not ids:
                 return []
             await self.forwarder.remove(ids)
@@ -152,6 +218,16 @@ class ForwardTable:
             log.info("control removed forward_ids=%s", ",".join(ids))
             return ids
 
+    async def reload(self) -> None:
+        """SIGHUP: re-read ``--forwards-file``, then ``--config``, each all or nothing."""
+        if self.forwards_file is not None:
+            await self.reload_file()
+        if self.config is not None:
+            await self.reload_config()
+
+    def _elsewhere(self, source: str) -> dict[str, dict[str, Forward]]:
+        return {src: wanted for src, wanted in self._wanted.items() if src != source}
+
     async def reload_file(self) -> None:
         """Re-read the forwards file and apply the difference (SIGHUP). A file
         that does not parse, or that clashes with another source, changes nothing."""
@@ -159,44 +235,200 @@ class ForwardTable:
         if path is None:
             raise RuntimeError("no forwards file")
         async with self._lock:
-            table = self.forwarder.forwards
             try:
                 fresh = read_forwards_file(path)
-                runtime = self._ids(CONTROL)
-                adopt = {f.forward_id for f in fresh if table.get(f.forward_id) == f} & runtime
-                other = sorted({f.forward_id for f in fresh} & runtime - adopt)
-                if other:
-                    raise ForwardsClash(
-                        "forward IDs added through the control endpoint with other paths: "
-                        + ",".join(other)
-                    )
-                file_ids = self._ids(FORWARDS_FILE) | adopt
-                plan = plan_reload(table, file_ids, set(table) - file_ids, fresh)
+                # As at start, the forwards file may not repeat a command-line
+                # entry, even identically (--config may).
+                strict = set(self._sources.values()) - {*_RELOADED, CONTROL}
+                plan = plan_source(
+                    FORWARDS_FILE,
+                    self.forwarder.forwards,
+                    self._sources,
+                    fresh,
+                    wanted_elsewhere=self._elsewhere(FORWARDS_FILE),
+                    strict=strict,
+                    adoptable={CONTROL},
+                )
+                if plan.clashes:
+                    raise ForwardsClash(self._file_clashes(plan.clashes))
             except ValueError as exc:
                 log.error(
                     "forwards file not reloaded, table unchanged path=%s error=%r", path, str(exc)
                 )
                 return
-            for fid in adopt:
-                self._sources[fid] = FORWARDS_FILE
             try:
-                await self.forwarder.remove(plan.remove)
-                for fid in plan.remove:
-                    self._sources.pop(fid, None)
-                await self.forwarder.add(plan.add)
-                for forward in plan.add:
-                    self._sources[forward.forward_id] = FORWARDS_FILE
-            except (ValueError, ttrpc.TtrpcError) as exc:
-                log.error("forwards file reload failed path=%s error=%r", path, str(exc))
+                await self._apply(FORWARDS_FILE, plan, Plan())
+            except _NotApplied as exc:
+                log.error(
+                    "forwards file reload failed path=%s restored=%s error=%r",
+                    path,
+                    "yes" if exc.restored else "no",
+                    str(exc),
+                )
                 return
+            self._wanted[FORWARDS_FILE] = {f.forward_id: f for f in fresh}
             log.info(
                 "forwards file reloaded path=%s added=%d removed=%d adopted=%d forwards=%d",
                 path,
                 len(plan.add),
                 len(plan.remove),
-                len(adopt),
+                len(plan.adopt),
                 len(self.forwarder.forwards),
             )
+
+    def _file_clashes(self, clashes: Mapping[str, str]) -> str:
+        by_source: dict[str, list[str]] = {}
+        for fid, source in sorted(clashes.items()):
+            by_source.setdefault(source, []).append(fid)
+        parts = []
+        for source, ids in by_source.items():
+            if source == CONTROL:
+                what = "forward IDs added through the control endpoint with other paths"
+            elif source in _RELOADED:
+                what = f"forward IDs given with other paths in {self._describe(source)}"
+            else:
+                what = "forward IDs also given on the command line"
+            parts.append(f"{what}: {','.join(ids)}")
+        return "; ".join(parts)
+
+    async def reload_config(self) -> None:
+        """Re-read ``--config`` and apply the difference of its forwards and
+        exposes (SIGHUP), all or nothing. A file that does not parse, that
+        changes an endpoint or a budget, or whose entries clash with another
+        source's, changes nothing; the log line names the file, line and key."""
+        running = self.config
+        if running is None:
+            raise RuntimeError("no configuration file")
+        path = running.path
+        async with self._lock:
+            try:
+                fresh = read_config(path)
+                self._check_settings(running, fresh)
+                forwards = plan_source(
+                    CONFIG,
+                    self.forwarder.forwards,
+                    self._sources,
+                    fresh.forwards,
+                    wanted_elsewhere=self._elsewhere(CONFIG),
+                    adoptable={CONTROL},
+                )
+                exposes = plan_source(
+                    CONFIG, self.forwarder.exposes, self._expose_sources, fresh.exposes
+                )
+                self._check_entries(fresh, forwards, exposes)
+            except ValueError as exc:
+                log.error("config not reloaded, nothing changed path=%s error=%r", path, str(exc))
+                return
+            try:
+                await self._apply(CONFIG, forwards, exposes)
+            except _NotApplied as exc:
+                log.error(
+                    "config reload failed path=%s restored=%s error=%r",
+                    path,
+                    "yes" if exc.restored else "no",
+                    str(exc),
+                )
+                return
+            self.config = fresh
+            self._wanted[CONFIG] = {f.forward_id: f for f in fresh.forwards}
+            log.info(
+                "config reloaded path=%s forwards_added=%d forwards_removed=%d "
+                "exposes_added=%d exposes_removed=%d forwards=%d exposes=%d",
+                path,
+                len(forwards.add),
+                len(forwards.remove),
+                len(exposes.add),
+                len(exposes.remove),
+                len(self.forwarder.forwards),
+                len(self.forwarder.exposes),
+            )
+
+    def _check_settings(self, running: Config, fresh: Config) -> None:
+        """Endpoints and budgets are set up once, at start: a file that changes
+        one is refused as a whole (a half-applied file would leave the host
+        running otherwise than the file says, unnoticed)."""
+        for key in SETTINGS:
+            if key in self.overridden:
+                continue  # the command line's value is in force whatever the file says
+            was, now = running.setting(key), fresh.setting(key)
+            if was != now:
+                raise fresh.error(
+                    key,
+                    f"{key} cannot change while the host runs ({_shown(was)} -> "
+                    f"{_shown(now)}); restart the host to apply it, or put the old value back",
+                )
+
+    def _check_entries(self, fresh: Config, forwards: Plan[Forward], exposes: Plan[Expose]) -> None:
+        for section, plan in (("forward", forwards), ("expose", exposes)):
+            for ident, owner in sorted(plan.clashes.items()):
+                raise fresh.error(
+                    f"{section} {ident}",
+                    f"[[{section}]] {ident}: {section} ID {ident} is also given with "
+                    f"{self._describe(owner)}, with other paths, mode or owner",
+                    "id",
+                )
+        for expose in exposes.add:
+            problem = listen_problem(expose.host_path)
+            if problem is not None:
+                raise fresh.error(
+                    f"expose {expose.expose_id}",
+                    f"[[expose]] {expose.expose_id}: host {expose.host_path}: {problem}",
+                    "host",
+                )
+
+    async def _apply(self, source: str, forwards: Plan[Forward], exposes: Plan[Expose]) -> None:
+        """Carry out *forwards* and *exposes* for *source*. A step that fails
+        undoes those before it (best effort) and raises :class:`_NotApplied`."""
+        fw = self.forwarder
+        undo: list[Callable[[], Awaitable[object]]] = []
+        try:
+            if exposes.remove:
+                old_exposes = [fw.exposes[eid] for eid in exposes.remove]
+                fw.remove_exposes(exposes.remove)
+                undo.append(lambda: fw.add_exposes(old_exposes))
+            if exposes.add:
+                await fw.add_exposes(exposes.add)
+                added = [e.expose_id for e in exposes.add]
+                undo.append(lambda: _now(fw.remove_exposes, added))
+            if forwards.remove:
+                table = fw.forwards
+                old_forwards = [table[fid] for fid in forwards.remove]
+                await fw.remove(forwards.remove)
+                undo.append(lambda: fw.add(old_forwards))
+            if forwards.add:
+                await fw.add(forwards.add)
+        except (ValueError, ttrpc.TtrpcError) as exc:
+            restored = True
+            for step in reversed(undo):
+                try:
+                    await step()
+                except (ValueError, ttrpc.TtrpcError) as undo_exc:
+                    restored = False
+                    log.error("reload: undoing a step failed error=%r", str(undo_exc))
+            self._settle(self._sources, fw.forwards, source)
+            self._settle(self._expose_sources, fw.exposes, source)
+            raise _NotApplied(str(exc), restored) from None
+        for sources, plan in ((self._sources, forwards), (self._expose_sources, exposes)):
+            for ident in plan.remove:
+                sources.pop(ident, None)
+            sources.update(plan.hand_over)
+            sources.update(dict.fromkeys(plan.adopt, source))
+            sources.update(dict.fromkeys(map(entry_id, plan.add), source))
+
+    @staticmethod
+    def _settle(sources: dict[str, str], table: Mapping[str, _E], source: str) -> None:
+        """Sources for what the table holds after a failed reload."""
+        kept = {ident: sources.get(ident, source) for ident in table}
+        sources.clear()
+        sources.update(kept)
+
+
+async def _now(function: Callable[[list[str]], object], ids: list[str]) -> None:
+    function(ids)
+
+
+def _shown(value: object) -> str:
+    return "unset" if value is None else str(value)
 
 
 class HostControl(ControlService):
@@ -271,6 +503,7 @@ class HostControl(ControlService):
                     expose_stats.get(eid),
                     host_path=expose.host_path if expose else "",
                     vm_path=expose.vm_path if expose else "",
+                    source=self.table.expose_source(eid),
                     removed=expose is None,
                 )
             )
