@@ -16,6 +16,7 @@ The agent needs only protobuf and the standard library.
 
 from socketforward.guest.agent import Agent
 from socketforward.guest.cli import AgentConfig, add_parser, config_from_args, main
+from socketforward.guest.embed import Guest
 from socketforward.guest.service import Service, StreamManager
 from socketforward.protocol import (
     DEFAULT_RPC_DIAL,
@@ -36,6 +37,7 @@ __all__ = [
     "Agent",
     "AgentConfig",
     "ForwardStats",
+    "Guest",
     "Service",
     "StreamManager",
     "add_parser",

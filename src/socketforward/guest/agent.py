@@ -4,6 +4,7 @@ SocketForward on that one connection, or listen for hosts that dial
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
@@ -71,6 +72,9 @@ class Agent:
         self._rpc_live = 0
         self._rpc_connections = 0
         self._rpc_since = time.time()
+        self._up = asyncio.Event()  # set while a host's RPC connection is served
+        self._down = asyncio.Event()
+        self._down.set()
 
     @property
     def rpc_connected(self) -> bool:
@@ -88,16 +92,28 @@ class Agent:
         """RPC connections served so far."""
         return self._rpc_connections
 
+    async def wait_connected(self) -> None:
+        """Return once a host's RPC connection is being served."""
+        await self._up.wait()
+
+    async def wait_disconnected(self) -> None:
+        """Return once no host's RPC connection is being served."""
+        await self._down.wait()
+
     def _rpc_opened(self) -> None:
         self._rpc_connections += 1
         self._rpc_live += 1
         if self._rpc_live == 1:
             self._rpc_since = time.time()
+            self._down.clear()
+            self._up.set()
 
     def _rpc_closed(self) -> None:
         self._rpc_live -= 1
         if self._rpc_live == 0:
             self._rpc_since = time.time()
+            self._up.clear()
+            self._down.set()
 
     async def run(self) -> None:
         """Serve until cancelled; raises OSError when the RPC endpoint is unusable."""

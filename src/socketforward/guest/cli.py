@@ -13,6 +13,7 @@ from socketforward.datastream import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_UNCLAIM
 from socketforward.guest.agent import Agent
 from socketforward.guest.budget import FDS_PER_CONNECTION, FdPlan
 from socketforward.guest.control import GuestControl
+from socketforward.guest.embed import Guest
 from socketforward.guest.service import Service
 from socketforward.protocol import DEFAULT_RPC_DIAL, DEFAULT_STREAMS
 
@@ -238,40 +239,38 @@ def _plan(cfg: AgentConfig, before: tuple[int, int] | None) -> FdPlan:
 
 
 async def _serve(cfg: AgentConfig, plan: FdPlan) -> None:
-    try:
-        streams_listener = await transport.listen(cfg.streams, mode=0o600)
-    except (OSError, transport.EndpointError) as exc:
-        raise _Fatal(f"--streams {cfg.streams}: {exc}") from None
-    registry = StreamRegistry(
-        streams_listener,
-        max_handshakes=plan.max_handshakes,
-        max_unclaimed=cfg.max_unclaimed_streams,
-    )
-    service = Service(
-        registry,
+    guest = Guest(
+        rpc_dial=cfg.rpc_dial,
+        rpc_listen=cfg.rpc_listen,
+        streams=cfg.streams,
         socket_mode=cfg.socket_mode,
-        max_unanswered_per_stream=cfg.max_unanswered,
+        max_unanswered=cfg.max_unanswered,
         pending_limit=cfg.pending_limit,
         pending_timeout=cfg.pending_timeout,
         fail_fast=cfg.fail_fast,
         max_connections=plan.max_connections,
-        pipe_pool=plan.pipe_pool,
+        max_stream_handshakes=plan.max_handshakes,
+        max_unclaimed_streams=cfg.max_unclaimed_streams,
         expose_allow=cfg.expose_allow,
     )
-    agent = Agent(service, rpc_dial=cfg.rpc_dial, rpc_listen=cfg.rpc_listen)
+    try:
+        await guest.start()
+    except (OSError, transport.EndpointError) as exc:
+        raise _Fatal(f"--streams {cfg.streams}: {exc}") from None
+    assert guest.agent is not None and guest.service is not None and guest.registry is not None
+    agent, service, registry = guest.agent, guest.service, guest.registry
     notifier = daemon.Notifier.from_environment()
     control_server: control.ControlServer | None = None
     try:
         async with daemon.handle_signals(on_stats=lambda: _log_stats(service, registry)) as stop:
             if cfg.control is not None:
                 control_server = await _start_control(cfg, plan, agent, registry)
-            registry.start()
             log.info(
                 "guest started rpc=%s streams=%s",
                 f"dial {cfg.rpc_dial}" if cfg.rpc_dial is not None else f"listen {cfg.rpc_listen}",
                 cfg.streams,
             )
-            ended = await daemon.run_until_stopped(agent.run(), stop, notifier=notifier)
+            ended = await daemon.run_until_stopped(guest.wait_stopped(), stop, notifier=notifier)
             if ended is not None and not ended.cancelled() and ended.exception() is not None:
                 option = "--rpc-dial" if cfg.rpc_dial is not None else "--rpc-listen"
                 error = ended.exception()
@@ -279,7 +278,7 @@ async def _serve(cfg: AgentConfig, plan: FdPlan) -> None:
             log.info("signal received, shutting down")
     finally:
         notifier.stopping()
-        await agent.shutdown()
+        await guest.stop()
         if control_server is not None:
             await control_server.close()
         _log_stats(service, registry)

@@ -179,6 +179,8 @@ class Forwarder:
         """RPC connections that got as far as an open Accept call."""
         self._session: _Session | None = None
         self._ready = asyncio.Event()
+        self._down = asyncio.Event()  # set while no RPC connection got as far as Accept
+        self._down.set()
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -354,6 +356,11 @@ class Forwarder:
     def connected(self) -> bool:
         return self._current() is not None
 
+    async def wait_disconnected(self) -> None:
+        """Return once no RPC connection with an Accept call is being served
+        (at once when there is none)."""
+        await self._down.wait()
+
     async def wait_ready(self) -> None:
         """Return once a guest is connected, bound and an Accept call is open."""
         await self._ready.wait()
@@ -404,6 +411,7 @@ class Forwarder:
             if self._session is session:
                 self._session = None
                 self._ready.clear()
+                self._down.set()
             await session.close()
             log.info("rpc connection closed")
 
@@ -547,6 +555,7 @@ class Forwarder:
                 if not session.ready:
                     session.ready = True
                     self.sessions += 1
+                self._down.clear()
                 self._ready.set()
             reader = session.spawn(self._read_requests(session, call))
             if await self._hold(session, reader):
@@ -736,6 +745,7 @@ class Forwarder:
         self._exposer.close()
         session, self._session = self._session, None
         self._ready.clear()
+        self._down.set()
         if session is not None:
             await session.close()
         running = len(self._connector.relays)
