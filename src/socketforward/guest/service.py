@@ -607,6 +607,10 @@ class Service(SocketForwardBase):
     async def _dial(self, path: str) -> socket.socket:
         """Connect to the VM socket *path*; a TtrpcError whose code says why not."""
         try:
+            # A UNIX connect is usually done at once: no task, no timer.
+            now = transport.connect_unix_now(path)
+            if now is not None:
+                return now
             return await transport.connect(transport.UnixEndpoint(path), timeout=self._dial_timeout)
         except TimeoutError:
             code = ttrpc.Code.DEADLINE_EXCEEDED

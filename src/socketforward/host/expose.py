@@ -210,14 +210,21 @@ class Exposer:
         stream_id = generate_stream_id(EXPOSE_STREAM_PREFIX)
         data: socket.socket | None = None
         handed = False
+        ack: datastream.AckReader | None = None
         try:
             try:
-                data = await datastream.open_stream(
-                    connector.streams_endpoint,
-                    stream_id,
-                    timeout=connector.stream_timeout,
-                    retry_for=0,
-                )
+                # Usually the id goes out at once; then Dial goes too, and the
+                # ack (sent before the guest claims the stream) is read after it.
+                data = datastream.open_stream_now(connector.streams_endpoint, stream_id)
+                if data is None:
+                    data = await datastream.open_stream(
+                        connector.streams_endpoint,
+                        stream_id,
+                        timeout=connector.stream_timeout,
+                        retry_for=0,
+                    )
+                else:
+                    ack = datastream.AckReader(connector.streams_endpoint, stream_id)
             except (OSError, datastream.HandshakeError) as exc:
                 reason = EXHAUSTED if transport.out_of_resources(exc) else STREAM_FAILED
                 self._fail(expose, stats, reason, f"data stream open failed: {exc}")
@@ -251,6 +258,14 @@ class Exposer:
             except ttrpc.ProtocolError as exc:
                 self._fail(expose, stats, RPC_LOST, f"rpc failed: {exc}")
                 return
+            if ack is not None:
+                try:
+                    async with asyncio.timeout(connector.stream_timeout):
+                        while not ack.read(data):
+                            await transport.wait_ready(data)
+                except (OSError, TimeoutError, datastream.HandshakeError) as exc:
+                    self._fail(expose, stats, STREAM_FAILED, f"data stream ack: {exc!r}")
+                    return
             sock, data, handed = data, None, True
             connector.start_relay(
                 stats, expose.expose_id, stream_id, client, sock, ends_channel=ends
