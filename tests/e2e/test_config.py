@@ -228,3 +228,27 @@ async def test_a_flag_given_on_the_command_line_wins_over_the_file(vm: Vm) -> No
         host.proc.send_signal(signal.SIGHUP)
         await logged(host, "config reloaded")
         assert "forwards_added=1 forwards_removed=0" in host.log()
+
+
+async def test_a_mode_change_applies_in_place_and_keeps_connections(vm: Vm) -> None:
+    """Only the mode and owner of a forward change in the file: after SIGHUP the
+    VM socket has them, it is the same socket file (same inode), and a
+    connection open across the reload keeps working."""
+    vm.write(vm.forward("web", 'mode = "0600"\n'))
+    async with await echo_server(vm.host("web")), both(vm, ready="web") as host:
+        before = os.stat(vm.vm("web"))
+        reader, writer = await asyncio.open_unix_connection(str(vm.vm("web")))
+        writer.write(b"before")
+        assert await reader.readexactly(6) == b"before"
+        vm.write(vm.forward("web", f'mode = "0660"\ngroup = {GROUP}\n'))
+        host.proc.send_signal(signal.SIGHUP)
+        await logged(host, "forwards changed in place forward_ids=web")
+        async with asyncio.timeout(30):
+            while stat.S_IMODE(os.stat(vm.vm("web")).st_mode) != 0o660:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        after = os.stat(vm.vm("web"))
+        assert (after.st_ino, after.st_gid) == (before.st_ino, GROUP)
+        writer.write(b"after")
+        assert await reader.readexactly(5) == b"after"
+        writer.close()
+        assert await served(vm.vm("web"), b"new connection")

@@ -390,13 +390,23 @@ class ForwardTable:
                 await fw.add_exposes(exposes.add)
                 added = [e.expose_id for e in exposes.add]
                 undo.append(lambda: _now(fw.remove_exposes, added))
-            if forwards.remove:
-                table = fw.forwards
-                old_forwards = [table[fid] for fid in forwards.remove]
-                await fw.remove(forwards.remove)
+            # An entry that changes only its mode or owner is changed in place
+            # (our guest keeps the listener and its connections).
+            table = fw.forwards
+            in_place = [f for f in forwards.add if _same_paths(table.get(f.forward_id), f)]
+            moved = {f.forward_id for f in in_place}
+            removing = [fid for fid in forwards.remove if fid not in moved]
+            adding = [f for f in forwards.add if f.forward_id not in moved]
+            if in_place:
+                before = [table[f.forward_id] for f in in_place]
+                await fw.replace(in_place)
+                undo.append(lambda: fw.replace(before))
+            if removing:
+                old_forwards = [table[fid] for fid in removing]
+                await fw.remove(removing)
                 undo.append(lambda: fw.add(old_forwards))
-            if forwards.add:
-                await fw.add(forwards.add)
+            if adding:
+                await fw.add(adding)
         except (ValueError, ttrpc.TtrpcError) as exc:
             restored = True
             for step in reversed(undo):
@@ -421,6 +431,10 @@ class ForwardTable:
         kept = {ident: sources.get(ident, source) for ident in table}
         sources.clear()
         sources.update(kept)
+
+
+def _same_paths(old: Forward | None, new: Forward) -> bool:
+    return old is not None and (old.host_path, old.vm_path) == (new.host_path, new.vm_path)
 
 
 async def _now(function: Callable[[list[str]], object], ids: list[str]) -> None:

@@ -308,6 +308,37 @@ class Forwarder:
             if session is not None:
                 session.refresh.set()
 
+    async def replace(self, forwards: Iterable[Forward]) -> None:
+        """Give forwards already in the table another mode or owner (same id and
+        paths): Bind again, which our guest applies to the socket in place (the
+        listener and its connections stay; docs/protocol.md 4.3). ValueError
+        for an id not in the table or with other paths; a Bind the guest
+        refuses raises its TtrpcError and changes nothing."""
+        async with self._lock:
+            changed: dict[str, Forward] = {}
+            for forward in forwards:
+                old = self._forwards.get(forward.forward_id)
+                if old is None or (old.host_path, old.vm_path) != (
+                    forward.host_path,
+                    forward.vm_path,
+                ):
+                    raise ValueError(
+                        f"forward ID {forward.forward_id}: only mode and owner change in place"
+                    )
+                if old != forward:
+                    changed[forward.forward_id] = forward
+            if not changed:
+                return
+            session = self._current()
+            if session is not None:
+                try:
+                    await self._bind_call(session, list(changed.values()))
+                except ttrpc.TtrpcError as exc:
+                    if exc.code != ttrpc.Code.UNAVAILABLE:
+                        raise
+            self._forwards.update(changed)
+            log.info("forwards changed in place forward_ids=%s", ",".join(changed))
+
     async def remove(self, forward_ids: Iterable[str]) -> None:
         """Remove forwards: their ConnectRequests are refused from now on, and the
         guest is asked to Unbind them (a guest without Unbind is tolerated).
