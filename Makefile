@@ -5,14 +5,22 @@ PYTHON ?= python3
 UV := $(PYTHON) -m uv
 RUN := $(UV) run --locked --all-extras
 
-.PHONY: setup demo test lint proto bench clean vm-setup vm-demo
+# The demo runs the program alone: the project, its runtime dependencies and
+# its extras (uvloop), none of the dev tools. `uv run` syncs inexactly: in a
+# .venv that `make setup` filled, the dev tools stay where they are.
+DEMO_RUN := $(UV) run --locked --no-dev --all-extras
 
-setup:
+.PHONY: uv setup demo test lint proto bench clean vm-setup vm-demo
+
+uv:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --user "uv==$(UV_VERSION)"
+
+# The dev tools (pytest, ruff, mypy, protoc and its plugins) and every extra.
+setup: uv
 	$(UV) sync --locked --all-extras
 
-demo: setup
-	$(RUN) socketforward demo
+demo: uv
+	$(DEMO_RUN) socketforward demo
 
 lint: setup
 	$(RUN) ruff check .

@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,10 @@ class Target:
 
 
 TARGETS = [
+    # google.rpc.Status, vendored: ttrpc's Response carries it, and generating
+    # it here spares a dependency (googleapis-common-protos) for one message.
+    Target(ROOT / "proto", "google/rpc/status.proto", ROOT / "src/socketforward/ttrpc/proto",
+           "socketforward.ttrpc.proto", services=False),
     Target(ROOT / "proto", "ttrpc/ttrpc.proto", ROOT / "src/socketforward/ttrpc/proto",
            "socketforward.ttrpc.proto", services=False),
     Target(ROOT / "proto", "nerdbox/services/socketforward/v1/socketforward.proto",
@@ -44,8 +46,28 @@ TARGETS = [
 
 
 def include_dirs() -> list[str]:
-    site = Path(sysconfig.get_paths()["purelib"])
-    return [str(Path(grpc_tools.__file__).parent / "_proto"), str(site)]
+    """google/protobuf/*.proto (protobuf's own well-known types). Not
+    site-packages: a google/rpc/status.proto installed there must not stand in
+    for the vendored one."""
+    return [str(Path(grpc_tools.__file__).parent / "_proto")]
+
+
+def python_module(proto: str) -> str:
+    """The module protoc names for *proto*: ``google/rpc/status.proto`` ->
+    ``google.rpc.status_pb2``."""
+    return proto.removesuffix(".proto").replace("/", ".") + "_pb2"
+
+
+def localize_imports(text: str, out_dir: Path) -> str:
+    """Imports of modules generated into the same package become relative
+    (``from google.rpc import status_pb2`` -> ``from . import status_pb2``):
+    protoc names them by their .proto path, but here they live beside the
+    importer, and the ttrpc package refers to itself by relative imports only."""
+    for other in TARGETS:
+        package, _, module = python_module(other.proto).rpartition(".")
+        if other.out_dir == out_dir and package:
+            text = text.replace(f"from {package} import {module} ", f"from . import {module} ")
+    return text
 
 
 def generate(target: Target, out: Path) -> list[Path]:
@@ -69,7 +91,8 @@ def generate(target: Target, out: Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         for produced in sorted(Path(tmp).rglob("*.py*")):
             dest = out / produced.name
-            shutil.copyfile(produced, dest)
+            text = localize_imports(produced.read_text(encoding="utf-8"), target.out_dir)
+            dest.write_text(text, encoding="utf-8")
             written.append(dest)
         return written
 

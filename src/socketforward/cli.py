@@ -1,8 +1,19 @@
-"""Command line: one subcommand per module; each module offers
-``add_parser(subparsers)`` (which sets ``run``, a function taking the parsed
-arguments and returning the exit status). :mod:`socketforward.control` adds
-two, ``status`` and ``forward``, the client side of the programs' control
-endpoint; ``forward add`` reads forwards as ``host --forward`` does.
+"""Command line: one subcommand per module, registered lazily.
+
+Each subcommand's module offers ``add_parser(subparsers)`` (which sets
+``run``, a function taking the parsed arguments and returning the exit
+status). :mod:`socketforward.control` adds two, ``status`` and ``forward``,
+the client side of the programs' control endpoint; ``forward add`` reads
+forwards as ``host --forward`` does.
+
+Only the module of the subcommand on the command line is imported: the guest
+agent in a small VM starts without loading the host, the demo or their
+imports. :data:`COMMANDS` lists each subcommand with the one line
+``socketforward --help`` shows for it, so that listing needs none of them;
+argparse picks the subcommand, and at that moment :class:`_LazySubcommands`
+imports its module and lets its ``add_parser`` register it for real, so
+``socketforward guest --help`` and the parsing of its options are the
+module's own.
 
 The logging options (``--log-level``, ``-v``, ``-q``, ``--log-format``) are
 taken before the subcommand and after it alike; when several are given, the
@@ -14,11 +25,123 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from socketforward import __version__, control, daemon, demo, guest, host
+from socketforward import __version__
 
-# Each entry's add_parser registers one subcommand.
-SUBCOMMANDS = [demo, guest, host]
+if TYPE_CHECKING:
+    from socketforward.control import ForwardEntry
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+else:  # generic only to type checkers
+    Subparsers = argparse._SubParsersAction
+
+
+def _register_demo(sub: Subparsers) -> None:
+    from socketforward import demo  # noqa: PLC0415 - lazy: see the module's docstring
+
+    demo.add_parser(sub)
+
+
+def _register_guest(sub: Subparsers) -> None:
+    from socketforward.guest import cli  # noqa: PLC0415 - lazy
+
+    cli.add_parser(sub)
+
+
+def _register_host(sub: Subparsers) -> None:
+    from socketforward.host import cli  # noqa: PLC0415 - lazy
+
+    cli.add_parser(sub)
+
+
+def _parse_forward(text: str) -> ForwardEntry:
+    """``host --forward``'s syntax, imported when ``forward add`` reads one (not
+    for ``status``, which needs nothing of the host)."""
+    from socketforward.host.forwards import parse_forward  # noqa: PLC0415 - lazy
+
+    return parse_forward(text)
+
+
+def _register_control(sub: Subparsers) -> None:
+    from socketforward import control  # noqa: PLC0415 - lazy
+
+    control.add_parser(sub, parse_forward=_parse_forward)
+
+
+class Command(NamedTuple):  # not a dataclass: that imports inspect, 5 ms of every start
+    summary: str
+    """What ``socketforward --help`` lists; the same as the ``help`` its
+    ``add_parser`` gives (a test compares them)."""
+    register: Callable[[Subparsers], None]
+    """Imports the module and registers the subcommand (and any other that
+    shares the function: ``status`` and ``forward``)."""
+
+
+COMMANDS = {
+    "demo": Command(
+        "forward a real host HTTP service into a pretend VM, on this machine", _register_demo
+    ),
+    "guest": Command("run the VM-side agent (SocketForward service)", _register_guest),
+    "host": Command(
+        "the host side: serve forwards to host UNIX sockets for one VM", _register_host
+    ),
+    "status": Command("show what a running host or guest is doing", _register_control),
+    "forward": Command("add or remove forwards of a running host", _register_control),
+}
+
+
+class _LazySubcommands(Subparsers):
+    """The subcommands as placeholders (a name and a summary) until argparse
+    reaches the one on the command line; that one is then registered by its
+    module, with ``--version`` and the logging options added to each parser
+    that ends a command line (they work after the subcommand too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name, command in COMMANDS.items():
+            self.add_parser(name, help=command.summary, add_help=False)
+        self._loaded: set[str] = set()
+
+    def load(self, name: str) -> None:
+        """Register *name* for real (and what shares its module), once."""
+        command = COMMANDS.get(name)
+        if command is None or name in self._loaded:
+            return
+        names = [n for n, c in COMMANDS.items() if c.register is command.register]
+        # The placeholders make way: argparse refuses a name registered twice.
+        for n in names:
+            del self._name_parser_map[n]
+        self._choices_actions[:] = [a for a in self._choices_actions if a.dest not in names]
+        command.register(self)
+        self._loaded.update(names)
+        # Usage lines and listings keep the table's order (the map is also
+        # argparse's `choices`, so it is reordered in place).
+        order = list(COMMANDS)
+        self._choices_actions.sort(key=lambda a: order.index(a.dest))
+        parsers = sorted(self._name_parser_map.items(), key=lambda item: order.index(item[0]))
+        self._name_parser_map.clear()
+        self._name_parser_map.update(parsers)
+        for n in names:
+            for parser in _leaf_parsers(self._name_parser_map[n]):
+                parser.add_argument(
+                    "--version", action="version", version=f"socketforward {__version__}"
+                )
+                _logging_options(parser, defaults=False)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        # argparse has checked the name against the choices; values[0] is it.
+        assert values is not None and not isinstance(values, str)
+        self.load(values[0])
+        super().__call__(parser, namespace, values, option_string)
+
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -71,31 +194,31 @@ def _logging_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(*, eager: bool = False) -> argparse.ArgumentParser:
+    """The command line. *eager* registers every subcommand up front instead of
+    on demand: what ``--help`` lists can then be compared with what each
+    module says of its subcommand."""
     parser = argparse.ArgumentParser(
         prog="socketforward",
         description="Forward UNIX domain sockets into virtual machines over vsock.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _logging_options(parser, defaults=True)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for module in SUBCOMMANDS:
-        module.add_parser(sub)
-    control.add_parser(sub, parse_forward=host.parse_forward)
-    for subparser in _leaf_parsers(sub):
-        _logging_options(subparser, defaults=False)
+    sub = parser.add_subparsers(dest="command", required=True, action=_LazySubcommands)
+    if eager:
+        assert isinstance(sub, _LazySubcommands)
+        for name in COMMANDS:
+            sub.load(name)
     return parser
 
 
-def _leaf_parsers(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> list[argparse.ArgumentParser]:
-    """The parsers that end a command line (``forward add``, not ``forward``)."""
-    leaves = []
-    for parser in sub.choices.values():
-        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        leaves += [p for n in nested for p in _leaf_parsers(n)] if nested else [parser]
-    return leaves
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers under *parser* that end a command line (``forward add``, not
+    ``forward``); *parser* itself when it has no subcommands."""
+    nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not nested:
+        return [parser]
+    return [leaf for n in nested for p in n.choices.values() for leaf in _leaf_parsers(p)]
 
 
 def setup_logging(level: str, log_format: str) -> None:
@@ -107,9 +230,12 @@ def setup_logging(level: str, log_format: str) -> None:
     logging.logMultiprocessing = False
     logging._srcfile = None  # no caller lookup per record
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        daemon.JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
-    )
+    if log_format == "json":
+        from socketforward.daemon import JsonFormatter  # noqa: PLC0415 - asyncio & co: lazy
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=LEVELS[level], handlers=[handler])
 
 

@@ -8,10 +8,11 @@ dispatches to services registered from their proto descriptors,
 it reports derives from :class:`Error`. Typed ``XxxBase``/``XxxStub`` classes
 come from its protoc plugin ``protoc-gen-python_ttrpc`` (see :mod:`.plugin`).
 
-It stands alone: it imports only the standard library, ``protobuf`` and
-``googleapis-common-protos`` (for ``google.rpc.Status``), refers to itself by
-relative imports, logs under its own module names, and is typed (``py.typed``),
-so it can be vendored or published apart from socketforward.
+It stands alone: it imports only the standard library and ``protobuf`` (its
+``google.rpc.Status`` is generated into :mod:`.proto` from a vendored proto),
+refers to itself by relative imports, logs under its own module names, and is
+typed (``py.typed``), so it can be vendored or published apart from
+socketforward.
 """
 
 from .client import Client

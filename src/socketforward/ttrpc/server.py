@@ -13,7 +13,6 @@ from typing import Any
 
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import DecodeError, Message
-from google.rpc import status_pb2
 
 from ._channel import Channel
 from ._connection import (
@@ -25,7 +24,7 @@ from ._connection import (
 from ._state import Role, StreamState
 from .context import CallContext, PeerCredentials, metadata_from_wire
 from .errors import Code, LocalProtocolError, StreamClosedError, TtrpcError
-from .proto import ttrpc_pb2
+from .proto import status_pb2, ttrpc_pb2
 from .stream import RECEIVE_QUEUE_SIZE, MessageQueue, ServerStream, decode
 
 log = logging.getLogger(__name__)
