@@ -2,6 +2,7 @@
 
     uv run --locked --all-extras --group bench python -m bench.forward_bench [--quick]
         [--rounds 3] [--paths DIRECT,OURS,...] [--load go|python] [--target go|python]
+        [--max-noise 5] [--nerdbox HOST_BIN,VM_BIN]
 
 Paths, all over UNIX sockets, each forwarding side its own process:
   DIRECT   the load connects to the target service itself
@@ -11,6 +12,8 @@ Paths, all over UNIX sockets, each forwarding side its own process:
   OURS>GO  our guest + the Go host;  GO>OURS  the Go guest + our host
   EXPOSE   OURS the other way: the load connects to the host's socket of an
            expose and the target is "in the VM" (docs/protocol.md 4.10)
+  NERDBOX  only with --nerdbox: two other programs with the stand-ins' command
+           line, e.g. nerdbox's own code built elsewhere, to calibrate GO against
 Workloads: throughput (1 GiB up, 1 GiB down, byte counts checked), 1-byte round
 trip (p50/p99), time to first byte of a new connection (connect, send 1 byte,
 receive it; p50/p99 over new connections one after another, so a path's
@@ -32,6 +35,17 @@ every path in turn (the path order rotates per round), so machine noise hits
 all paths alike; the report gives the median and min-max over the rounds and
 writes bench/results/latest.md and latest.png. A benchmark, not a test:
 it reports figures and never fails on a time.
+
+Each round also records what else used the CPUs meanwhile: other processes'
+CPU time (the machine's busy time in /proc/stat minus the benchmark's own
+process tree, the biggest named from /proc/PID/stat) and the hypervisor's
+steal. A round above ``--max-noise`` percent of the CPU there was makes the run
+too noisy to publish: the report says so at its top and the README's table is
+not written.
+
+The GO path's ratios to DIRECT are checked against those of nerdbox's own code
+(issue 17, section 1): a calibration table gives each ratio, its per-round
+min-max, and whether it lands within 15% of nerdbox's.
 """
 
 from __future__ import annotations
@@ -50,6 +64,7 @@ from pathlib import Path
 from bench import goload, loadgen, machine, markdown, processes
 from bench.event_loop import loop_name
 from bench.loadgen import GiB, MiB
+from bench.machine import Noise, NoiseMeter
 from bench.markdown import RIGHT
 from bench.processes import ProcessGroup
 from bench.stats import Samples, percentile, ratio
@@ -64,7 +79,11 @@ README_END = "<!-- end of forward_bench.py's table -->"
 RESULTS_PNG = REPO_ROOT / "bench" / "results" / "latest.png"
 START_TIMEOUT = 30.0
 
-ALL_PATHS = ["DIRECT", "SOCAT", "GO", "OURS", "OURS>GO", "GO>OURS", "EXPOSE"]
+ALL_PATHS = ["DIRECT", "SOCAT", "GO", "OURS", "OURS>GO", "GO>OURS", "EXPOSE", "NERDBOX"]
+DEFAULT_PATHS = ALL_PATHS[:-1]  # NERDBOX runs only when --nerdbox names its programs
+MAX_NOISE = 5.0
+"""Percent of the CPU there was that other work and steal may take in any round
+of a run whose figures are published (the README's table)."""
 PATH_HELP = {
     "DIRECT": "load -> target service, no forwarder",
     "SOCAT": "two chained socat relays (fork per connection, backlog=4096)",
@@ -73,7 +92,22 @@ PATH_HELP = {
     "OURS>GO": "our guest + the Go host",
     "GO>OURS": "the Go guest + our host",
     "EXPOSE": "our guest + our host, VM -> host (an expose)",
+    "NERDBOX": "the --nerdbox programs (host, VM), as GO",
 }
+
+# Issue 17, section 1: nerdbox's own code (containerd/nerdbox d50bdab, vsock
+# replaced by UNIX sockets), a Go load generator, two runs on a quiet 2-core
+# machine: each figure's ratio to DIRECT in the same run, lowest and highest of
+# the two runs. The GO stand-ins must land within CALIBRATION_TOLERANCE of them.
+NERDBOX_RATIOS: dict[str, tuple[float, float]] = {
+    "up": (0.25, 0.28),
+    "down": (0.25, 0.28),
+    "p50": (3.9, 4.1),
+    "p99": (3.0, 3.0),
+    "conns": (0.12, 0.13),
+    "served": (0.25, 0.30),  # the share of the burst served (DIRECT serves all)
+}
+CALIBRATION_TOLERANCE = 0.15
 
 # Reference figures for nerdbox on this machine (developers' guide) and our targets.
 NERDBOX_GUIDE = {
@@ -117,10 +151,13 @@ def start_path(
     procs: ProcessGroup,
     name: str,
     target: str,
-    go_bins: tuple[Path, Path] | None,
+    go_bins: dict[str, tuple[Path, Path]] | tuple[Path, Path] | None,
     socat: str | None,
 ) -> Path_:
-    """Start one path's forwarding processes; return it once a round trip works."""
+    """Start one path's forwarding processes; return it once a round trip works.
+
+    ``go_bins``: the (host, VM) programs of GO (a pair), or of GO and NERDBOX
+    by path name; None when no Go path runs."""
     d = procs.workdir / name.lower().replace(">", "-")
     d.mkdir()
     (d / "host").mkdir(mode=0o700)
@@ -143,14 +180,17 @@ def start_path(
         p.entry, p.pids = str(s1), [a.pid, b.pid]
         _check(p)
         return p
-    go_guest, go_host = name.startswith("GO"), name.endswith("GO")
-    assert go_bins is not None or not (go_guest or go_host)
+    # GO's programs for GO, OURS>GO and GO>OURS; --nerdbox's for NERDBOX.
+    by_path = go_bins if isinstance(go_bins, dict) else {"GO": go_bins} if go_bins else {}
+    bins = by_path.get("NERDBOX" if name == "NERDBOX" else "GO")
+    go_guest = name.startswith("GO") or name == "NERDBOX"
+    go_host = name.endswith("GO") or name == "NERDBOX"
     forward = f"bench={target}:{vm_path}"
     exposed = d / "host" / "exposed.sock"
     log_host, log_guest = f"{name}-host.log", f"{name}-guest.log"
     if go_host:
-        assert go_bins is not None
-        argv = [str(go_bins[0]), "--rpc-listen", f"unix:{rpc}", "--streams", f"unix:{streams}"]
+        assert bins is not None
+        argv = [str(bins[0]), "--rpc-listen", f"unix:{rpc}", "--streams", f"unix:{streams}"]
         host = procs.start([*argv, "--forward", forward], log_host)
     else:
         # EXPOSE: the forward's VM socket appearing says the guest is connected.
@@ -164,9 +204,9 @@ def start_path(
         )  # fmt: skip
     processes.wait_for_path(str(rpc), START_TIMEOUT, host)
     if go_guest:
-        assert go_bins is not None
+        assert bins is not None
         guest = procs.start(
-            [str(go_bins[1]), "--rpc-dial", f"unix:{rpc}", "--streams", f"unix:{streams}"],
+            [str(bins[1]), "--rpc-dial", f"unix:{rpc}", "--streams", f"unix:{streams}"],
             log_guest,
         )
     else:
@@ -397,7 +437,8 @@ def report(
     started: datetime.datetime,
     took: float,
     socat: str | None,
-    other_cpu: float,
+    noise: list[Noise],
+    max_noise: float,
     target: str,
 ) -> str:
     size = f"{settings.size / GiB:g} GiB" if settings.size >= GiB else f"{settings.size // MiB} MiB"
@@ -427,12 +468,12 @@ def report(
         f"Date: {started.strftime('%Y-%m-%d %H:%M:%S UTC')}; {rounds} interleaved rounds, "
         f"{took:.0f} s in all.",
         "",
+        *noise_verdict(noise, max_noise),
+        "",
         f"- Machine: {os.cpu_count()} CPUs ({machine.cpu_model()}), "
         f"{machine.memory_gib():.0f} GiB RAM, "
-        f"{platform.system()} {platform.release()}; other work on the machine during the "
-        f"run: {other_cpu:.0f} CPU s of the {took * (os.cpu_count() or 1):.0f} there were "
-        f"({other_cpu / (took * (os.cpu_count() or 1)):.0%}; the benchmark's own processes "
-        "excluded)",
+        f"{platform.system()} {platform.release()}; other work and steal per round: see "
+        "*Machine noise* below",
         f"- Python {platform.python_version()}, {loop_name()} (our guest and host"
         f"{', the target service' if target == 'python' else ''}); "
         f"{machine.tool_version(['go', 'version'])}; "
@@ -464,10 +505,18 @@ def report(
             align="l" + RIGHT * len(METRICS),
         ),
     ]
-    ratio_paths = [p for p in ("OURS", "OURS>GO", "GO>OURS", "EXPOSE") if p in paths]
+    ratio_paths: list[str] = [p for p in ("OURS", "OURS>GO", "GO>OURS", "EXPOSE") if p in paths]
+    if "NERDBOX" in paths:
+        ratio_paths += ["GO", "NERDBOX"]
     if ratio_paths:
-        # EXPOSE against OURS: the two directions side by side (issue 18's goal).
-        bases = {"OURS": ("GO", "DIRECT"), "EXPOSE": ("OURS", "DIRECT")}
+        # EXPOSE against OURS: the two directions side by side (issue 18's goal);
+        # the stand-ins against the --nerdbox programs they stand in for.
+        bases = {
+            "OURS": ("GO", "DIRECT"),
+            "EXPOSE": ("OURS", "DIRECT"),
+            "GO": ("NERDBOX", "DIRECT"),
+            "NERDBOX": ("DIRECT",),
+        }
         rows = [
             [f"{p} / {base}", *(ratio_cell(samples, p, base, m.key) for m in RATIO_METRICS)]
             for p in ratio_paths
@@ -496,18 +545,146 @@ def report(
             "",
             *markdown.table(["target", "nerdbox (developers' guide)", "measured", "met"], rows),
         ]
+    if "GO" in paths and "DIRECT" in paths:
+        out += ["", *calibration(samples, settings, paths)]
+    out += ["", *noise_table(noise, max_noise)]
     notes = [
-        "- The Go stand-ins reproduce nerdbox's behaviour: the relay tears a connection "
-        "down at the first EOF (so no workload half-closes; each reads its answer first), "
-        "the VM side queues ConnectRequests in a 64-slot channel and closes connections "
-        "that find it full (the burst's reset column), and the host answers ConnectRequests "
-        "one at a time.",
+        "- The Go stand-ins reproduce nerdbox's code (containerd/nerdbox d50bdab): io.Copy "
+        "relays, one goroutine a direction, that tear a connection down at the first EOF "
+        "(so no workload half-closes; each reads its answer first); a goroutine per accepted "
+        "connection on the VM side, which queues ConnectRequests in a 64-slot channel and "
+        "closes connections that find it full (the burst's reset column); the host answers "
+        "ConnectRequests one at a time on its Accept stream; the Go runtime settings of "
+        "the containerd shim (GC at 40%, GOMAXPROCS 4 as the shim manager starts it) and "
+        "of vminitd (GOMAXPROCS 2).",
         "- socat forks one process per connection: its RSS is summed over the children, "
         "shared pages counted in each.",
         *[f"- {n}" for n in dict.fromkeys(samples.notes)],
     ]
     out += ["", "Notes:", "", *notes]
     return "\n".join(out) + "\n"
+
+
+def _per_round(samples: Samples, path: str, base: str, key: str, total: int) -> list[float]:
+    """``path``'s figure over ``base``'s round by round (the burst: share served)."""
+    if key == "served":
+        return [v / total for v in samples.get(path, key)]
+    rounds = zip(samples.get(path, key), samples.get(base, key), strict=False)
+    return [a / b for a, b in rounds if b]
+
+
+def _ratio_of_medians(samples: Samples, path: str, key: str, total: int) -> float | None:
+    if key == "served":
+        m = samples.median(path, key)
+        return None if m is None else m / total
+    return ratio(samples.median(path, key), samples.median("DIRECT", key))
+
+
+def calibration(samples: Samples, settings: Settings, paths: list[str]) -> list[str]:
+    """GO's ratios to DIRECT against nerdbox's own code's (NERDBOX_RATIOS)."""
+    tol = CALIBRATION_TOLERANCE
+    labels = {
+        "up": "throughput up",
+        "down": "throughput down",
+        "p50": "1-byte round trip p50",
+        "p99": "1-byte round trip p99",
+        "conns": "new connections/s",
+        "served": f"burst of {settings.burst:,}: share served",
+    }
+    real = "NERDBOX" in paths
+    rows, misses = [], []
+    for key, (lo, hi) in NERDBOX_RATIOS.items():
+        r = _ratio_of_medians(samples, "GO", key, settings.burst)
+        per_round = _per_round(samples, "GO", "DIRECT", key, settings.burst)
+        ref = f"{lo:.2f}" if lo == hi else f"{lo:.2f}-{hi:.2f}"
+        band = f"{lo * (1 - tol):.2f}-{hi * (1 + tol):.2f}"
+        inside = None if r is None else lo * (1 - tol) <= r <= hi * (1 + tol)
+        if inside is False:
+            misses.append(labels[key])
+        row = [
+            labels[key],
+            ref,
+            band,
+            "-" if r is None else f"**{r:.2f}**",
+            f"{min(per_round):.2f}-{max(per_round):.2f}" if per_round else "-",
+            "-" if inside is None else ("yes" if inside else "**no**"),
+        ]
+        if real:
+            n = _ratio_of_medians(samples, "NERDBOX", key, settings.burst)
+            row.append("-" if n is None else f"{n:.2f}")
+        rows.append(row)
+    header = [
+        "GO / DIRECT",
+        "nerdbox's code (issue 17)",
+        f"±{tol:.0%}",
+        "GO, this run",
+        "GO, per round",
+        "within",
+    ]
+    if real:
+        header.append("NERDBOX, this run")
+    verdict = (
+        "The GO stand-ins are calibrated: every ratio within the band."
+        if not misses
+        else f"**Outside the band**: {', '.join(misses)}."
+    )
+    return [
+        "Calibration: GO's ratios to DIRECT (for the burst, the share of connects served) "
+        "against those of nerdbox's own code measured with a Go load generator "
+        f"(issue 17, two runs); median ratio and its min-max over the rounds. {verdict}",
+        "",
+        *markdown.table(header, rows, align="l" + RIGHT * (len(header) - 1)),
+    ]
+
+
+def too_noisy(noise: list[Noise], max_noise: float) -> list[int]:
+    """The rounds (numbered from 1) whose other work and steal exceeded ``max_noise``%."""
+    return [i + 1 for i, n in enumerate(noise) if n.percent > max_noise]
+
+
+def noise_verdict(noise: list[Noise], max_noise: float) -> list[str]:
+    bad = too_noisy(noise, max_noise)
+    worst = max((n.percent for n in noise), default=0.0)
+    if not bad:
+        return [
+            f"Machine noise: at most {worst:.1f}% of the CPU went to other work and steal "
+            f"in any round (limit {max_noise:g}%): publishable."
+        ]
+    return [
+        f"> **Too noisy to publish**: other work and steal took more than {max_noise:g}% of "
+        f"the CPU in round{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} "
+        f"(worst {worst:.1f}%). Read these figures with that in mind; the README's table "
+        "was not written from this run."
+    ]
+
+
+def noise_table(noise: list[Noise], max_noise: float) -> list[str]:
+    rows = [
+        [
+            str(i + 1),
+            f"{n.seconds:.0f}",
+            f"{n.other:.1f} ({n.other_percent:.1f}%)",
+            f"{n.steal:.1f} ({n.steal_percent:.1f}%)",
+            f"{n.percent:.1f}%" + (" **over**" if n.percent > max_noise else ""),
+            n.describe_top(),
+        ]
+        for i, n in enumerate(noise)
+    ]
+    return [
+        "Machine noise per round, in CPU seconds and percent of the CPU there was (the "
+        f"round's seconds times {os.cpu_count()} CPUs): other processes' CPU time is the "
+        "machine's busy time (/proc/stat: user, nice, system) minus that of the "
+        "benchmark's own process tree; steal is the hypervisor's (/proc/stat); the "
+        "biggest other users are named from /proc/PID/stat (kernel threads too: "
+        "ksoftirqd's time is interrupt work, mostly for the benchmark's own traffic, and "
+        "not in the other-processes figure).",
+        "",
+        *markdown.table(
+            ["round", "seconds", "other processes", "steal", "noise", "biggest other users"],
+            rows,
+            align="l" + RIGHT * 4,
+        ),
+    ]
 
 
 def readme_table(samples: Samples, rounds: int, load: str, target: str) -> str:
@@ -591,6 +768,7 @@ def plot(samples: Samples, paths: list[str], settings: Settings, png: Path) -> b
         "OURS>GO": "#8fd19e",
         "GO>OURS": "#9ecae1",
         "EXPOSE": "#756bb1",
+        "NERDBOX": "#1f4e8c",
     }
     panels = [
         ("Throughput up (MB/s, higher is better)", "up"),
@@ -667,7 +845,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run (1 round, small)")
     parser.add_argument("--rounds", type=int, help="rounds (default 5; --quick 1)")
-    parser.add_argument("--paths", help=f"comma-separated subset of {','.join(ALL_PATHS)}")
+    parser.add_argument(
+        "--paths",
+        help=f"comma-separated subset of {','.join(ALL_PATHS)} (default: all but NERDBOX, "
+        "which --nerdbox adds)",
+    )
     parser.add_argument(
         "--workloads", help=f"comma-separated subset of {','.join(w for w, _ in WORKLOADS)}"
     )
@@ -683,6 +865,20 @@ def main() -> int:
         choices=["go", "python"],
         default="go",
         help="target service: sfload target (default) or bench/target.py",
+    )
+    parser.add_argument(
+        "--max-noise",
+        type=float,
+        default=MAX_NOISE,
+        metavar="PERCENT",
+        help="other work and steal (percent of the CPU) above which a round makes the run "
+        f"too noisy to publish: no README table (default {MAX_NOISE:g})",
+    )
+    parser.add_argument(
+        "--nerdbox",
+        metavar="HOST_BIN,VM_BIN",
+        help="also run the NERDBOX path: these two programs, with the Go stand-ins' command "
+        "line (e.g. nerdbox's own code built elsewhere), to calibrate GO against",
     )
     parser.add_argument("--out", type=Path, help="report file (default: latest.md unless --quick)")
     parser.add_argument("--png", type=Path, help="plot file (default: latest.png unless --quick)")
@@ -702,13 +898,24 @@ def main() -> int:
     rounds = args.rounds or (1 if quick else 5)
     out_md = args.out or (None if quick else RESULTS_MD)
     out_png = args.png or (None if quick else RESULTS_PNG)
-    paths = args.paths.split(",") if args.paths else list(ALL_PATHS)
+    paths = args.paths.split(",") if args.paths else list(DEFAULT_PATHS)
+    if args.nerdbox and "NERDBOX" not in paths:
+        paths.append("NERDBOX")
     workloads = [
         (w, f) for w, f in WORKLOADS if not args.workloads or w in args.workloads.split(",")
     ]
     unknown = set(paths) - set(ALL_PATHS)
     if unknown:
         parser.error(f"unknown paths: {sorted(unknown)}")
+    go_bins: dict[str, tuple[Path, Path]] = {}
+    if "NERDBOX" in paths:
+        if not args.nerdbox or len(args.nerdbox.split(",")) != 2:
+            parser.error("the NERDBOX path needs --nerdbox HOST_BIN,VM_BIN")
+        host_bin, vm_bin = (Path(b).resolve() for b in args.nerdbox.split(","))
+        for b in (host_bin, vm_bin):
+            if not os.access(b, os.X_OK):
+                parser.error(f"--nerdbox: {b} is not an executable")
+        go_bins["NERDBOX"] = (host_bin, vm_bin)
 
     processes.exit_on_sigterm()
     processes.raise_fd_limit()
@@ -717,7 +924,6 @@ def main() -> int:
     if "SOCAT" in paths and socat is None:
         print("socat is not installed (make bench installs it): SOCAT row skipped", file=sys.stderr)
         paths.remove("SOCAT")
-    go_bins: tuple[Path, Path] | None = None
     if any("GO" in p for p in paths):
         from tests.interop.nerdbox_peers import (  # noqa: PLC0415 (imports pytest)
             build_nerdbox_host,
@@ -725,7 +931,7 @@ def main() -> int:
         )
 
         try:
-            go_bins = (build_nerdbox_host(), build_nerdbox_vm())
+            go_bins["GO"] = (build_nerdbox_host(), build_nerdbox_vm())
         except RuntimeError as exc:
             print(f"Go stand-ins unavailable ({exc}): Go paths skipped", file=sys.stderr)
             paths = [p for p in paths if "GO" not in p]
@@ -744,7 +950,8 @@ def main() -> int:
         assert sfload is not None
         settings.load = goload.GoLoad(sfload)
 
-    busy0, own0 = machine.machine_busy_seconds(), machine.own_cpu_seconds()
+    noise: list[Noise] = []
+    meter = NoiseMeter()
     t0 = time.perf_counter()
     with processes.scratch_dir("fwdbench-") as tmp:
         target = str(tmp / "target.sock")
@@ -758,6 +965,7 @@ def main() -> int:
                 order = paths[r % len(paths) :] + paths[: r % len(paths)]
                 round_dir = tmp / f"round{r}"
                 round_dir.mkdir()
+                meter.start()
                 with ProcessGroup(round_dir) as procs:
                     running = [start_path(procs, n, target, go_bins, socat) for n in order]
                     for wname, workload in workloads:
@@ -769,9 +977,14 @@ def main() -> int:
                                 f"{time.perf_counter() - t:5.1f} s",
                                 file=sys.stderr,
                             )
+                noise.append(meter.stop())
+                n = noise[-1]
+                print(
+                    f"round {r + 1}/{rounds} noise: other {n.other_percent:.1f}%, steal "
+                    f"{n.steal_percent:.1f}% of the CPU ({n.describe_top()})",
+                    file=sys.stderr,
+                )
     took = time.perf_counter() - t0
-    busy = machine.machine_busy_seconds() - busy0
-    other_cpu = max(0.0, busy - (machine.own_cpu_seconds() - own0))
     text = report(
         samples,
         paths=paths,
@@ -780,7 +993,8 @@ def main() -> int:
         started=started,
         took=took,
         socat=socat,
-        other_cpu=other_cpu,
+        noise=noise,
+        max_noise=args.max_noise,
         target=args.target,
     )
     print(text)
@@ -790,11 +1004,20 @@ def main() -> int:
         print(f"written to {out_md}", file=sys.stderr)
     if out_png is not None and plot(samples, paths, settings, out_png):
         print(f"written to {out_png}", file=sys.stderr)
-    # A full default run also refreshes the README's summary (never typed by hand).
+    # A full default run also refreshes the README's summary (never typed by hand),
+    # unless other work or steal made it too noisy to publish.
     full = out_md == RESULTS_MD and {"DIRECT", "GO", "OURS"} <= set(paths)
     table = readme_table(samples, rounds, settings.load.name, args.target.capitalize())
-    if full and len(workloads) == len(WORKLOADS) and update_readme(table):
-        print(f"updated the table in {README}", file=sys.stderr)
+    if full and len(workloads) == len(WORKLOADS):
+        bad = too_noisy(noise, args.max_noise)
+        if bad:
+            print(
+                f"too noisy to publish (rounds {bad} over {args.max_noise:g}%): "
+                f"the table in {README} was not updated",
+                file=sys.stderr,
+            )
+        elif update_readme(table):
+            print(f"updated the table in {README}", file=sys.stderr)
     return 0
 
 

@@ -4,8 +4,20 @@ tests/interop/go/cmd/nerdbox-host behaves as nerdbox's shim (it listens for the
 guest's dial-back, Binds, holds one Accept stream), tests/interop/go/cmd/nerdbox-vm
 as nerdbox's vminitd socket-forward and streaming plugins (it dials the RPC
 socket once and serves SocketForward on it, listens for data streams). Both are
-built with containerd/ttrpc and our generated stubs, since nerdbox's own Go
-module is not on the module proxy. UNIX sockets only.
+built with containerd/ttrpc (v1.2.9, nerdbox's version) and our generated
+stubs, since nerdbox's own Go module is not on the module proxy. UNIX sockets
+only.
+
+They follow nerdbox's code at containerd/nerdbox d50bdab in structure, not
+just on the wire, so that the benchmark's GO path performs as nerdbox does:
+io.Copy relays (32 KiB buffers between UNIX sockets), one goroutine a
+direction, both connections closed at the first EOF; a goroutine per accepted
+connection in the VM; ConnectRequests handled one at a time on the host's
+Accept stream; and the Go runtime settings nerdbox runs with (the shim: GC at
+40% and GOMAXPROCS 4, unless GOMAXPROCS is set; vminitd: GOMAXPROCS 2).
+``python -m bench.forward_bench --nerdbox HOST_BIN,VM_BIN`` measures them next
+to nerdbox's own code built with the same command line (GO / NERDBOX in its
+report).
 """
 
 from __future__ import annotations

@@ -16,7 +16,10 @@ Not covered, on purpose:
   socket; a guest that lost its connection never comes back.
 
 Relays in both stand-ins tear down both directions on the first EOF (io.Copy,
-as nerdbox does), so clients here read the whole echo before closing.
+as nerdbox does), so clients here read the whole echo before closing; the
+first-EOF teardown itself is checked below, from either end. So are the Go
+runtime settings nerdbox runs its two sides with (the shim's GC at 40% and
+GOMAXPROCS 4, vminitd's GOMAXPROCS 2), which the benchmark's GO path relies on.
 """
 
 from __future__ import annotations
@@ -246,3 +249,79 @@ async def test_vm_answers_unimplemented_to_unbind(nerdbox_vm_bin: Path, tmp_path
                     assert vm_path.is_socket()
     finally:
         listener.close()
+
+
+def test_runtime_settings_as_nerdbox(pair: Pair) -> None:
+    """The shim's runtime (containerd's shim.setRuntime, GOMAXPROCS=4 from the
+    shim manager) and vminitd's (GOMAXPROCS 2), said in the logs at start."""
+    assert "runtime as nerdbox's shim: GOMAXPROCS=4 GC=40%" in pair.host.log()
+    assert "runtime as nerdbox's vminitd: GOMAXPROCS=2" in pair.vm.log()
+
+
+class _Holder:
+    """A target service that answers nothing and never closes a connection by
+    itself: it reads until EOF (``saw_eof``) or, with ``say``, first sends
+    ``say`` and closes only its sending side."""
+
+    def __init__(self, say: bytes = b"") -> None:
+        self.say = say
+        self.saw_eof = asyncio.Event()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        if self.say:
+            writer.write(self.say)
+            await writer.drain()
+            writer.write_eof()
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(1 << 16):
+                pass
+        self.saw_eof.set()
+
+
+@contextlib.asynccontextmanager
+async def holding_target(path: Path, holder: _Holder) -> AsyncIterator[None]:
+    server = await asyncio.start_unix_server(holder.serve, path=str(path))
+    try:
+        yield
+    finally:
+        for w in holder.writers:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_client_half_close_ends_both_directions(pair: Pair) -> None:
+    """The client closes its sending side and waits to read: nerdbox's relay
+    (socketforward.go relay, both sides) closes both connections at the first
+    EOF, so the client reads EOF although the target never closed, and the
+    target reads EOF too. A relay that passed the half-close on would leave
+    the client waiting."""
+    holder = _Holder()
+    async with holding_target(pair.target, holder), asyncio.timeout(IO_TIMEOUT):
+        reader, writer = await asyncio.open_unix_connection(str(pair.vm_path))
+        try:
+            writer.write(b"x")
+            writer.write_eof()
+            with contextlib.suppress(ConnectionError):
+                assert await reader.read() == b""
+            await holder.saw_eof.wait()
+        finally:
+            writer.close()
+
+
+async def test_target_half_close_ends_both_directions(pair: Pair) -> None:
+    """The target sends its answer and closes its sending side: the client
+    gets the answer, then EOF, and the target reads EOF although the client
+    never closed (the relay tore the connection down)."""
+    holder = _Holder(say=b"bye")
+    async with holding_target(pair.target, holder), asyncio.timeout(IO_TIMEOUT):
+        reader, writer = await asyncio.open_unix_connection(str(pair.vm_path))
+        try:
+            assert await reader.readexactly(3) == b"bye"
+            with contextlib.suppress(ConnectionError):
+                assert await reader.read() == b""
+            await holder.saw_eof.wait()
+        finally:
+            writer.close()

@@ -11,9 +11,15 @@
 //     listener; handshakes one connection at a time in the accept loop.
 //   - internal/vminit/socketforward/socketforward.go (Service): Bind, Accept,
 //     the 64-slot notify queue, stream ids, relay.
+//   - pkg/vminit/initd/initd.go (Run): runtime.GOMAXPROCS(2) once the
+//     services are made.
 //
 // Line references below are to containerd/nerdbox at commit d50bdab9
-// (socketforward.go last changed in f26bfdc).
+// (socketforward.go last changed in f26bfdc). What is NOT reproduced, and why
+// it does not change the figures: vminitd's ttrpc server chains an otelttrpc
+// interceptor on unary calls (Bind only, once); its per-connection log calls
+// are logrus Debug entries, dropped at the default level (here nothing is
+// logged per connection).
 //
 // Usage:
 //
@@ -43,6 +49,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"syscall"
 	"time"
@@ -55,6 +62,9 @@ import (
 )
 
 func main() { standin.Main("nerdbox-vm", run) }
+
+// vminitMaxProcs is vminitd's GOMAXPROCS (initd.go).
+const vminitMaxProcs = 2
 
 func run() error {
 	rpcDial := flag.String("rpc-dial", "", "unix:/abs/rpc.sock the host listens on (dialed once)")
@@ -84,6 +94,11 @@ func run() error {
 	go registry.run()
 
 	svc := newService(registry)
+
+	// initd.go Run: "runtime.GOMAXPROCS(2)" once the services exist, whatever
+	// the environment says.
+	runtime.GOMAXPROCS(vminitMaxProcs)
+	log.Printf("runtime as nerdbox's vminitd: GOMAXPROCS=%d", vminitMaxProcs)
 
 	// dialBackListener: a single dial, no retry.
 	conn, err := net.Dial("unix", rpcPath)
