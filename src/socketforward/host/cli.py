@@ -49,6 +49,7 @@ from socketforward.host.config import (
     read_config,
 )
 from socketforward.host.control import FORWARDS_FILE, ForwardTable, HostControl
+from socketforward.host.embed import Host
 from socketforward.host.forwarder import Forwarder
 from socketforward.host.forwards import (
     Expose,
@@ -439,37 +440,27 @@ class _Reloads:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def _serve(
-    args: argparse.Namespace, forwarder: Forwarder, stop: asyncio.Event, count: int
-) -> int:
+async def _serve(args: argparse.Namespace, host: Host, stop: asyncio.Event, count: int) -> int:
     """Listen or dial until *stop* is set; the exit status."""
-    listener: transport.Listener | None = None
+    _check_streams_dir(args.streams, args.streams_uid, _named(args, "streams"))
+    if args.rpc_listen is not None and isinstance(args.rpc_listen, transport.UnixEndpoint):
+        _check_private_dir(args.rpc_listen, _named(args, "rpc_listen"))
     try:
-        _check_streams_dir(args.streams, args.streams_uid, _named(args, "streams"))
-        if args.rpc_listen is not None:
-            ep = args.rpc_listen
-            if isinstance(ep, transport.UnixEndpoint):
-                _check_private_dir(ep, _named(args, "rpc_listen"))
-            try:
-                listener = await transport.listen(ep, mode=0o600)
-            except OSError as exc:
-                raise _Unusable(f"{_named(args, 'rpc_listen')}: {exc}") from None
-            work = forwarder.run_listening(listener)
-            log.info("host listening rpc=%s streams=%s forwards=%d", ep, args.streams, count)
-        else:
-            work = forwarder.run_dialing(args.rpc_dial)
-            log.info(
-                "host dialing rpc=%s streams=%s forwards=%d", args.rpc_dial, args.streams, count
-            )
-        ended = await run_until_stopped(work, stop, notifier=Notifier.from_environment())
-        if ended is not None:
-            log.error("host stopped unexpectedly error=%r", ended.exception())
-            return 1
-        log.info("host stopping")
-        return 0
-    finally:
-        if listener is not None:
-            listener.close()
+        await host.start()
+    except OSError as exc:
+        raise _Unusable(f"{_named(args, 'rpc_listen')}: {exc}") from None
+    if args.rpc_listen is not None:
+        log.info(
+            "host listening rpc=%s streams=%s forwards=%d", args.rpc_listen, args.streams, count
+        )
+    else:
+        log.info("host dialing rpc=%s streams=%s forwards=%d", args.rpc_dial, args.streams, count)
+    ended = await run_until_stopped(host.wait_stopped(), stop, notifier=Notifier.from_environment())
+    if ended is not None:
+        log.error("host stopped unexpectedly error=%r", ended.exception())
+        return 1
+    log.info("host stopping")
+    return 0
 
 
 async def _start_exposes(
@@ -504,9 +495,14 @@ async def _run(
     exposes: tuple[list[Expose], dict[str, str]],
     limits_at_start: tuple[int, int] | None,
 ) -> int:
-    forwarder = Forwarder(
-        forwards,
-        args.streams,
+    # The program is a Host; its exposes start through the table (which knows
+    # where each came from), so the Host is given none of its own.
+    host = Host(
+        streams=args.streams,
+        rpc_listen=args.rpc_listen,
+        rpc_dial=args.rpc_dial,
+        forwards=forwards,
+        drain=args.drain,
         dial_timeout=args.dial_timeout,
         stream_timeout=args.stream_timeout,
         stream_retry_for=args.stream_retry_for,
@@ -514,6 +510,7 @@ async def _run(
         max_relays=args.max_relays,
         streams_uid=args.streams_uid,
     )
+    forwarder = host.forwarder
     limits = fd_limits()
     log.info(
         "fd limit soft=%s hard=%s soft_at_start=%s max_relays=%d max_pending=%d",
@@ -545,7 +542,7 @@ async def _run(
                         args.control, host_control, _named(args, "control")
                     )
                     watch = asyncio.get_running_loop().create_task(host_control.watch())
-                return await _serve(args, forwarder, stop, len(forwards))
+                return await _serve(args, host, stop, len(forwards))
             except _UsageError as exc:
                 print(f"socketforward host: error: {exc}", file=sys.stderr)
                 return 2
@@ -556,7 +553,7 @@ async def _run(
                 if reloads is not None:
                     await reloads.close()
                 # Status stays available while running connections drain.
-                await forwarder.close(drain=args.drain)
+                await host.stop()
                 if watch is not None:
                     watch.cancel()
                     await asyncio.gather(watch, return_exceptions=True)

@@ -88,6 +88,13 @@ class Host:
             await fw.close()
             raise
 
+    async def wait_stopped(self) -> None:
+        """Return when listening or dialing stopped by itself: raises what
+        stopped it (an RPC endpoint it cannot use)."""
+        if self._running is None:
+            raise RuntimeError("Host not started")
+        await asyncio.shield(self._running)
+
     async def stop(self) -> None:
         """Close the RPC endpoint, let running connections drain (``drain``),
         end the rest, remove the socket files. Idempotent."""
