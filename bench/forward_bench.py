@@ -786,6 +786,7 @@ def plot(samples: Samples, paths: list[str], settings: Settings, png: Path) -> b
     for ax, (title, key) in zip(axes.flat, panels, strict=True):
         ax.set_title(title, fontsize=10)
         xs = list(range(len(paths)))
+        wide = False
         if key == "burst":
             served = [samples.median(p, "served") or 0 for p in paths]
             dropped = [
@@ -809,21 +810,27 @@ def plot(samples: Samples, paths: list[str], settings: Settings, png: Path) -> b
                 lo.append(s.median - s.low if s else 0.0)
                 hi.append(s.high - s.median if s else 0.0)
             ax.bar(xs, meds, color=[colors[p] for p in paths], yerr=[lo, hi], capsize=3)
-            for x, med in zip(xs, meds, strict=True):
+            for x, med, up in zip(xs, meds, hi, strict=True):
                 if med:
                     label = (
                         f"{med:,.0f}" if med >= 100 else f"{med:.1f}" if med >= 1 else f"{med:.2f}"
                     )
-                    ax.annotate(label, (x, med), ha="center", va="bottom", fontsize=8)
+                    # Above the error bar, not on it.
+                    ax.annotate(label, (x, med + up), ha="center", va="bottom", fontsize=8)
+            shown = [m for m in meds if m > 0]
+            # One path far above the rest (DIRECT's connection rate) flattens
+            # them: a log scale keeps every bar readable.
+            wide = bool(shown) and max(shown) > 8 * min(shown)
         target = _target_line(samples, key)
         if target is not None and "OURS" in paths:
             ax.axhline(target, color="#2ca25f", linestyle="--", linewidth=1)
             ax.annotate("OURS target", (len(paths) - 0.5, target), ha="right", va="bottom",
                         fontsize=7, color="#2ca25f")  # fmt: skip
-        if key == "rss":
-            ax.set_yscale("log")  # socat's forked children dwarf the rest
+        if key != "burst" and (key == "rss" or wide):
+            ax.set_yscale("log")  # e.g. socat's forked children, DIRECT's conns/s
+            ax.set_title(title + " (log scale)", fontsize=10)
         elif key != "burst":
-            ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
         ax.set_xticks(xs)
         ax.set_xticklabels(paths, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
