@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from socketforward import __version__
 
 if TYPE_CHECKING:
-    from socketforward.control import ForwardEntry
+    from socketforward.control import ExposeEntry, ForwardEntry
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 else:  # generic only to type checkers
@@ -64,10 +64,17 @@ def _parse_forward(text: str) -> ForwardEntry:
     return parse_forward(text)
 
 
+def _parse_expose(text: str) -> ExposeEntry:
+    """``host --expose``'s syntax, imported when ``expose add`` reads one."""
+    from socketforward.host.forwards import parse_expose  # noqa: PLC0415 - lazy
+
+    return parse_expose(text)
+
+
 def _register_control(sub: Subparsers) -> None:
     from socketforward import control  # noqa: PLC0415 - lazy
 
-    control.add_parser(sub, parse_forward=_parse_forward)
+    control.add_parser(sub, parse_forward=_parse_forward, parse_expose=_parse_expose)
 
 
 class Command(NamedTuple):  # not a dataclass: that imports inspect, 5 ms of every start
@@ -89,6 +96,9 @@ COMMANDS = {
     ),
     "status": Command("show what a running host or guest is doing", _register_control),
     "forward": Command("add or remove forwards of a running host", _register_control),
+    "expose": Command(
+        "add or remove exposes (VM sockets on the host) of a running host", _register_control
+    ),
 }
 
 

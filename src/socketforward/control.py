@@ -27,19 +27,21 @@ from typing import Any, Protocol, TypeVar
 from socketforward import __version__, runner, transport, ttrpc
 from socketforward.api import control_pb2 as pb
 from socketforward.api.control_ttrpc import ControlBase, ControlStub
-from socketforward.daemon import positive_seconds
+from socketforward.daemon import octal_mode, positive_seconds
 from socketforward.stats import ForwardStats
 
 __all__ = [
     "ControlError",
     "ControlServer",
     "ControlService",
+    "add_exposes",
     "add_forwards",
     "add_parser",
     "endpoint_arg",
     "format_status",
     "forward_status",
     "get_status",
+    "remove_exposes",
     "remove_forwards",
     "status_dict",
 ]
@@ -227,6 +229,24 @@ async def remove_forwards(
     return list(response.removed)
 
 
+async def add_exposes(
+    ep: transport.UnixEndpoint, exposes: Sequence[pb.Expose], *, timeout: float = DEFAULT_TIMEOUT
+) -> list[str]:
+    """Listen for *exposes* on the host serving *ep*, all or none; the ids added."""
+    request = pb.AddExposesRequest(exposes=exposes)
+    response = await _call(ep, timeout, lambda stub: stub.AddExposes(request))
+    return list(response.added)
+
+
+async def remove_exposes(
+    ep: transport.UnixEndpoint, expose_ids: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT
+) -> list[str]:
+    """Stop listening for *expose_ids* on the host serving *ep*, all or none."""
+    request = pb.RemoveExposesRequest(expose_ids=expose_ids)
+    response = await _call(ep, timeout, lambda stub: stub.RemoveExposes(request))
+    return list(response.removed)
+
+
 # -- showing a status ----------------------------------------------------------------
 
 
@@ -361,14 +381,37 @@ class ForwardEntry(Protocol):
     def vm_path(self) -> str: ...
 
 
+class ExposeEntry(Protocol):
+    """What an ``EXPOSE_ID=VM_PATH:HOST_PATH`` parser gives."""
+
+    @property
+    def expose_id(self) -> str: ...
+
+    @property
+    def vm_path(self) -> str: ...
+
+    @property
+    def host_path(self) -> str: ...
+
+
 def add_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     *,
     parse_forward: Callable[[str], ForwardEntry],
+    parse_expose: Callable[[str], ExposeEntry],
 ) -> None:
-    """Register ``status`` and ``forward``; *parse_forward* reads the
-    ``FORWARD_ID=HOST_PATH:VM_PATH`` syntax of ``socketforward host --forward``
-    (a ValueError names what is wrong)."""
+    """Register ``status``, ``forward`` and ``expose``; *parse_forward* and
+    *parse_expose* read the syntax of ``socketforward host --forward`` and
+    ``--expose`` (a ValueError names what is wrong)."""
+
+    def expose_entry(text: str) -> pb.Expose:
+        try:
+            expose = parse_expose(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return pb.Expose(
+            expose_id=expose.expose_id, vm_path=expose.vm_path, host_path=expose.host_path
+        )
 
     def entry(text: str) -> pb.Forward:
         try:
@@ -437,6 +480,46 @@ def add_parser(
     remove.add_argument("forward_ids", metavar="FORWARD_ID", nargs="+", help="a forward to remove")
     remove.set_defaults(run=_remove_main)
 
+    expose = subparsers.add_parser(
+        "expose",
+        help="add or remove exposes (VM sockets on the host) of a running host",
+        description="Change the exposes of a running `socketforward host` through its "
+        "--control endpoint, all or nothing. The changes last until the host stops; a "
+        "SIGHUP reload of --config leaves them in place.",
+    )
+    expose_actions = expose.add_subparsers(dest="action", required=True)
+    expose_add = expose_actions.add_parser(
+        "add",
+        help="add exposes",
+        description="Listen for more exposes (all or none) on a running host.",
+    )
+    common(expose_add)
+    expose_add.add_argument(
+        "--mode",
+        type=octal_mode,
+        metavar="OCTAL",
+        help="the host sockets' file mode (default 600)",
+    )
+    expose_add.add_argument(
+        "exposes",
+        metavar="EXPOSE_ID=VM_PATH:HOST_PATH",
+        type=expose_entry,
+        nargs="+",
+        help="an expose, as `socketforward host --expose` takes it",
+    )
+    expose_add.set_defaults(run=_expose_add_main)
+    expose_remove = expose_actions.add_parser(
+        "remove",
+        help="remove exposes",
+        description="Stop listening for exposes (all or none) on a running host; "
+        "connections already running go on.",
+    )
+    common(expose_remove)
+    expose_remove.add_argument(
+        "expose_ids", metavar="EXPOSE_ID", nargs="+", help="an expose to remove"
+    )
+    expose_remove.set_defaults(run=_expose_remove_main)
+
 
 def _run(command: str, work: Coroutine[Any, Any, T]) -> tuple[T | None, int]:
     """Run one client call; (its result, 0), or (None, 1) with the error printed."""
@@ -468,6 +551,32 @@ def _add_main(args: argparse.Namespace) -> int:
         print(f"added {','.join(added)}")
     if unchanged:
         print(f"already there, unchanged: {','.join(unchanged)}")
+    return 0
+
+
+def _expose_add_main(args: argparse.Namespace) -> int:
+    exposes: list[pb.Expose] = args.exposes
+    if args.mode is not None:
+        for expose in exposes:
+            expose.mode = args.mode
+    added, code = _run("expose add", add_exposes(args.control, exposes, timeout=args.timeout))
+    if added is None:
+        return code
+    unchanged = [e.expose_id for e in exposes if e.expose_id not in added]
+    if added:
+        print(f"added {','.join(added)}")
+    if unchanged:
+        print(f"already there, unchanged: {','.join(unchanged)}")
+    return 0
+
+
+def _expose_remove_main(args: argparse.Namespace) -> int:
+    removed, code = _run(
+        "expose remove", remove_exposes(args.control, args.expose_ids, timeout=args.timeout)
+    )
+    if removed is None:
+        return code
+    print(f"removed {','.join(removed)}")
     return 0
 
 

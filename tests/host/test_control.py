@@ -211,3 +211,64 @@ async def test_forward_add_serves_a_new_host_socket_through_a_real_guest(short_t
 def forward_ids(status: pb.StatusResponse) -> list[str]:
     """The forwards in the table (not those removed)."""
     return [f.forward_id for f in status.forwards if not f.removed]
+
+
+async def test_expose_add_and_remove_through_the_control_endpoint(short_tmp: Path) -> None:
+    """`socketforward expose add` on a running host: the host socket appears
+    (mode as asked) and a client there reaches the VM service; a batch with an
+    id in use adds nothing and the one error line names the entry; `expose
+    remove` takes the socket away (status keeps its counters, marked removed);
+    an expose of --config cannot be removed that way."""
+    (short_tmp / "host").mkdir(mode=0o700)
+    rpc, streams = short_tmp / "host" / "rpc.sock", short_tmp / "streams.sock"
+    ctl = short_tmp / "host" / "control.sock"
+    ctl_ep = transport.UnixEndpoint(str(ctl))
+    vm_service, exposed = short_tmp / "vm-echo.sock", short_tmp / "host" / "echo.sock"
+    kept = short_tmp / "host" / "kept.sock"
+    config = short_tmp / "vm1.toml"
+    config.write_text(
+        f'rpc_listen = "unix:{rpc}"\nstreams = "unix:{streams}"\n'
+        f'control = "unix:{ctl}"\n[[expose]]\nid = "kept"\nvm = "{vm_service}"\n'
+        f'host = "{kept}"\n'
+    )
+    guest_args = ["guest", "--rpc-dial", f"unix:{rpc}", "--streams", f"unix:{streams}"]
+    add = ["expose", "add", "--control", f"unix:{ctl}"]
+    async with await echo_server(vm_service):
+        with socketforward(["host", "--config", str(config)], short_tmp / "host.log") as host:
+            await asyncio.to_thread(wait_for_socket, ctl, 30, host)
+            with socketforward(guest_args, short_tmp / "guest.log") as guest:
+                code, out, err = await run_cli(
+                    *add, "--mode", "660", f"echo={vm_service}:{exposed}"
+                )
+                assert (code, out.strip()) == (0, "added echo"), err
+                assert oct(exposed.stat().st_mode & 0o777) == "0o660"
+                for _ in range(600):  # the guest may still be dialing in
+                    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                        if await echo_round_trip(exposed, b"hello") == b"hello":
+                            break
+                    await asyncio.sleep(0.05)
+                assert await echo_round_trip(exposed, b"to the vm") == b"to the vm"
+
+                clash = f"echo={vm_service}:{short_tmp / 'host' / 'other.sock'}"
+                code, _, err = await run_cli(
+                    *add, f"new={vm_service}:{short_tmp}/host/n.sock", clash
+                )
+                assert code == 1 and err.count("\n") == 1, err
+                assert f"'{clash}'" in err and "nothing added" in err
+                assert not (short_tmp / "host" / "n.sock").exists()
+
+                with pytest.raises(control.ControlError, match="comes from --config"):
+                    await control.remove_exposes(ctl_ep, ["kept"])
+                code, out, err = await run_cli(
+                    "expose", "remove", "--control", f"unix:{ctl}", "echo"
+                )
+                assert (code, out.strip()) == (0, "removed echo"), err
+                assert not exposed.exists() and kept.is_socket()
+                status = await control.get_status(ctl_ep)
+                assert {e.forward_id: e.removed for e in status.exposes} == {
+                    "echo": True,
+                    "kept": False,
+                }
+                stop(guest)
+            stop(host)
+    assert not ctl.exists() and not kept.exists()

@@ -359,3 +359,118 @@ class RemoveForwardsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveForwardsResponse: _TypeAlias = RemoveForwardsResponse  # noqa: Y015
+
+@_typing.final
+class Expose(_message.Message):
+    """An expose: the host listens at host_path; clients reach vm_path in the VM."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPOSE_ID_FIELD_NUMBER: _builtins.int
+    VM_PATH_FIELD_NUMBER: _builtins.int
+    HOST_PATH_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    expose_id: _builtins.str
+    vm_path: _builtins.str
+    host_path: _builtins.str
+    mode: _builtins.int
+    """The host socket's file mode; absent: 0600."""
+    def __init__(
+        self,
+        *,
+        expose_id: _builtins.str = ...,
+        vm_path: _builtins.str = ...,
+        host_path: _builtins.str = ...,
+        mode: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mode", b"_mode", "mode", b"mode"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mode", b"_mode", "expose_id", b"expose_id", "host_path", b"host_path", "mode", b"mode", "vm_path", b"vm_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__mode: _TypeAlias = _typing.Literal["mode"]  # noqa: Y015
+    _WhichOneofArgType__mode: _TypeAlias = _typing.Literal["_mode", b"_mode"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mode) -> _WhichOneofReturnType__mode | None: ...
+
+Global___Expose: _TypeAlias = Expose  # noqa: Y015
+
+@_typing.final
+class AddExposesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPOSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def exposes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Expose]: ...
+    def __init__(
+        self,
+        *,
+        exposes: _abc.Iterable[Global___Expose] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exposes", b"exposes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddExposesRequest: _TypeAlias = AddExposesRequest  # noqa: Y015
+
+@_typing.final
+class AddExposesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def added(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The expose_ids added (entries already listened for are not listed)."""
+
+    def __init__(
+        self,
+        *,
+        added: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddExposesResponse: _TypeAlias = AddExposesResponse  # noqa: Y015
+
+@_typing.final
+class RemoveExposesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPOSE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def expose_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        expose_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expose_ids", b"expose_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveExposesRequest: _TypeAlias = RemoveExposesRequest  # noqa: Y015
+
+@_typing.final
+class RemoveExposesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveExposesResponse: _TypeAlias = RemoveExposesResponse  # noqa: Y015

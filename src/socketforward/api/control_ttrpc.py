@@ -28,6 +28,12 @@ class ControlBase:
     async def RemoveForwards(self, request: socketforward.api.control_pb2.RemoveForwardsRequest, context: ttrpc.CallContext) -> socketforward.api.control_pb2.RemoveForwardsResponse:
         raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method RemoveForwards")
 
+    async def AddExposes(self, request: socketforward.api.control_pb2.AddExposesRequest, context: ttrpc.CallContext) -> socketforward.api.control_pb2.AddExposesResponse:
+        raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method AddExposes")
+
+    async def RemoveExposes(self, request: socketforward.api.control_pb2.RemoveExposesRequest, context: ttrpc.CallContext) -> socketforward.api.control_pb2.RemoveExposesResponse:
+        raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method RemoveExposes")
+
 
 class ControlStub:
     """Typed client of ``socketforward.control.v1.Control``."""
@@ -61,5 +67,23 @@ class ControlStub:
     ) -> socketforward.api.control_pb2.RemoveForwardsResponse:
         return await self._client.unary(
             self.SERVICE_NAME, "RemoveForwards", request, socketforward.api.control_pb2.RemoveForwardsResponse,
+            timeout=timeout, metadata=metadata,
+        )
+
+    async def AddExposes(
+        self, request: socketforward.api.control_pb2.AddExposesRequest, *, timeout: float | None = None,
+        metadata: ttrpc.MetadataLike | None = None,
+    ) -> socketforward.api.control_pb2.AddExposesResponse:
+        return await self._client.unary(
+            self.SERVICE_NAME, "AddExposes", request, socketforward.api.control_pb2.AddExposesResponse,
+            timeout=timeout, metadata=metadata,
+        )
+
+    async def RemoveExposes(
+        self, request: socketforward.api.control_pb2.RemoveExposesRequest, *, timeout: float | None = None,
+        metadata: ttrpc.MetadataLike | None = None,
+    ) -> socketforward.api.control_pb2.RemoveExposesResponse:
+        return await self._client.unary(
+            self.SERVICE_NAME, "RemoveExposes", request, socketforward.api.control_pb2.RemoveExposesResponse,
             timeout=timeout, metadata=metadata,
         )

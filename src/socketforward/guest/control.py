@@ -98,8 +98,18 @@ class GuestControl(ControlService):
     ) -> pb.RemoveForwardsResponse:
         raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, _HOST_ONLY)
 
+    async def AddExposes(
+        self, request: pb.AddExposesRequest, context: ttrpc.CallContext
+    ) -> pb.AddExposesResponse:
+        raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, _HOST_ONLY)
+
+    async def RemoveExposes(
+        self, request: pb.RemoveExposesRequest, context: ttrpc.CallContext
+    ) -> pb.RemoveExposesResponse:
+        raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, _HOST_ONLY)
+
 
 _HOST_ONLY = (
-    "this is a guest: its forwards come from the host; add and remove them "
-    "through the host's control endpoint"
+    "this is a guest: its forwards and exposes come from the host; add and remove "
+    "them through the host's control endpoint"
 )

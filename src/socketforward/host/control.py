@@ -29,6 +29,7 @@ from socketforward.host.config import (
 from socketforward.host.expose import listen_problem
 from socketforward.host.forwarder import Forwarder
 from socketforward.host.forwards import (
+    EXPOSE_MODE,
     Expose,
     Forward,
     ForwardsClash,
@@ -218,6 +219,72 @@ class ForwardTable:
             log.info("control removed forward_ids=%s", ",".join(ids))
             return ids
 
+    async def add_exposes(self, exposes: Iterable[Expose]) -> list[str]:
+        """Listen for *exposes*, all or none; the expose_ids added (identical
+        entries already there are not). TtrpcError: INVALID_ARGUMENT (an id
+        given twice), ALREADY_EXISTS (an id in use with other paths),
+        FAILED_PRECONDITION (a host path that cannot be listened on)."""
+        async with self._lock:
+            table = self.forwarder.exposes
+            given: set[str] = set()
+            new: list[Expose] = []
+            for expose in exposes:
+                eid = expose.expose_id
+                if eid in given:
+                    raise ttrpc.TtrpcError(
+                        _Code.INVALID_ARGUMENT,
+                        f"{_expose_entry(expose)}: expose ID {eid} is given twice",
+                    )
+                given.add(eid)
+                existing = table.get(eid)
+                if existing is None:
+                    new.append(expose)
+                elif existing != expose:
+                    raise ttrpc.TtrpcError(
+                        _Code.ALREADY_EXISTS,
+                        f"{_expose_entry(expose)}: expose ID {eid} is already used by "
+                        f"{_expose_entry(existing)} (from {self.expose_source(eid) or 'unknown'});"
+                        " nothing added",
+                    )
+            if not new:
+                return []
+            try:
+                await self.forwarder.add_exposes(new)
+            except ValueError as exc:
+                raise ttrpc.TtrpcError(_Code.FAILED_PRECONDITION, f"{exc}; nothing added") from None
+            for expose in new:
+                self._expose_sources[expose.expose_id] = CONTROL
+            added = [e.expose_id for e in new]
+            log.info("control added expose_ids=%s", ",".join(added))
+            return added
+
+    async def remove_exposes(self, expose_ids: Iterable[str]) -> list[str]:
+        """Stop listening for *expose_ids*, all or none; running connections go
+        on. TtrpcError: NOT_FOUND (an id not listened for), FAILED_PRECONDITION
+        (an id ``--config`` holds)."""
+        async with self._lock:
+            ids = list(dict.fromkeys(expose_ids))
+            table = self.forwarder.exposes
+            unknown = [eid for eid in ids if eid not in table]
+            if unknown:
+                raise ttrpc.TtrpcError(
+                    _Code.NOT_FOUND,
+                    f"no expose with ID {', '.join(map(repr, unknown))} "
+                    f"(listening for: {', '.join(sorted(table)) or 'none'}); nothing removed",
+                )
+            held = [eid for eid in ids if self.expose_source(eid) == CONFIG]
+            if held:
+                raise ttrpc.TtrpcError(
+                    _Code.FAILED_PRECONDITION,
+                    f"expose {', '.join(held)} comes from {self._describe(CONFIG)}: "
+                    "take it out of the file and reload (SIGHUP); nothing removed",
+                )
+            removed = self.forwarder.remove_exposes(ids)
+            for eid in removed:
+                self._expose_sources.pop(eid, None)
+            log.info("control removed expose_ids=%s", ",".join(removed))
+            return removed
+
     async def reload(self) -> None:
         """SIGHUP: re-read ``--forwards-file``, then ``--config``, each all or nothing."""
         if self.forwards_file is not None:
@@ -313,7 +380,11 @@ class ForwardTable:
                     adoptable={CONTROL},
                 )
                 exposes = plan_source(
-                    CONFIG, self.forwarder.exposes, self._expose_sources, fresh.exposes
+                    CONFIG,
+                    self.forwarder.exposes,
+                    self._expose_sources,
+                    fresh.exposes,
+                    adoptable={CONTROL},
                 )
                 self._check_entries(fresh, forwards, exposes)
             except ValueError as exc:
@@ -431,6 +502,10 @@ class ForwardTable:
         kept = {ident: sources.get(ident, source) for ident in table}
         sources.clear()
         sources.update(kept)
+
+
+def _expose_entry(expose: Expose) -> str:
+    return repr(f"{expose.expose_id}={expose.vm_path}:{expose.host_path}")
 
 
 def _same_paths(old: Forward | None, new: Forward) -> bool:
@@ -561,6 +636,42 @@ class HostControl(ControlService):
             _log_refusal("remove", exc)
             raise
         return pb.RemoveForwardsResponse(removed=removed)
+
+    async def AddExposes(
+        self, request: pb.AddExposesRequest, context: ttrpc.CallContext
+    ) -> pb.AddExposesResponse:
+        try:
+            added = await self.table.add_exposes(_exposes(request.exposes))
+        except ttrpc.TtrpcError as exc:
+            _log_refusal("expose add", exc)
+            raise
+        return pb.AddExposesResponse(added=added)
+
+    async def RemoveExposes(
+        self, request: pb.RemoveExposesRequest, context: ttrpc.CallContext
+    ) -> pb.RemoveExposesResponse:
+        try:
+            removed = await self.table.remove_exposes(request.expose_ids)
+        except ttrpc.TtrpcError as exc:
+            _log_refusal("expose remove", exc)
+            raise
+        return pb.RemoveExposesResponse(removed=removed)
+
+
+def _exposes(entries: Sequence[pb.Expose]) -> list[Expose]:
+    """The entries as exposes, checked as ``--expose`` checks them; an
+    INVALID_ARGUMENT names the first bad one."""
+    exposes = []
+    for index, entry in enumerate(entries):
+        try:
+            mode = entry.mode if entry.HasField("mode") else EXPOSE_MODE
+            exposes.append(Expose(entry.expose_id, entry.vm_path, entry.host_path, mode))
+        except ValueError as exc:
+            text = f"{entry.expose_id}={entry.vm_path}:{entry.host_path}"
+            raise ttrpc.TtrpcError(
+                _Code.INVALID_ARGUMENT, f"exposes[{index}] {text!r}: {exc}; nothing added"
+            ) from None
+    return exposes
 
 
 def _log_refusal(what: str, exc: ttrpc.TtrpcError) -> None:
