@@ -541,17 +541,21 @@ def _status_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_added(asked: list[str], added: list[str]) -> int:
+    if added:
+        print(f"added {','.join(added)}")
+    unchanged = [ident for ident in asked if ident not in added]
+    if unchanged:
+        print(f"already there, unchanged: {','.join(unchanged)}")
+    return 0
+
+
 def _add_main(args: argparse.Namespace) -> int:
     forwards: list[pb.Forward] = args.forwards
     added, code = _run("forward add", add_forwards(args.control, forwards, timeout=args.timeout))
     if added is None:
         return code
-    unchanged = [f.forward_id for f in forwards if f.forward_id not in added]
-    if added:
-        print(f"added {','.join(added)}")
-    if unchanged:
-        print(f"already there, unchanged: {','.join(unchanged)}")
-    return 0
+    return _print_added([f.forward_id for f in forwards], added)
 
 
 def _expose_add_main(args: argparse.Namespace) -> int:
@@ -562,28 +566,21 @@ def _expose_add_main(args: argparse.Namespace) -> int:
     added, code = _run("expose add", add_exposes(args.control, exposes, timeout=args.timeout))
     if added is None:
         return code
-    unchanged = [e.expose_id for e in exposes if e.expose_id not in added]
-    if added:
-        print(f"added {','.join(added)}")
-    if unchanged:
-        print(f"already there, unchanged: {','.join(unchanged)}")
-    return 0
-
-
-def _expose_remove_main(args: argparse.Namespace) -> int:
-    removed, code = _run(
-        "expose remove", remove_exposes(args.control, args.expose_ids, timeout=args.timeout)
-    )
-    if removed is None:
-        return code
-    print(f"removed {','.join(removed)}")
-    return 0
+    return _print_added([e.expose_id for e in exposes], added)
 
 
 def _remove_main(args: argparse.Namespace) -> int:
-    removed, code = _run(
-        "forward remove", remove_forwards(args.control, args.forward_ids, timeout=args.timeout)
-    )
+    work = remove_forwards(args.control, args.forward_ids, timeout=args.timeout)
+    return _print_removed("forward remove", work)
+
+
+def _expose_remove_main(args: argparse.Namespace) -> int:
+    work = remove_exposes(args.control, args.expose_ids, timeout=args.timeout)
+    return _print_removed("expose remove", work)
+
+
+def _print_removed(command: str, work: Coroutine[Any, Any, list[str]]) -> int:
+    removed, code = _run(command, work)
     if removed is None:
         return code
     print(f"removed {','.join(removed)}")

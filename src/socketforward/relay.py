@@ -360,7 +360,9 @@ class _Direction:
             self._source_ended()
 
     def _room(self, want: int) -> int:
-        return want if self.limit is None else min(want, self.limit - self.received)
+        """What may still be read of the far side's announced count."""
+        assert self.limit is not None
+        return min(want, self.limit - self.received)
 
     def _src_eof(self) -> None:
         """src read 0: the far side closed the data stream."""
@@ -378,7 +380,8 @@ class _Direction:
             self._view = memoryview(self._buf)
         view = self._view
         for _ in range(_MAX_PASSES):
-            room = self._room(len(view))
+            # Only a direction told its far side's count has a limit (rare): no call otherwise.
+            room = len(view) if self.limit is None else self._room(len(view))
             try:
                 n = self.src.recv_into(view, room)
             except (BlockingIOError, InterruptedError):
@@ -436,7 +439,7 @@ class _Direction:
                 return
         w = pipe[1]
         for _ in range(_MAX_PASSES):
-            room = self._room(self.pipe_size)
+            room = self.pipe_size if self.limit is None else self._room(self.pipe_size)
             try:
                 n = os.splice(self.src_fd, w, room, flags=_SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):

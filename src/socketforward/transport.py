@@ -33,8 +33,10 @@ __all__ = [
     "NotASocketError",
     "UnixEndpoint",
     "VsockEndpoint",
+    "as_endpoint",
     "connect",
     "connect_unix_now",
+    "dir_problem",
     "listen",
     "out_of_resources",
     "parse_endpoint",
@@ -192,10 +194,14 @@ def unix_path_problem(path: str) -> str | None:
     return None
 
 
-def private_dir_problem(path: str) -> str | None:
-    """Why the directory of the listening socket *path* is unfit: open to other
-    users or not ours (whoever can connect to the socket could play the peer);
-    None when fit, or missing (:func:`listen` creates it 0700)."""
+def dir_problem(
+    path: str, *, owners: Collection[int], forbidden: int, what: str, advice: str
+) -> str | None:
+    """Why the directory holding *path* is unfit for a socket: owned by a uid
+    not in *owners*, or with a mode bit of *forbidden* set, said as
+    ``directory D {what} (owner uid U, mode M){advice}``; None when fit or
+    missing (:func:`listen` creates it 0700). The one directory rule of the
+    programs' socket paths; callers say what it means for theirs."""
     parent = os.path.dirname(path)
     try:
         st = os.stat(parent)
@@ -203,12 +209,23 @@ def private_dir_problem(path: str) -> str | None:
         return None
     except OSError as exc:
         return f"directory {parent}: {exc.strerror}"
-    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        return (
-            f"directory {parent} is open to other users (owner uid {st.st_uid}, mode "
-            f"{stat.filemode(st.st_mode)}); use a directory only you can enter (mode 0700)"
-        )
+    if st.st_uid not in owners or st.st_mode & forbidden:
+        mode = stat.filemode(st.st_mode)
+        return f"directory {parent} {what} (owner uid {st.st_uid}, mode {mode}){advice}"
     return None
+
+
+def private_dir_problem(path: str) -> str | None:
+    """Why the directory of the listening socket *path* is unfit: open to other
+    users or not ours (whoever can connect to the socket could play the peer);
+    None when fit, or missing."""
+    return dir_problem(
+        path,
+        owners={os.geteuid()},
+        forbidden=0o077,
+        what="is open to other users",
+        advice="; use a directory only you can enter (mode 0700)",
+    )
 
 
 def _check_path(uri: str, path: str) -> str:
@@ -226,6 +243,11 @@ def _parse_u32(uri: str, text: str, what: str) -> int:
     if value > MAX_PORT:
         raise _bad(uri, f"{what} {value} is out of range 0..{MAX_PORT}")
     return value
+
+
+def as_endpoint(value: str | Endpoint) -> Endpoint:
+    """*value* as an endpoint, parsing a URI (EndpointError when it is not one)."""
+    return parse_endpoint(value) if isinstance(value, str) else value
 
 
 def parse_endpoint(uri: str) -> Endpoint:

@@ -27,10 +27,6 @@ log = logging.getLogger("socketforward.guest")
 Endpoint = str | transport.Endpoint
 
 
-def _endpoint(value: Endpoint) -> transport.Endpoint:
-    return transport.parse_endpoint(value) if isinstance(value, str) else value
-
-
 class Guest:
     """The VM-side agent: listens for data streams, serves SocketForward on the
     RPC connection it dials (or accepts), creates the listeners the host asks
@@ -68,11 +64,11 @@ class Guest:
     ) -> None:
         if rpc_dial is not None and rpc_listen is not None:
             raise ValueError("give rpc_dial or rpc_listen, not both")
-        self.rpc_dial = _endpoint(rpc_dial) if rpc_dial is not None else None
-        self.rpc_listen = _endpoint(rpc_listen) if rpc_listen is not None else None
+        self.rpc_dial = transport.as_endpoint(rpc_dial) if rpc_dial is not None else None
+        self.rpc_listen = transport.as_endpoint(rpc_listen) if rpc_listen is not None else None
         if self.rpc_dial is None and self.rpc_listen is None:
             self.rpc_dial = transport.parse_endpoint(DEFAULT_RPC_DIAL)
-        self.streams = _endpoint(streams)
+        self.streams = transport.as_endpoint(streams)
         self.plan = FdPlan.current()
         if max_connections is not None or max_stream_handshakes is not None:
             self.plan = FdPlan.derive(

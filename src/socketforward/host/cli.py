@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import logging
 import os
-import stat
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
@@ -392,21 +391,17 @@ def _check_streams_dir(ep: transport.Endpoint, streams_uid: int | None, name: st
     directory writable by group or others, or owned by someone not trusted."""
     if isinstance(ep, transport.VsockEndpoint):
         return
-    parent = os.path.dirname(ep.path)
-    try:
-        st = os.stat(parent)
-    except FileNotFoundError:
-        return  # nothing there yet: the SO_PEERCRED check of each stream still holds
-    except OSError as exc:
-        raise _UsageError(f"{name} {ep}: directory {parent}: {exc}") from None
-    trusted = {os.geteuid(), 0, os.geteuid() if streams_uid is None else streams_uid}
-    if st.st_mode & 0o022 or st.st_uid not in trusted:
-        raise _UsageError(
-            f"{name} {ep}: directory {parent} can be written by other users "
-            f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}), who could put "
-            "their own socket at that path and receive forwarded connections; use a "
-            "directory that only you (or --streams-uid) can write"
-        )
+    # A missing directory passes: the SO_PEERCRED check of each stream still holds.
+    problem = transport.dir_problem(
+        ep.path,
+        owners={os.geteuid(), 0, os.geteuid() if streams_uid is None else streams_uid},
+        forbidden=0o022,
+        what="can be written by other users",
+        advice=", who could put their own socket at that path and receive forwarded "
+        "connections; use a directory that only you (or --streams-uid) can write",
+    )
+    if problem is not None:
+        raise _UsageError(f"{name} {ep}: {problem}")
 
 
 def _log_stats(forwarder: Forwarder) -> None:

@@ -152,27 +152,7 @@ class ForwardTable:
         already there are not). TtrpcError: INVALID_ARGUMENT (an id given twice),
         ALREADY_EXISTS (an id in use with other paths), or the guest's refusal."""
         async with self._lock:
-            table = self.forwarder.forwards
-            given: set[str] = set()
-            new: list[Forward] = []
-            for forward in forwards:
-                fid = forward.forward_id
-                if fid in given:
-                    raise ttrpc.TtrpcError(
-                        _Code.INVALID_ARGUMENT,
-                        f"{_entry(forward)}: forward ID {fid} is given twice",
-                    )
-                given.add(fid)
-                existing = table.get(fid)
-                if existing is None:
-                    new.append(forward)
-                elif existing != forward:
-                    raise ttrpc.TtrpcError(
-                        _Code.ALREADY_EXISTS,
-                        f"{_entry(forward)}: forward ID {fid} is already used by "
-                        f"{_entry(existing)} (from {self.source(fid) or 'unknown'}); "
-                        "nothing added",
-                    )
+            new = _new_entries("forward", forwards, self.forwarder.forwards, self.source, _entry)
             if not new:
                 return []
             try:
@@ -195,14 +175,7 @@ class ForwardTable:
         id a file re-read on SIGHUP holds)."""
         async with self._lock:
             ids = list(dict.fromkeys(forward_ids))
-            table = self.forwarder.forwards
-            unknown = [fid for fid in ids if fid not in table]
-            if unknown:
-                raise ttrpc.TtrpcError(
-                    _Code.NOT_FOUND,
-                    f"no forward with ID {', '.join(map(repr, unknown))} "
-                    f"(the table has: {', '.join(sorted(table)) or 'none'}); nothing removed",
-                )
+            _check_known("forward", ids, self.forwarder.forwards, "the table has")
             for source in _RELOADED:
                 held = [fid for fid in ids if fid in self._wanted.get(source, {})]
                 if held:
@@ -225,27 +198,9 @@ class ForwardTable:
         given twice), ALREADY_EXISTS (an id in use with other paths),
         FAILED_PRECONDITION (a host path that cannot be listened on)."""
         async with self._lock:
-            table = self.forwarder.exposes
-            given: set[str] = set()
-            new: list[Expose] = []
-            for expose in exposes:
-                eid = expose.expose_id
-                if eid in given:
-                    raise ttrpc.TtrpcError(
-                        _Code.INVALID_ARGUMENT,
-                        f"{_expose_entry(expose)}: expose ID {eid} is given twice",
-                    )
-                given.add(eid)
-                existing = table.get(eid)
-                if existing is None:
-                    new.append(expose)
-                elif existing != expose:
-                    raise ttrpc.TtrpcError(
-                        _Code.ALREADY_EXISTS,
-                        f"{_expose_entry(expose)}: expose ID {eid} is already used by "
-                        f"{_expose_entry(existing)} (from {self.expose_source(eid) or 'unknown'});"
-                        " nothing added",
-                    )
+            new = _new_entries(
+                "expose", exposes, self.forwarder.exposes, self.expose_source, _expose_entry
+            )
             if not new:
                 return []
             try:
@@ -264,14 +219,7 @@ class ForwardTable:
         (an id ``--config`` holds)."""
         async with self._lock:
             ids = list(dict.fromkeys(expose_ids))
-            table = self.forwarder.exposes
-            unknown = [eid for eid in ids if eid not in table]
-            if unknown:
-                raise ttrpc.TtrpcError(
-                    _Code.NOT_FOUND,
-                    f"no expose with ID {', '.join(map(repr, unknown))} "
-                    f"(listening for: {', '.join(sorted(table)) or 'none'}); nothing removed",
-                )
+            _check_known("expose", ids, self.forwarder.exposes, "listening for")
             held = [eid for eid in ids if self.expose_source(eid) == CONFIG]
             if held:
                 raise ttrpc.TtrpcError(
@@ -502,6 +450,48 @@ class ForwardTable:
         kept = {ident: sources.get(ident, source) for ident in table}
         sources.clear()
         sources.update(kept)
+
+
+def _new_entries(
+    kind: str,
+    entries: Iterable[_E],
+    table: Mapping[str, _E],
+    source: Callable[[str], str],
+    show: Callable[[_E], str],
+) -> list[_E]:
+    """The entries of a run-time add that *table* lacks; an entry identical to
+    one there is left out. TtrpcError naming the entry: INVALID_ARGUMENT (an
+    id given twice), ALREADY_EXISTS (an id in use with another entry)."""
+    given: set[str] = set()
+    new: list[_E] = []
+    for entry in entries:
+        ident = entry_id(entry)
+        if ident in given:
+            raise ttrpc.TtrpcError(
+                _Code.INVALID_ARGUMENT, f"{show(entry)}: {kind} ID {ident} is given twice"
+            )
+        given.add(ident)
+        existing = table.get(ident)
+        if existing is None:
+            new.append(entry)
+        elif existing != entry:
+            raise ttrpc.TtrpcError(
+                _Code.ALREADY_EXISTS,
+                f"{show(entry)}: {kind} ID {ident} is already used by {show(existing)} "
+                f"(from {source(ident) or 'unknown'}); nothing added",
+            )
+    return new
+
+
+def _check_known(kind: str, ids: list[str], table: Mapping[str, object], listing: str) -> None:
+    """NOT_FOUND naming the *ids* that *table* lacks (and what it has)."""
+    unknown = [ident for ident in ids if ident not in table]
+    if unknown:
+        raise ttrpc.TtrpcError(
+            _Code.NOT_FOUND,
+            f"no {kind} with ID {', '.join(map(repr, unknown))} "
+            f"({listing}: {', '.join(sorted(table)) or 'none'}); nothing removed",
+        )
 
 
 def _expose_entry(expose: Expose) -> str:

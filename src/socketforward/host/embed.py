@@ -24,10 +24,6 @@ __all__ = ["Host"]
 Endpoint = str | transport.Endpoint
 
 
-def _endpoint(value: Endpoint) -> transport.Endpoint:
-    return transport.parse_endpoint(value) if isinstance(value, str) else value
-
-
 class Host:
     """The host side for one VM.
 
@@ -60,9 +56,9 @@ class Host:
     ) -> None:
         if (rpc_listen is None) == (rpc_dial is None):
             raise ValueError("give exactly one of rpc_listen and rpc_dial")
-        self.rpc_listen = _endpoint(rpc_listen) if rpc_listen is not None else None
-        self.rpc_dial = _endpoint(rpc_dial) if rpc_dial is not None else None
-        self.forwarder = Forwarder(forwards, _endpoint(streams), **options)
+        self.rpc_listen = transport.as_endpoint(rpc_listen) if rpc_listen is not None else None
+        self.rpc_dial = transport.as_endpoint(rpc_dial) if rpc_dial is not None else None
+        self.forwarder = Forwarder(forwards, transport.as_endpoint(streams), **options)
         self._exposes = list(exposes)
         self.drain = drain
         self._listener: transport.Listener | None = None

@@ -17,7 +17,6 @@ import asyncio
 import logging
 import os
 import socket
-import stat
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Final, Protocol
 
@@ -47,19 +46,13 @@ def listen_problem(path: str) -> str | None:
     """Why the directory of an exposed socket's *path* is unfit: anyone who can
     write it can put a socket of their own in its place. None when it is ours
     or root's and writable by no one else, or missing (created 0700)."""
-    parent = os.path.dirname(path)
-    try:
-        st = os.stat(parent)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"directory {parent}: {exc.strerror}"
-    if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o022:
-        return (
-            f"directory {parent} can be written by others (owner uid {st.st_uid}, mode "
-            f"{stat.filemode(st.st_mode)}); they could replace the socket"
-        )
-    return None
+    return transport.dir_problem(
+        path,
+        owners={os.geteuid(), 0},
+        forbidden=0o022,
+        what="can be written by others",
+        advice="; they could replace the socket",
+    )
 
 
 class Session(Protocol):
