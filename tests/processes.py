@@ -78,6 +78,13 @@ def wait_for_socket(path: Path, timeout: float = 30, *procs: Running) -> None:
         time.sleep(0.02)
 
 
+def embedded_endpoints(tmp: Path) -> tuple[str, str]:
+    """The RPC and stream endpoints of an embedded Host and Guest pair in *tmp*:
+    the host's RPC socket in a directory only its user enters."""
+    (tmp / "host").mkdir(mode=0o700, parents=True, exist_ok=True)
+    return f"unix:{tmp}/host/rpc.sock", f"unix:{tmp}/streams.sock"
+
+
 async def echo_server(path: Path) -> asyncio.Server:
     """A UNIX echo service (echoes until EOF, then half-closes)."""
 

@@ -12,16 +12,11 @@ from pathlib import Path
 import pytest
 
 from socketforward import Expose, Forward, Guest, Host
-from tests.processes import echo_round_trip, echo_server
+from tests.processes import echo_round_trip, echo_server, embedded_endpoints
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _endpoints(tmp: Path) -> tuple[str, str]:
-    (tmp / "host").mkdir(mode=0o700, exist_ok=True)
-    return f"unix:{tmp}/host/rpc.sock", f"unix:{tmp}/streams.sock"
 
 
 def test_the_readme_example_runs() -> None:
@@ -52,7 +47,7 @@ def test_importing_the_package_loads_neither_side() -> None:
 async def test_events_follow_the_guest_coming_and_going(short_tmp: Path) -> None:
     """wait_connected / wait_disconnected on both sides follow the RPC
     connection: a guest that stops and a new one that dials in."""
-    rpc, streams = _endpoints(short_tmp)
+    rpc, streams = embedded_endpoints(short_tmp)
     target, vm_path = short_tmp / "echo.sock", short_tmp / "vm" / "echo.sock"
     async with (
         await echo_server(target),
@@ -79,7 +74,7 @@ async def test_events_follow_the_guest_coming_and_going(short_tmp: Path) -> None
 async def test_the_table_changes_at_run_time(short_tmp: Path) -> None:
     """Host.add binds a new forward in the running guest; Host.add_exposes
     listens for a new expose; both serve; remove takes them away."""
-    rpc, streams = _endpoints(short_tmp)
+    rpc, streams = embedded_endpoints(short_tmp)
     target, vm_path = short_tmp / "echo.sock", short_tmp / "vm" / "late.sock"
     vm_service, exposed = short_tmp / "vm-echo.sock", short_tmp / "host" / "vm-echo.sock"
     async with (

@@ -29,7 +29,9 @@ __all__ = [
     "Notifier",
     "fd_limits",
     "handle_signals",
+    "int_in_range",
     "message_fields",
+    "non_negative_int",
     "non_negative_seconds",
     "octal_mode",
     "positive_int",
@@ -219,15 +221,27 @@ def non_negative_seconds(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
+def int_in_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from *low* to *high* (None: no upper bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} must be >= {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text!r} must be from {low} to {high}")
+        return value
+
+    return parse
+
+
+positive_int = int_in_range(1)
+"""An integer >= 1."""
+non_negative_int = int_in_range(0)
+"""An integer >= 0."""
 
 
 def octal_mode(text: str) -> int:

@@ -4,6 +4,11 @@ Wire: the opener writes the stream id as a string (u32 big-endian length, then
 UTF-8 bytes); the listener answers with the same id (the ack), or with an
 error text and closes. After the ack the connection carries raw bytes.
 
+A *pooled* stream (an id starting with :data:`POOLED_PREFIX`, docs/protocol.md
+5.6) is opened by the host ahead of demand: after its ack it waits, with no
+deadline, until the host writes a second string on it, the id of the stream it
+now is; from there on it is an ordinary unclaimed stream.
+
 :class:`StreamRegistry` is the listening side (in the VM), :func:`open_stream`
 the opening side (on the host); :func:`open_stream_now` and :class:`AckReader`
 are the opening side's parts for callers that wait on callbacks, not tasks.
@@ -36,8 +41,10 @@ from socketforward.transport import (
 
 __all__ = [
     "DEFAULT_MAX_HANDSHAKES",
+    "DEFAULT_MAX_POOLED",
     "DEFAULT_MAX_UNCLAIMED",
     "MAX_ID_LEN",
+    "POOLED_PREFIX",
     "AckReader",
     "HandshakeError",
     "RegistryStats",
@@ -57,6 +64,11 @@ _LEN: Final = struct.Struct(">I")
 # accepted connections whose id is not in yet, and registered ones unclaimed.
 DEFAULT_MAX_HANDSHAKES: Final = 256
 DEFAULT_MAX_UNCLAIMED: Final = 1024
+POOLED_PREFIX: Final = "socketfwd-pool-"
+"""Id prefix of a pooled data stream (docs/protocol.md 5.6); a guest's own ids
+are ``socketfwd-{digits}-...`` and never start so."""
+DEFAULT_MAX_POOLED: Final = 64
+"""Pooled streams one StreamRegistry keeps waiting at most."""
 
 
 class StreamNotFound(KeyError):
@@ -92,6 +104,11 @@ class StringReader:
         self.what = what
         self._got = bytearray()
         self._size = -1  # known once its 4 bytes are in
+
+    @property
+    def started(self) -> bool:
+        """Whether any byte of the string has come."""
+        return bool(self._got)
 
     def read(self, sock: socket.socket) -> bytes | None:
         """The string once it is complete, None while more must come. Raises
@@ -156,6 +173,18 @@ class _Handshake:
         self.finished = False
 
 
+class _Pooled:
+    """A pooled stream between its ack and the id the host gives it."""
+
+    __slots__ = ("conn", "fd", "pool_id", "reader")
+
+    def __init__(self, conn: socket.socket, pool_id: str) -> None:
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.pool_id = pool_id
+        self.reader = StringReader("stream id")
+
+
 @dataclass(frozen=True)
 class RegistryStats:
     """A snapshot of a :class:`StreamRegistry`'s figures."""
@@ -169,9 +198,11 @@ class RegistryStats:
     refused: Mapping[str, int]
     """Handshakes that ended without registering, by reason: ``too_many_unclaimed``,
     ``duplicate``, ``invalid`` (bad, oversized or cut-off id), ``timeout``,
-    ``error`` (the connection failed)."""
+    ``error`` (the connection failed), ``too_many_pooled``."""
     expired: int
     """Registered streams closed because nobody claimed them within the TTL."""
+    pooled: int = 0
+    """Pooled streams waiting for the host to name them (at most max_pooled)."""
 
 
 class StreamRegistry:
@@ -188,6 +219,8 @@ class StreamRegistry:
     as soon as one completes, fails or times out. A handshake that would make
     more than *max_unclaimed* streams wait to be claimed is answered
     ``too many unclaimed streams`` instead of the ack, and closed.
+    At most *max_pooled* pooled streams wait for their id (0: none taken);
+    one the host closes while it waits is dropped without a word.
     """
 
     def __init__(
@@ -198,16 +231,24 @@ class StreamRegistry:
         ttl: float = 30.0,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         max_unclaimed: int = DEFAULT_MAX_UNCLAIMED,
+        max_pooled: int = DEFAULT_MAX_POOLED,
     ) -> None:
         if max_handshakes < 1:
             raise ValueError(f"max_handshakes must be >= 1, got {max_handshakes}")
         if max_unclaimed < 1:
             raise ValueError(f"max_unclaimed must be >= 1, got {max_unclaimed}")
+        if max_pooled < 0:
+            raise ValueError(f"max_pooled must be >= 0, got {max_pooled}")
         self._listener = listener
         self._handshake_timeout = handshake_timeout
         self._ttl = ttl
         self._max_handshakes = max_handshakes
         self._max_unclaimed = max_unclaimed
+        self.max_pooled = max_pooled
+        """Pooled streams this registry keeps waiting at most (the guest says it
+        in its StreamEnds hello)."""
+        self._pooled: dict[str, _Pooled] = {}
+        self._reserved_pooled = 0  # pooled ids among _reserved
         self._streams: dict[str, socket.socket] = {}
         self._unclaimed: Deadlines[str] = Deadlines(ttl, self._expire)
         # A handshake holds its slot while it is in here: the one count of them.
@@ -240,6 +281,7 @@ class StreamRegistry:
             paused=self._paused,
             refused=dict(self._refused),
             expired=self._expired,
+            pooled=len(self._pooled),
         )
 
     def start(self) -> None:
@@ -274,6 +316,8 @@ class StreamRegistry:
         for sock in self._streams.values():
             sock.close()
         self._streams.clear()
+        for pooled in list(self._pooled.values()):
+            self._unpool(pooled).close()
         self._unclaimed.drain()
         for stream_id in list(self._arrivals):
             self._wake(stream_id)  # waiters re-check and find nothing
@@ -355,7 +399,7 @@ class StreamRegistry:
             self._peer_log.warning("error", "stream handshake failed stream_id=None error=%r", exc)
             self._finish(h, "error")
             return
-        if stream_id in self._streams or stream_id in self._reserved:
+        if stream_id in self._streams or stream_id in self._reserved or stream_id in self._pooled:
             self._peer_log.warning(
                 "duplicate",
                 "stream handshake rejected stream_id=%s error=duplicate",
@@ -363,8 +407,21 @@ class StreamRegistry:
             )
             self._refuse(h, "duplicate", f"stream {stream_id!r} already exists")
             return
+        if stream_id.startswith(POOLED_PREFIX):
+            if len(self._pooled) + self._reserved_pooled >= self.max_pooled:
+                self._peer_log.warning(
+                    "too_many_pooled",
+                    "stream handshake rejected stream_id=%s error=too_many_pooled limit=%d",
+                    escape(stream_id),
+                    self.max_pooled,
+                )
+                self._refuse(
+                    h, "too_many_pooled", f"too many pooled streams (limit {self.max_pooled})"
+                )
+                return
+            self._reserved_pooled += 1
         # Acks being written count: each is about to become an unclaimed stream.
-        if len(self._streams) + len(self._reserved) >= self._max_unclaimed:
+        elif len(self._streams) + len(self._reserved) >= self._max_unclaimed:
             self._peer_log.warning(
                 "too_many_unclaimed",
                 "stream handshake rejected stream_id=%s error=too_many_unclaimed limit=%d",
@@ -418,10 +475,83 @@ class StreamRegistry:
             self._finish(h, h.refusal)
             return
         self._finish(h, None)
-        self._streams[stream_id] = h.conn
+        if self._closed:
+            return
+        if stream_id.startswith(POOLED_PREFIX):
+            self._pool(h.conn, stream_id)
+            return
+        self._register(stream_id, h.conn)
+
+    def _register(self, stream_id: str, conn: socket.socket) -> None:
+        self._streams[stream_id] = conn
         self._unclaimed.add(stream_id)
         log.debug("stream registered stream_id=%s", stream_id)
         self._wake(stream_id)
+
+    # -- pooled streams (docs/protocol.md 5.6) -------------------------------------
+
+    def _pool(self, conn: socket.socket, pool_id: str) -> None:
+        pooled = _Pooled(conn, pool_id)
+        assert self._loop is not None
+        try:
+            self._loop.add_reader(pooled.fd, self._on_pooled, pooled)
+        except OSError as exc:  # epoll_ctl: ENOMEM, ENOSPC
+            self._peer_log.warning(
+                "error", "pooled stream dropped stream_id=%s error=%r", escape(pool_id), exc
+            )
+            conn.close()
+            return
+        self._pooled[pool_id] = pooled
+        log.debug("pooled stream waiting stream_id=%s", pool_id)
+
+    def _unpool(self, pooled: _Pooled) -> socket.socket:
+        """Stop watching a pooled stream and forget it; the caller owns its socket."""
+        assert self._loop is not None
+        self._loop.remove_reader(pooled.fd)
+        del self._pooled[pooled.pool_id]
+        return pooled.conn
+
+    def _on_pooled(self, pooled: _Pooled) -> None:
+        """A pooled stream is readable: its new id, or the host closing it."""
+        try:
+            raw = pooled.reader.read(pooled.conn)
+            if raw is None:
+                return
+            stream_id = _decode_id(raw)
+        except (HandshakeError, OSError) as exc:
+            conn = self._unpool(pooled)
+            conn.close()
+            if isinstance(exc, OSError) or pooled.reader.started:
+                reason = "error" if isinstance(exc, OSError) else "invalid"
+                self._refused[reason] = self._refused.get(reason, 0) + 1
+                self._peer_log.warning(
+                    reason,
+                    "pooled stream failed stream_id=%s error=%r",
+                    escape(pooled.pool_id),
+                    str(exc),
+                )
+            else:  # closed before a byte: the host no longer wants it
+                log.debug("pooled stream closed by its opener stream_id=%s", pooled.pool_id)
+            return
+        conn = self._unpool(pooled)
+        duplicate = stream_id in self._streams or stream_id in self._reserved
+        if duplicate or stream_id.startswith(POOLED_PREFIX) or stream_id in self._pooled:
+            reason, error = "duplicate", "duplicate or pooled id"
+        elif len(self._streams) + len(self._reserved) >= self._max_unclaimed:
+            reason, error = "too_many_unclaimed", f"limit={self._max_unclaimed}"
+        else:
+            log.debug("pooled stream named stream_id=%s pooled=%s", stream_id, pooled.pool_id)
+            self._register(stream_id, conn)
+            return
+        conn.close()  # nobody waits for an answer on a pooled stream
+        self._refused[reason] = self._refused.get(reason, 0) + 1
+        self._peer_log.warning(
+            reason,
+            "pooled stream rejected stream_id=%s pooled=%s error=%s",
+            escape(stream_id),
+            escape(pooled.pool_id),
+            error,
+        )
 
     def _watch(self, h: _Handshake, *, read: bool | None = None, write: bool | None = None) -> None:
         loop = self._loop
@@ -461,6 +591,8 @@ class StreamRegistry:
         self._handshakes.discard(h)  # no-op when its timeout removed it
         if h.stream_id is not None:
             self._reserved.discard(h.stream_id)
+            if h.stream_id.startswith(POOLED_PREFIX):
+                self._reserved_pooled -= 1
         reason = h.refusal or failure
         if reason is not None:
             self._refused[reason] = self._refused.get(reason, 0) + 1

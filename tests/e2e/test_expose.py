@@ -191,7 +191,7 @@ async def test_a_missing_vm_socket_closes_the_client_at_once(pair: Pair) -> None
     """Nothing listens at the VM path: the client is closed promptly, the host
     says why, and nothing is left open on either side."""
     async with both(pair, pair.expose("gone")) as host:
-        baseline = _open_sockets(host.proc.pid)
+        baseline = await _settled_sockets(host.proc.pid)
         for _ in range(3):
             reader, writer = await asyncio.open_unix_connection(str(pair.host / "gone.sock"))
             assert await asyncio.wait_for(reader.read(), 10) == b""
@@ -238,6 +238,16 @@ async def test_exposes_come_back_after_a_guest_restart(pair: Pair) -> None:
 
 def _open_sockets(pid: int) -> int:
     return sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if _is_socket(f"/proc/{pid}/fd/{fd}"))
+
+
+async def _settled_sockets(pid: int) -> int:
+    """The sockets *pid* holds once the count stays put (the host fills its
+    pool of data streams after connecting)."""
+    counts = [-1]
+    while len(counts) < 6 or len(set(counts[-6:])) > 1:
+        await asyncio.sleep(0.05)
+        counts.append(_open_sockets(pid))
+    return counts[-1]
 
 
 def _is_socket(link: str) -> bool:

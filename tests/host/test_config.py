@@ -104,13 +104,14 @@ def test_every_setting_is_read_and_unset_ones_are_none(tmp_path: Path) -> None:
             drain = 0
             max_relays = 100
             max_pending = 10
+            stream_pool = 0
             """,
         )
     )
     assert config.rpc_dial == transport.VsockEndpoint(3, 1025)
     assert config.streams == transport.HvsockEndpoint("/run/vm/v.sock", 1026)
     assert [config.setting(k) for k in SETTINGS[3:]] == [
-        1234, transport.UnixEndpoint("/run/sf/ctl.sock"), 1.0, 2.5, 60.0, 0.0, 100, 10,
+        1234, transport.UnixEndpoint("/run/sf/ctl.sock"), 1.0, 2.5, 60.0, 0.0, 100, 10, 0,
     ]  # fmt: skip
     assert (config.forwards, config.exposes) == ((), ())
     good = read_config(write(tmp_path, GOOD))
@@ -208,6 +209,10 @@ ERRORS: dict[str, tuple[str, str]] = {
         '1: max_relays must be a whole number (1 or more), not the string "100"',
     ),
     "a count as a boolean": ("max_pending = true\n", "1: max_pending must be a whole number"),
+    "a pool too big": (
+        "stream_pool = 65\n",
+        "1: stream_pool must be a whole number from 0 to 64, not 65",
+    ),
     "zero seconds": ("dial_timeout = 0\n", "1: dial_timeout must be a number of seconds"),
     "negative drain": ("drain = -1.5\n", "1: drain must be a number of seconds (0 or more)"),
     "both rpc keys": (

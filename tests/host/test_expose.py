@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from socketforward import Expose, Guest, Host, transport
-from tests.processes import echo_round_trip, echo_server
+from tests.processes import echo_round_trip, echo_server, embedded_endpoints
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,8 +42,7 @@ class Faults:
 
 @asynccontextmanager
 async def exposed(tmp: Path) -> AsyncIterator[tuple[Host, Guest, Path]]:
-    (tmp / "host").mkdir(mode=0o700)
-    rpc, streams = f"unix:{tmp}/host/rpc.sock", f"unix:{tmp}/streams.sock"
+    rpc, streams = embedded_endpoints(tmp)
     vm_service, host_path = tmp / "vm-echo.sock", tmp / "host" / "echo.sock"
     async with (
         await echo_server(vm_service),

@@ -171,19 +171,25 @@ class StreamEnd(_message.Message):
     STREAM_ID_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
+    POOL_LIMIT_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     bytes: _builtins.int
     channel: _builtins.int
+    pool_limit: _builtins.int
+    """Hello only: how many pooled data streams (ids starting "socketfwd-pool-")
+    the guest keeps waiting for their name; zero, it takes none.
+    """
     def __init__(
         self,
         *,
         stream_id: _builtins.str = ...,
         bytes: _builtins.int = ...,
         channel: _builtins.int = ...,
+        pool_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "channel", b"channel", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "channel", b"channel", "pool_limit", b"pool_limit", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

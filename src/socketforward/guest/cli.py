@@ -9,7 +9,12 @@ import sys
 from dataclasses import dataclass
 
 from socketforward import control, daemon, runner, stats, transport
-from socketforward.datastream import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_UNCLAIMED, StreamRegistry
+from socketforward.datastream import (
+    DEFAULT_MAX_HANDSHAKES,
+    DEFAULT_MAX_POOLED,
+    DEFAULT_MAX_UNCLAIMED,
+    StreamRegistry,
+)
 from socketforward.guest.agent import Agent
 from socketforward.guest.budget import FDS_PER_CONNECTION, FdPlan
 from socketforward.guest.control import GuestControl
@@ -114,6 +119,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         f"(default {DEFAULT_MAX_UNCLAIMED})",
     )
     parser.add_argument(
+        "--max-pooled-streams",
+        type=daemon.non_negative_int,
+        default=DEFAULT_MAX_POOLED,
+        metavar="N",
+        help="data streams the host may open ahead of demand, kept waiting for a "
+        f"connection; 0 takes none (default {DEFAULT_MAX_POOLED})",
+    )
+    parser.add_argument(
         "--control",
         metavar="URI",
         type=control.endpoint_arg,
@@ -138,6 +151,7 @@ class AgentConfig:
     max_stream_handshakes: int | None = None
     """None: derived from the fd limit (:class:`FdPlan`)."""
     max_unclaimed_streams: int = DEFAULT_MAX_UNCLAIMED
+    max_pooled_streams: int = DEFAULT_MAX_POOLED
     max_connections: int | None = None
     """None: derived from the fd limit (:class:`FdPlan`)."""
     control: transport.UnixEndpoint | None = None
@@ -176,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         fail_fast=args.fail_fast,
         max_stream_handshakes=args.max_stream_handshakes,
         max_unclaimed_streams=args.max_unclaimed_streams,
+        max_pooled_streams=args.max_pooled_streams,
         max_connections=args.max_connections,
         control=args.control,
         expose_allow=None if args.expose_allow is None else tuple(args.expose_allow),
@@ -251,6 +266,7 @@ async def _serve(cfg: AgentConfig, plan: FdPlan) -> None:
         max_connections=plan.max_connections,
         max_stream_handshakes=plan.max_handshakes,
         max_unclaimed_streams=cfg.max_unclaimed_streams,
+        max_pooled_streams=cfg.max_pooled_streams,
         expose_allow=cfg.expose_allow,
     )
     try:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from types import TracebackType
 
 from socketforward import transport
-from socketforward.datastream import DEFAULT_MAX_UNCLAIMED, StreamRegistry
+from socketforward.datastream import DEFAULT_MAX_POOLED, DEFAULT_MAX_UNCLAIMED, StreamRegistry
 from socketforward.guest.agent import Agent
 from socketforward.guest.budget import FdPlan
 from socketforward.guest.service import Service
@@ -60,6 +60,7 @@ class Guest:
         max_connections: int | None = None,
         max_stream_handshakes: int | None = None,
         max_unclaimed_streams: int = DEFAULT_MAX_UNCLAIMED,
+        max_pooled_streams: int = DEFAULT_MAX_POOLED,
         expose_allow: Iterable[str] | None = None,
     ) -> None:
         if rpc_dial is not None and rpc_listen is not None:
@@ -83,6 +84,7 @@ class Guest:
         self.fail_fast = fail_fast
         self.expose_allow = None if expose_allow is None else tuple(expose_allow)
         self.max_unclaimed_streams = max_unclaimed_streams
+        self.max_pooled_streams = max_pooled_streams
         self.registry: StreamRegistry | None = None
         self.service: Service | None = None
         self.agent: Agent | None = None
@@ -99,6 +101,7 @@ class Guest:
             listener,
             max_handshakes=self.plan.max_handshakes,
             max_unclaimed=self.max_unclaimed_streams,
+            max_pooled=self.max_pooled_streams,
         )
         self.service = Service(
             self.registry,
@@ -110,6 +113,7 @@ class Guest:
             max_connections=self.plan.max_connections,
             pipe_pool=self.plan.pipe_pool,
             expose_allow=self.expose_allow,
+            pool_limit=self.registry.max_pooled,
         )
         self.agent = Agent(self.service, rpc_dial=self.rpc_dial, rpc_listen=self.rpc_listen)
         self.registry.start()

@@ -184,6 +184,7 @@ class Service(SocketForwardBase):
         fail_fast: bool = False,
         expose_allow: Iterable[str] | None = None,
         dial_timeout: float = 5.0,
+        pool_limit: int = 0,
     ) -> None:
         if pending_timeout <= 0:
             raise ValueError("pending_timeout must be > 0")
@@ -192,6 +193,7 @@ class Service(SocketForwardBase):
             max_connections = plan.max_connections if max_connections is None else max_connections
             pipe_pool = plan.pipe_pool if pipe_pool is None else pipe_pool
         self._streams = streams
+        self._pool_limit = pool_limit  # said in each StreamEnds hello (5.6)
         self._socket_mode = socket_mode
         self._stream_wait = stream_wait
         self._dispatcher: Dispatcher[_Connection, _AcceptCall] = Dispatcher(
@@ -506,7 +508,7 @@ class Service(SocketForwardBase):
             raise ttrpc.TtrpcError(ttrpc.Code.UNAVAILABLE, "socketforward: shutting down")
         channel = next(self._call_numbers)
         # The hello: the host names this call in the answers whose ends it carries.
-        await stream.send(pb.StreamEnd(channel=channel))
+        await stream.send(pb.StreamEnd(channel=channel, pool_limit=self._pool_limit))
         self._ends_calls[channel] = stream
         log.info("stream ends call opened channel=%d", channel)
         try:

@@ -30,6 +30,7 @@ from socketforward.daemon import (
     Notifier,
     fd_limits,
     handle_signals,
+    int_in_range,
     non_negative_seconds,
     positive_int,
     positive_seconds,
@@ -59,6 +60,7 @@ from socketforward.host.forwards import (
     parse_forward,
     read_forwards_file,
 )
+from socketforward.host.pool import DEFAULT_POOL_SIZE, MAX_POOL_SIZE
 
 __all__ = ["add_parser", "main"]
 
@@ -219,6 +221,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         f"(default {_DEFAULTS['max_pending']})",
     )
     parser.add_argument(
+        "--stream-pool",
+        metavar="N",
+        type=int_in_range(0, MAX_POOL_SIZE),
+        help="data streams kept open ahead of demand, so a new connection need not "
+        f"wait for one (a guest of ours only; 0 to {MAX_POOL_SIZE}, "
+        f"default {_DEFAULTS['stream_pool']})",
+    )
+    parser.add_argument(
         "--control",
         metavar="URI",
         type=control.endpoint_arg,
@@ -234,6 +244,7 @@ _DEFAULTS: dict[str, object] = {
     "stream_retry_for": 30.0,
     "drain": 5.0,
     "max_pending": 1024,
+    "stream_pool": DEFAULT_POOL_SIZE,
 }
 """Settings the command line and the file both leave out (the others: None)."""
 
@@ -503,6 +514,7 @@ async def _run(
         stream_retry_for=args.stream_retry_for,
         max_pending=args.max_pending,
         max_relays=args.max_relays,
+        stream_pool=args.stream_pool,
         streams_uid=args.streams_uid,
     )
     forwarder = host.forwarder

@@ -25,6 +25,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from socketforward import transport
 from socketforward.host.forwards import EXPOSE_MODE, MAX_ID, Expose, Forward
+from socketforward.host.pool import MAX_POOL_SIZE
 from socketforward.logs import escape
 
 __all__ = [
@@ -54,6 +55,7 @@ SETTINGS: Final = (
     "drain",
     "max_relays",
     "max_pending",
+    "stream_pool",
 )
 """The top-level keys that mirror a flag of ``socketforward host`` (``--max-relays``
 is ``max_relays``). They cannot change while the host runs."""
@@ -96,6 +98,7 @@ class Config:
     drain: float | None = None
     max_relays: int | None = None
     max_pending: int | None = None
+    stream_pool: int | None = None
     forwards: tuple[Forward, ...] = ()
     exposes: tuple[Expose, ...] = ()
     lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -434,6 +437,13 @@ def _count(value: object) -> int:
     return value
 
 
+def _pool_size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_POOL_SIZE:
+        shown = value if isinstance(value, int) and not isinstance(value, bool) else _kind(value)
+        raise ValueError(f"must be a whole number from 0 to {MAX_POOL_SIZE}, not {shown}")
+    return value
+
+
 def _id_number(value: object, *, lookup: Callable[[str], int], what: str) -> int:
     """A uid or gid: a number, a string of digits, or a name looked up on this host."""
     if isinstance(value, bool) or not isinstance(value, int | str):
@@ -490,6 +500,7 @@ _SETTING_CHECKS: Final[Mapping[str, Callable[[object], Any]]] = {
     "drain": _seconds(zero=True),
     "max_relays": _count,
     "max_pending": _count,
+    "stream_pool": _pool_size,
 }
 
 

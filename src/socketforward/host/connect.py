@@ -40,6 +40,7 @@ from socketforward.api import socketforward_pb2 as pb
 from socketforward.deadlines import Deadlines
 from socketforward.ends import EndRegistry, EndSender
 from socketforward.host.forwards import Forward
+from socketforward.host.pool import DEFAULT_POOL_SIZE, StreamPool
 from socketforward.logs import RateLimitedLog, escape
 from socketforward.protocol import HostError, valid_stream_id
 from socketforward.stats import ForwardStats
@@ -135,6 +136,7 @@ class Connector:
         max_pending: int,
         max_relays: int,
         streams_uid: int | None = None,
+        stream_pool: int = DEFAULT_POOL_SIZE,
     ) -> None:
         self.forwards = forwards  # the Forwarder's table, read live
         self.stats = stats  # likewise
@@ -165,20 +167,33 @@ class Connector:
         """Relays whose direction ends travel out of band (docs/protocol.md 5.5)."""
         self._ends_call: ttrpc.ClientStream[pb.StreamEnd, pb.StreamEnd] | None = None
         self._ends_channel = 0
+        self.pool = StreamPool(
+            streams_endpoint,
+            size=stream_pool,
+            stream_timeout=stream_timeout,
+            check_peer=self.stream_peer_problem,
+        )
+        """Data streams opened ahead of demand, while the guest takes them (5.6)."""
 
     # -- StreamEnds (docs/protocol.md 5.5) ------------------------------------------
 
     def ends_opened(
-        self, channel: int, call: ttrpc.ClientStream[pb.StreamEnd, pb.StreamEnd]
+        self,
+        channel: int,
+        call: ttrpc.ClientStream[pb.StreamEnd, pb.StreamEnd],
+        pool_limit: int = 0,
     ) -> None:
         """The guest said hello on a StreamEnds call it numbers *channel*: new
-        relays take their ends out of band on it."""
+        relays take their ends out of band on it, and new connections their
+        data streams from the pool if the guest keeps *pool_limit* of them."""
         self._ends_call, self._ends_channel = call, channel
+        self.pool.start(pool_limit)
 
     def ends_closed(self, channel: int) -> None:
         """That call is gone: its relays shut their data streams down instead."""
         if self._ends_channel == channel:
             self._ends_call, self._ends_channel = None, 0
+            self.pool.stop()
         self.ends.channel_lost(channel)
 
     def _ends_call_for(self, channel: int) -> EndSender | None:
@@ -385,6 +400,7 @@ class Connector:
         """End every relay; say what the rate limit left out of the log."""
         for running in list(self.relays):
             running.close()
+        self.pool.stop()
         self.pipes.close()
         self.peer_log.flush()
 
@@ -472,6 +488,11 @@ class ConnectRequest:
             if host_sock is None:
                 return False
             opened.append(host_sock)
+            data_sock = connector.pool.take(self.stream_id)
+            if data_sock is not None:
+                opened.clear()
+                self._relay_pooled(host_sock, data_sock)
+                return True
             try:
                 data_sock = datastream.open_stream_now(endpoint, self.stream_id)
             except OSError as exc:
@@ -508,6 +529,31 @@ class ConnectRequest:
         finally:
             for sock in opened:
                 sock.close()
+
+    def _relay_pooled(self, host_sock: socket.socket, data_sock: socket.socket) -> None:
+        """Answer at once and relay on a pooled stream, already named (5.6)."""
+        if not self._succeed(host_sock, data_sock):
+            host_sock.close()
+            data_sock.close()
+            self.release()
+
+    def _succeed(self, host_sock: socket.socket, data_sock: socket.socket) -> bool:
+        """Answer success, give back the slot and relay; False (counted, the
+        sockets still the caller's) when the answer cannot go."""
+        ends = self.connector.ends_channel_for(self.stream_id)
+        if not self._reply("", ends):
+            self.stats.fail(REPLY_FAILED)
+            return False
+        self.release()
+        self.connector.start_relay(
+            self.stats,
+            self.forward.forward_id,
+            self.stream_id,
+            host_sock,
+            data_sock,
+            ends_channel=ends,
+        )
+        return True
 
     def _on_ack(self) -> None:
         assert self.ack is not None and self.data_sock is not None and self.host_sock is not None
@@ -621,20 +667,9 @@ class ConnectRequest:
                 self.stats.fail(reason)
                 self._reply(error.text())
                 return
-            ends = self.connector.ends_channel_for(self.stream_id)
-            if not self._reply("", ends):
-                self.stats.fail(REPLY_FAILED)
-                return
             host_sock, data_sock = sockets
-            sockets.clear()
-            self.connector.start_relay(
-                self.stats,
-                self.forward.forward_id,
-                self.stream_id,
-                host_sock,
-                data_sock,
-                ends_channel=ends,
-            )
+            if self._succeed(host_sock, data_sock):
+                sockets.clear()  # the relay's now
         finally:
             for sock in sockets:
                 sock.close()

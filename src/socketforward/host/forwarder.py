@@ -28,6 +28,7 @@ from socketforward.deadlines import Deadlines
 from socketforward.host.connect import Connector, ConnectRequest, default_max_relays
 from socketforward.host.expose import Exposer
 from socketforward.host.forwards import Expose, Forward
+from socketforward.host.pool import DEFAULT_POOL_SIZE, PoolStats
 from socketforward.logs import escape
 from socketforward.protocol import FORWARD_IDS_METADATA
 from socketforward.stats import ForwardStats
@@ -138,6 +139,7 @@ class Forwarder:
         streams_uid: int | None = None,
         max_queued_to_vm: int = MAX_QUEUED_TO_VM,
         vm_read_timeout: float = VM_READ_TIMEOUT,
+        stream_pool: int = DEFAULT_POOL_SIZE,
     ) -> None:
         """*max_relays*: connections (relays and requests being answered) the VM
         may hold at once; more are refused ``too many pending connections``
@@ -149,7 +151,10 @@ class Forwarder:
         *max_queued_to_vm*: once more bytes than this wait to be read by the VM
         on the RPC connection, the host stops reading ConnectRequests until the
         queue is down to a quarter; if that takes over *vm_read_timeout* seconds
-        the RPC connection is dropped (the guest redials; relays go on)."""
+        the RPC connection is dropped (the guest redials; relays go on).
+
+        *stream_pool*: data streams kept open ahead of demand while the guest
+        takes them (docs/protocol.md 5.6); 0 opens each one on demand."""
         if max_queued_to_vm <= 0 or vm_read_timeout <= 0:
             raise ValueError("max_queued_to_vm and vm_read_timeout must be positive")
         self.max_queued_to_vm = max_queued_to_vm
@@ -171,6 +176,7 @@ class Forwarder:
             max_pending=max_pending,
             max_relays=default_max_relays() if max_relays is None else max_relays,
             streams_uid=streams_uid,
+            stream_pool=stream_pool,
         )
         self._exposer = Exposer(self._connector, self._current, rpc_timeout=rpc_timeout)
         self._undecodable = 0
@@ -245,6 +251,10 @@ class Forwarder:
     def stray_ends(self) -> int:
         """StreamEnd messages from the VM for no relay of ours, dropped (docs/protocol.md 5.5)."""
         return self._connector.ends.strays
+
+    def pool_stats(self) -> PoolStats:
+        """The pool of data streams opened ahead of demand (docs/protocol.md 5.6)."""
+        return self._connector.pool.stats()
 
     @property
     def pending(self) -> int:
@@ -526,8 +536,8 @@ class Forwarder:
             await call.aclose()
             log.warning("stream ends call without a hello, ends go as shutdowns")
             return
-        self._connector.ends_opened(hello.channel, call)
-        log.info("stream ends call open channel=%d", hello.channel)
+        self._connector.ends_opened(hello.channel, call, hello.pool_limit)
+        log.info("stream ends call open channel=%d pool_limit=%d", hello.channel, hello.pool_limit)
         session.spawn(self._read_stream_ends(session, call, hello.channel))
 
     async def _read_stream_ends(

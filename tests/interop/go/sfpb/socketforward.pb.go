@@ -313,10 +313,13 @@ func (x *UnbindRequest) GetForwardIds() []string {
 // relayed exactly that many. A message with an empty stream_id is the guest's
 // hello: it names the call with `channel`.
 type StreamEnd struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	StreamId      string                 `protobuf:"bytes,1,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
-	Bytes         uint64                 `protobuf:"varint,2,opt,name=bytes,proto3" json:"bytes,omitempty"`
-	Channel       uint32                 `protobuf:"varint,3,opt,name=channel,proto3" json:"channel,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	StreamId string                 `protobuf:"bytes,1,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
+	Bytes    uint64                 `protobuf:"varint,2,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	Channel  uint32                 `protobuf:"varint,3,opt,name=channel,proto3" json:"channel,omitempty"`
+	// Hello only: how many pooled data streams (ids starting "socketfwd-pool-")
+	// the guest keeps waiting for their name; zero, it takes none.
+	PoolLimit     uint32 `protobuf:"varint,4,opt,name=pool_limit,json=poolLimit,proto3" json:"pool_limit,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -368,6 +371,13 @@ func (x *StreamEnd) GetBytes() uint64 {
 func (x *StreamEnd) GetChannel() uint32 {
 	if x != nil {
 		return x.Channel
+	}
+	return 0
+}
+
+func (x *StreamEnd) GetPoolLimit() uint32 {
+	if x != nil {
+		return x.PoolLimit
 	}
 	return 0
 }
@@ -471,11 +481,13 @@ const file_nerdbox_services_socketforward_v1_socketforward_proto_rawDesc = "" +
 	"\fends_channel\x18\x03 \x01(\rR\vendsChannel\"0\n" +
 	"\rUnbindRequest\x12\x1f\n" +
 	"\vforward_ids\x18\x01 \x03(\tR\n" +
-	"forwardIds\"X\n" +
+	"forwardIds\"w\n" +
 	"\tStreamEnd\x12\x1b\n" +
 	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x14\n" +
 	"\x05bytes\x18\x02 \x01(\x04R\x05bytes\x12\x18\n" +
-	"\achannel\x18\x03 \x01(\rR\achannel\"\x8b\x01\n" +
+	"\achannel\x18\x03 \x01(\rR\achannel\x12\x1d\n" +
+	"\n" +
+	"pool_limit\x18\x04 \x01(\rR\tpoolLimit\"\x8b\x01\n" +
 	"\vDialRequest\x12\x1b\n" +
 	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x1b\n" +
 	"\texpose_id\x18\x02 \x01(\tR\bexposeId\x12\x1f\n" +

@@ -1,0 +1,281 @@
+"""Data streams opened ahead of demand (docs/protocol.md 5.6).
+
+A new forwarded connection otherwise waits for its data stream: a connect to
+the guest's stream endpoint, the id, the guest's ack, three crossings of the
+VM boundary before the host can answer. A guest of ours that says so in its
+StreamEnds hello keeps a few streams the host opened earlier, each acked under
+a pooled id; taking one costs a single write on it (the id it now is) and the
+answer can go at once. The pool refills itself after each take, on readiness
+callbacks (``unix:``) or in one task (other endpoints), and backs off while
+opening fails. nerdbox's guest never sees a pooled stream: its hello has no
+limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from socketforward import datastream, transport
+from socketforward.logs import RateLimitedLog
+from socketforward.transport import Backoff
+
+__all__ = ["DEFAULT_POOL_SIZE", "MAX_POOL_SIZE", "PoolStats", "StreamPool"]
+
+log = logging.getLogger("socketforward.host")
+
+DEFAULT_POOL_SIZE: Final = 4
+"""Streams kept open ahead of demand per VM (``--stream-pool``)."""
+MAX_POOL_SIZE: Final = 64
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of a :class:`StreamPool`'s figures."""
+
+    size: int
+    """Streams the pool keeps ready now (0 while the guest takes none)."""
+    ready: int
+    """Acked streams waiting to be taken."""
+    opening: int
+    """Streams whose ack is awaited."""
+    taken: int
+    """Streams handed to new connections."""
+    lost: int
+    """Ready streams the guest closed (a guest restart, a full registry)."""
+    failed: int
+    """Openings that failed (connect, ack, peer check)."""
+
+
+class _Opening:
+    """A pooled stream between connect and ack."""
+
+    __slots__ = ("ack", "fd", "sock", "timer")
+
+    def __init__(self, sock: socket.socket, ack: datastream.AckReader) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.ack = ack
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class StreamPool:
+    """Up to *size* acked data streams to *endpoint*, ready for :meth:`take`.
+
+    Empty until :meth:`start` names how many the guest keeps; :meth:`stop`
+    closes them all (the RPC connection or its StreamEnds call is gone).
+    *check_peer* says why a fresh stream's listener is not to be trusted
+    (SO_PEERCRED), or None."""
+
+    def __init__(
+        self,
+        endpoint: transport.Endpoint,
+        *,
+        size: int = DEFAULT_POOL_SIZE,
+        stream_timeout: float = 10.0,
+        check_peer: Callable[[socket.socket], str | None] = lambda sock: None,
+    ) -> None:
+        if not 0 <= size <= MAX_POOL_SIZE:
+            raise ValueError(f"stream pool size must be 0..{MAX_POOL_SIZE}, got {size}")
+        self.endpoint = endpoint
+        self.max_size = size
+        self._stream_timeout = stream_timeout
+        self._check_peer = check_peer
+        self._size = 0
+        self._ready: deque[socket.socket] = deque()
+        self._opening: set[_Opening] = set()
+        self._task: asyncio.Task[None] | None = None  # the filler for non-unix endpoints
+        self._retry: asyncio.TimerHandle | None = None
+        self._backoff = Backoff(0.05, 5.0)
+        self._ids = itertools.count(1)
+        self._tag = os.urandom(3).hex()  # ids stay unique across pools of one guest
+        self._taken = self._lost = self._failed = 0
+        self._log = RateLimitedLog(log)
+
+    def stats(self) -> PoolStats:
+        return PoolStats(
+            size=self._size,
+            ready=len(self._ready),
+            opening=len(self._opening) + (self._task is not None),
+            taken=self._taken,
+            lost=self._lost,
+            failed=self._failed,
+        )
+
+    def start(self, limit: int) -> None:
+        """Keep min(size, *limit*) streams ready (*limit*: the guest's hello)."""
+        self.stop()
+        self._size = max(0, min(self.max_size, limit))
+        if self._size:
+            log.info("stream pool started size=%d endpoint=%s", self._size, self.endpoint)
+            self._fill()
+
+    def stop(self) -> None:
+        """Close every pooled stream; the pool stays empty until started again."""
+        self._size = 0
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for opening in list(self._opening):
+            self._drop(opening)
+        loop = asyncio.get_running_loop() if self._ready else None
+        while self._ready:
+            sock = self._ready.popleft()
+            assert loop is not None
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self._backoff.reset()
+        self._log.flush()
+
+    def take(self, stream_id: str) -> socket.socket | None:
+        """A ready stream, already named *stream_id* (the caller owns it and
+        watches it next); None when none is ready. Refills in the background."""
+        if not self._ready:
+            return None
+        loop = asyncio.get_running_loop()
+        name = datastream.encode_string(stream_id)
+        while self._ready:
+            sock = self._ready.popleft()
+            loop.remove_reader(sock.fileno())
+            try:
+                # An idle stream's send buffer is empty: the name goes whole.
+                if sock.send(name) == len(name):
+                    self._taken += 1
+                    loop.call_soon(self._fill)  # after the caller's answer
+                    return sock
+            except OSError:
+                pass
+            sock.close()
+            self._lost += 1
+        loop.call_soon(self._fill)
+        return None
+
+    # -- filling ----------------------------------------------------------------------
+
+    def _next_id(self) -> str:
+        return f"{datastream.POOLED_PREFIX}{self._tag}-{next(self._ids)}"
+
+    def _fill(self) -> None:
+        if self._retry is not None or self._task is not None:
+            return
+        while self._size and len(self._ready) + len(self._opening) < self._size:
+            pool_id = self._next_id()
+            try:
+                sock = datastream.open_stream_now(self.endpoint, pool_id)
+            except OSError as exc:  # EMFILE and friends: try again later
+                self._failure(f"{exc!r}")
+                return
+            if sock is None:  # not unix:, or a connect that would wait
+                self._task = asyncio.get_running_loop().create_task(self._open_slowly())
+                return
+            if not self._watch_ack(sock, pool_id):
+                return
+
+    def _watch_ack(self, sock: socket.socket, pool_id: str) -> bool:
+        problem = self._check_peer(sock)
+        if problem is not None:
+            sock.close()
+            self._failure(f"stream endpoint served by another user {problem}")
+            return False
+        opening = _Opening(sock, datastream.AckReader(self.endpoint, pool_id))
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_reader(opening.fd, self._on_ack, opening)
+        except OSError as exc:
+            sock.close()
+            self._failure(f"{exc!r}")
+            return False
+        opening.timer = loop.call_later(self._stream_timeout, self._ack_timed_out, opening)
+        self._opening.add(opening)
+        return True
+
+    def _on_ack(self, opening: _Opening) -> None:
+        try:
+            if not opening.ack.read(opening.sock):
+                return
+        except (OSError, datastream.HandshakeError) as exc:
+            self._drop(opening)
+            self._failure(str(exc))
+            return
+        self._opening.discard(opening)
+        if opening.timer is not None:
+            opening.timer.cancel()
+        self._backoff.reset()
+        # Anything readable on a ready stream is its end (or a broken guest).
+        asyncio.get_running_loop().add_reader(opening.fd, self._on_ready_readable, opening.sock)
+        self._ready.append(opening.sock)
+
+    def _ack_timed_out(self, opening: _Opening) -> None:
+        opening.timer = None
+        self._drop(opening)
+        self._failure(f"no ack within {self._stream_timeout}s")
+
+    def _drop(self, opening: _Opening) -> None:
+        self._opening.discard(opening)
+        if opening.timer is not None:
+            opening.timer.cancel()
+        asyncio.get_running_loop().remove_reader(opening.fd)
+        opening.sock.close()
+
+    def _on_ready_readable(self, sock: socket.socket) -> None:
+        with contextlib.suppress(ValueError):
+            self._ready.remove(sock)
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+        sock.close()
+        self._lost += 1
+        log.debug("pooled stream closed by the guest endpoint=%s", self.endpoint)
+        self._fill()
+
+    async def _open_slowly(self) -> None:
+        """The filler for endpoints whose connect waits (vsock, hvsock)."""
+        try:
+            while self._size and len(self._ready) + len(self._opening) < self._size:
+                pool_id = self._next_id()
+                try:
+                    sock = await datastream.open_stream(
+                        self.endpoint, pool_id, timeout=self._stream_timeout, retry_for=0
+                    )
+                except (OSError, datastream.HandshakeError) as exc:
+                    self._task = None
+                    self._failure(str(exc))
+                    return
+                problem = self._check_peer(sock)
+                if problem is not None:
+                    sock.close()
+                    self._task = None
+                    self._failure(f"stream endpoint served by another user {problem}")
+                    return
+                self._backoff.reset()
+                asyncio.get_running_loop().add_reader(sock.fileno(), self._on_ready_readable, sock)
+                self._ready.append(sock)
+        finally:
+            if self._task is asyncio.current_task():
+                self._task = None
+
+    def _failure(self, error: str) -> None:
+        self._failed += 1
+        delay = self._backoff.next()
+        self._log.warning(
+            "pool",
+            "pooled stream open failed endpoint=%s retry_in=%.2fs error=%r",
+            self.endpoint,
+            delay,
+            error,
+        )
+        if self._size and self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(delay, self._retry_fill)
+
+    def _retry_fill(self) -> None:
+        self._retry = None
+        self._fill()

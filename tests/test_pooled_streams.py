@@ -1,0 +1,244 @@
+"""Data streams opened ahead of demand (docs/protocol.md 5.6): the guest's
+registry keeps pooled streams until the host names them, the host's pool keeps
+a few ready, and a forwarded connection takes one instead of waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from socketforward import Forward, Guest, Host
+from socketforward.datastream import POOLED_PREFIX, StreamRegistry, open_stream
+from socketforward.host.pool import StreamPool
+from socketforward.transport import UnixEndpoint, listen
+from tests.processes import echo_round_trip, echo_server, embedded_endpoints
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@contextlib.asynccontextmanager
+async def registry_at(
+    path: Path, *, ttl: float = 30.0, max_pooled: int = 64, max_unclaimed: int = 1024
+) -> AsyncIterator[StreamRegistry]:
+    listener = await listen(UnixEndpoint(str(path)))
+    async with StreamRegistry(
+        listener, ttl=ttl, max_pooled=max_pooled, max_unclaimed=max_unclaimed
+    ) as reg:
+        yield reg
+
+
+def _name(stream_id: str) -> bytes:
+    data = stream_id.encode()
+    return struct.pack(">I", len(data)) + data
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not condition():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        pytest.fail(f"not {what} within {timeout}s")
+
+
+async def _eof(sock: socket.socket) -> bool:
+    """Whether the peer closed *sock* (EOF or reset) within a few seconds."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(5):
+            return await loop.sock_recv(sock, 1) == b""
+    except ConnectionResetError:
+        return True
+
+
+# -- the guest's registry -------------------------------------------------------------
+
+
+async def test_a_pooled_stream_waits_past_the_ttl_then_becomes_the_stream_named(
+    tmp_path: Path,
+) -> None:
+    """A pooled stream outlives the unclaimed-stream TTL; once the host writes a
+    name on it, it is claimable under that name and the bytes after the name
+    arrive untouched."""
+    async with registry_at(tmp_path / "s.sock", ttl=0.2) as reg:
+        host_side = await open_stream(reg.endpoint, POOLED_PREFIX + "1")
+        with host_side:
+            await asyncio.sleep(0.5)
+            stats = reg.stats()
+            assert (stats.pooled, stats.unclaimed, stats.expired) == (1, 0, 0)
+            host_side.sendall(_name("conn-1") + b"first bytes")
+            guest_side = await reg.wait_for("conn-1", timeout=5)
+            with guest_side:
+                guest_side.setblocking(True)
+                assert guest_side.recv(100) == b"first bytes"
+                host_side.sendall(b"more")
+                assert guest_side.recv(100) == b"more"
+            assert reg.stats().pooled == 0
+
+
+async def test_a_pooled_stream_its_host_closes_goes_without_a_word(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The host closing a pooled stream it no longer wants is no error: no
+    warning, no refusal counted, nothing left."""
+    async with registry_at(tmp_path / "s.sock") as reg:
+        sock = await open_stream(reg.endpoint, POOLED_PREFIX + "bye")
+        await _until(lambda: reg.stats().pooled == 1, "pooled")
+        with caplog.at_level(logging.WARNING):
+            sock.close()
+            await _until(lambda: reg.stats().pooled == 0, "dropped")
+        assert reg.stats().refused == {}
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_pooled_streams_are_capped_and_zero_takes_none(tmp_path: Path) -> None:
+    """Past max_pooled the handshake is answered with an error text; a guest
+    with max_pooled 0 takes no pooled stream at all."""
+    async with registry_at(tmp_path / "a.sock", max_pooled=2) as reg:
+        kept = [await open_stream(reg.endpoint, f"{POOLED_PREFIX}{i}") for i in range(2)]
+        with pytest.raises(Exception, match=r"too many pooled streams \(limit 2\)"):
+            await open_stream(reg.endpoint, POOLED_PREFIX + "2")
+        assert reg.stats().refused == {"too_many_pooled": 1}
+        for sock in kept:
+            sock.close()
+    async with registry_at(tmp_path / "b.sock", max_pooled=0) as reg:
+        with pytest.raises(Exception, match=r"too many pooled streams \(limit 0\)"):
+            await open_stream(reg.endpoint, POOLED_PREFIX + "0")
+
+
+async def test_a_pooled_stream_given_a_bad_name_is_closed(tmp_path: Path) -> None:
+    """A name already registered, another pooled name, or a cut-off name closes
+    the pooled stream and is counted; the stream holding the name stays."""
+    async with registry_at(tmp_path / "s.sock") as reg:
+        taken = await open_stream(reg.endpoint, "conn-1")
+        bad_names = [_name("conn-1"), _name(POOLED_PREFIX + "x"), struct.pack(">I", 9999)]
+        for i, bad in enumerate(bad_names):
+            sock = await open_stream(reg.endpoint, f"{POOLED_PREFIX}{i}")
+            with sock:
+                sock.sendall(bad)
+                assert await _eof(sock)
+        assert reg.stats().refused == {"duplicate": 2, "invalid": 1}
+        with reg.get("conn-1"), taken:
+            pass
+
+
+async def test_closing_the_registry_closes_its_pooled_streams(tmp_path: Path) -> None:
+    """Guest shutdown: every pooled stream is closed (the host sees EOF)."""
+    async with registry_at(tmp_path / "s.sock") as reg:
+        sock = await open_stream(reg.endpoint, POOLED_PREFIX + "1")
+        await _until(lambda: reg.stats().pooled == 1, "pooled")
+    with sock:
+        assert await _eof(sock)
+
+
+# -- the host's pool -------------------------------------------------------------------
+
+
+async def test_the_pool_fills_to_the_guests_limit_and_refills_after_a_take(
+    tmp_path: Path,
+) -> None:
+    """min(size, the guest's limit) streams stand ready; a take names one,
+    which the guest hands out under that name with bytes flowing both ways,
+    and the pool opens a replacement."""
+    async with registry_at(tmp_path / "s.sock", max_pooled=3) as reg:
+        pool = StreamPool(reg.endpoint, size=4)
+        pool.start(3)
+        try:
+            await _until(lambda: pool.stats().ready == 3 and reg.stats().pooled == 3, "full")
+            host_side = pool.take("conn-1")
+            assert host_side is not None
+            with host_side, await reg.wait_for("conn-1", timeout=5) as guest_side:
+                host_side.sendall(b"to the vm")
+                guest_side.setblocking(True)
+                assert guest_side.recv(100) == b"to the vm"
+                guest_side.sendall(b"to the host")
+                host_side.setblocking(True)
+                assert host_side.recv(100) == b"to the host"
+            await _until(lambda: pool.stats().ready == 3, "refilled")
+            assert (pool.stats().taken, pool.stats().failed) == (1, 0)
+        finally:
+            pool.stop()
+        await _until(lambda: reg.stats().pooled == 0, "guest dropped them")
+
+
+async def test_a_pool_the_guest_takes_none_of_opens_nothing(tmp_path: Path) -> None:
+    """A hello without a limit (nerdbox, or --max-pooled-streams 0): nothing is
+    opened, take finds nothing and the caller opens its own stream."""
+    async with registry_at(tmp_path / "s.sock") as reg:
+        pool = StreamPool(reg.endpoint, size=4)
+        pool.start(0)
+        await asyncio.sleep(0.1)
+        assert pool.take("conn-1") is None
+        assert (reg.stats().pooled, reg.stats().handshakes, pool.stats().size) == (0, 0, 0)
+
+
+async def test_a_pool_whose_guest_is_gone_backs_off(tmp_path: Path) -> None:
+    """The guest goes away: its ready streams are lost, re-opening fails with a
+    growing pause instead of a spin, and stop leaves nothing open."""
+    path = tmp_path / "s.sock"
+    async with registry_at(path) as reg:
+        pool = StreamPool(reg.endpoint, size=4)
+        pool.start(64)
+        await _until(lambda: pool.stats().ready == 4, "full")
+    try:
+        await _until(lambda: pool.stats().lost == 4, "lost")
+        await asyncio.sleep(0.6)
+        failed = pool.stats().failed
+        # 50 ms, doubling: at most 5 tries in 0.6 s (a spin would be thousands).
+        assert 1 <= failed <= 6, failed
+        assert pool.take("conn-1") is None
+    finally:
+        pool.stop()
+    assert pool.stats().opening == 0
+
+
+async def test_a_pool_refuses_a_listener_of_another_user(tmp_path: Path) -> None:
+    """The peer check fails (another user listens at the endpoint): no stream
+    is kept, the failure is counted."""
+    async with registry_at(tmp_path / "s.sock") as reg:
+        pool = StreamPool(reg.endpoint, size=2, check_peer=lambda sock: "peer_uid=4242")
+        pool.start(64)
+        try:
+            await _until(lambda: pool.stats().failed >= 1, "failed")
+            assert pool.stats().ready == 0 and pool.take("conn-1") is None
+        finally:
+            pool.stop()
+
+
+# -- both sides -----------------------------------------------------------------------
+
+
+async def _forward_many(short_tmp: Path, *, guest_pool: int) -> tuple[int, int]:
+    """20 echo connections through a forward; the host pool's (size, taken)."""
+    rpc, streams = embedded_endpoints(short_tmp)
+    target, vm_path = short_tmp / "echo.sock", short_tmp / "vm" / "echo.sock"
+    async with (
+        await echo_server(target),
+        Host(
+            rpc_listen=rpc, streams=streams, forwards=[Forward("e", str(target), str(vm_path))]
+        ) as host,
+        Guest(rpc_dial=rpc, streams=streams, max_pooled_streams=guest_pool),
+    ):
+        async with asyncio.timeout(30):
+            await host.wait_connected()
+        for i in range(20):
+            payload = b"connection %d " % i * 100
+            assert await echo_round_trip(vm_path, payload) == payload
+        stats = host.forwarder.pool_stats()
+        assert host.stats()["e"].connected == 20
+        return stats.size, stats.taken
+
+
+async def test_forwarded_connections_take_pooled_streams(short_tmp: Path) -> None:
+    """With a guest of ours, new connections run on pooled streams (every byte
+    exact); with a guest that takes none, on streams opened for each."""
+    size, taken = await _forward_many(short_tmp / "a", guest_pool=64)
+    assert size == 4 and taken >= 15, (size, taken)  # a refill may lag a take
+    assert await _forward_many(short_tmp / "b", guest_pool=0) == (0, 0)
