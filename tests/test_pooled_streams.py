@@ -154,6 +154,7 @@ async def test_the_pool_fills_to_the_guests_limit_and_refills_after_a_take(
             await _until(lambda: pool.stats().ready == 3 and reg.stats().pooled == 3, "full")
             host_side = pool.take("conn-1")
             assert host_side is not None
+            asyncio.get_running_loop().remove_reader(host_side.fileno())  # the pool's watch
             with host_side, await reg.wait_for("conn-1", timeout=5) as guest_side:
                 host_side.sendall(b"to the vm")
                 guest_side.setblocking(True)

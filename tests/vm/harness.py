@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,12 +139,14 @@ def run(
     boot_timeout: float = 90,
     socat: bool = False,
     host_clients: Callable[[Path], None] | None = None,
+    host_args: Sequence[str] = (),
 ) -> Outcome:
     """Boot the VM with the host side running; everything is stopped before returning.
 
     With *host_clients* the host also exposes VM_SERVICE at ``workdir/EXPOSED``
     and, once the guest (running :func:`expose_clients`) says it is ready,
-    calls it with that path; then it tells the guest it is done."""
+    calls it with that path; then it tells the guest it is done. *host_args*
+    go to ``socketforward host`` after the others."""
     deadline = time.monotonic() + timeout
     share = workdir / "share"
     with contextlib.ExitStack() as stack:
@@ -156,7 +158,8 @@ def run(
                  "--streams", f"hvsock:{uds}:{STREAM_PORT}",
                  "--forward", f"svc={svc}:{VM_SOCKET}",
                  *(["--expose", f"vmsvc={VM_SERVICE}:{workdir / EXPOSED}"]
-                   if host_clients is not None else [])],
+                   if host_clients is not None else []),
+                 *host_args],
                 workdir / "host.log",
             )
         )  # fmt: skip

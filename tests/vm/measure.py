@@ -39,6 +39,14 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=64, help="MiB each way (default 64)")
     ap.add_argument("--rtt", type=int, default=500, help="64-byte round trips (default 500)")
     ap.add_argument("--connects", type=int, default=50, help="new connections (default 50)")
+    ap.add_argument(
+        "--host-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for socketforward host (repeatable; e.g. --host-arg=--stream-pool "
+        "--host-arg=0 to measure without pooled data streams)",
+    )
     args = ap.parse_args()
     problem = vm.qemu_start_problem()
     if problem:
@@ -57,6 +65,7 @@ def main() -> int:
             result_names=tuple(f"{n}.json" for n in TARGETS),
             timeout=600,
             socat=True,
+            host_args=args.host_arg,
         )
     accel, why = vm.accelerator()
     print(f"command: {shlex.join(['python', '-m', 'tests.vm.measure', *sys.argv[1:]])}")

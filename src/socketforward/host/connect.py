@@ -531,11 +531,21 @@ class ConnectRequest:
                 sock.close()
 
     def _relay_pooled(self, host_sock: socket.socket, data_sock: socket.socket) -> None:
-        """Answer at once and relay on a pooled stream, already named (5.6)."""
-        if not self._succeed(host_sock, data_sock):
-            host_sock.close()
-            data_sock.close()
-            self.release()
+        """Answer at once and relay on a pooled stream, already named (5.6). The
+        pool's reader on it stays until the relay replaces it."""
+        loop, fd = asyncio.get_running_loop(), data_sock.fileno()
+        try:
+            if self._succeed(host_sock, data_sock):
+                return
+        except BaseException:
+            # The relay closed both sockets; no watcher may outlive the fd.
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+            raise
+        loop.remove_reader(fd)
+        host_sock.close()
+        data_sock.close()
+        self.release()
 
     def _succeed(self, host_sock: socket.socket, data_sock: socket.socket) -> bool:
         """Answer success, give back the slot and relay; False (counted, the

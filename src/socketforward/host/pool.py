@@ -139,15 +139,16 @@ class StreamPool:
         self._log.flush()
 
     def take(self, stream_id: str) -> socket.socket | None:
-        """A ready stream, already named *stream_id* (the caller owns it and
-        watches it next); None when none is ready. Refills in the background."""
+        """A ready stream, already named *stream_id*; None when none is ready.
+        Refills in the background. The caller owns the socket, whose reader
+        is still registered on the loop: it replaces it at once (a relay's
+        add_reader: no epoll removal and re-add) or removes it before closing."""
         if not self._ready:
             return None
         loop = asyncio.get_running_loop()
         name = datastream.encode_string(stream_id)
         while self._ready:
             sock = self._ready.popleft()
-            loop.remove_reader(sock.fileno())
             try:
                 # An idle stream's send buffer is empty: the name goes whole.
                 if sock.send(name) == len(name):
@@ -156,6 +157,7 @@ class StreamPool:
                     return sock
             except OSError:
                 pass
+            loop.remove_reader(sock.fileno())
             sock.close()
             self._lost += 1
         loop.call_soon(self._fill)
