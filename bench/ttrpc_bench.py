@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ttrpc_asyncio as ttrpc
 from bench import event_loop, machine, markdown, processes
 from bench.markdown import RIGHT
 from bench.processes import ProcessGroup, python_module
 from bench.stats import Samples, nearest_rank, spread
-from socketforward import ttrpc
 from tests.interop.echo_service import EchoService
 from tests.interop.gen import echo_pb2, echo_ttrpc
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from socketforward import ttrpc
+import ttrpc_asyncio as ttrpc
 from tests.interop.echo_service import EchoService
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from socketforward import ttrpc
+import ttrpc_asyncio as ttrpc
 from tests.interop.gen import echo_pb2, echo_ttrpc
 
 

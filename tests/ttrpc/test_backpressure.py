@@ -14,8 +14,8 @@ import pytest
 import uvloop
 from google.protobuf import wrappers_pb2
 
-from socketforward import ttrpc
-from socketforward.ttrpc._fd_transport import FdTransport
+import ttrpc_asyncio as ttrpc
+from ttrpc_asyncio._fd_transport import FdTransport
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from socketforward import ttrpc
+import ttrpc_asyncio as ttrpc
 from tests.interop.gen import echo_pb2, echo_ttrpc
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from socketforward.ttrpc._connection import (
+from ttrpc_asyncio._connection import (
     Connection,
     DataReceived,
     Event,
@@ -12,9 +12,9 @@ from socketforward.ttrpc._connection import (
     RequestReceived,
     ResponseReceived,
 )
-from socketforward.ttrpc._frame import MAX_DATA_LENGTH, Flags, encode_frame
-from socketforward.ttrpc._state import Role, StreamState
-from socketforward.ttrpc.errors import Code, LocalProtocolError, TtrpcError
+from ttrpc_asyncio._frame import MAX_DATA_LENGTH, Flags, encode_frame
+from ttrpc_asyncio._state import Role, StreamState
+from ttrpc_asyncio.errors import Code, LocalProtocolError, TtrpcError
 
 
 def _events(conn: Connection, data: bytes) -> list[Event]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from socketforward import ttrpc
+import ttrpc_asyncio as ttrpc
 
 
 @pytest.mark.parametrize(

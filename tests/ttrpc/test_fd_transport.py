@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import uvloop
 
-from socketforward.ttrpc._fd_transport import HIGH_WATER, FdTransport
+from ttrpc_asyncio._fd_transport import HIGH_WATER, FdTransport
 
 LOOPS = ["asyncio", "uvloop"]
 

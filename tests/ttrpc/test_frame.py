@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from socketforward.ttrpc._frame import (
+from ttrpc_asyncio._frame import (
     MAX_DATA_LENGTH,
     Frame,
     FrameDecoder,

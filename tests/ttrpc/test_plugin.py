@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from google.protobuf.compiler import plugin_pb2
 
-from socketforward.ttrpc import plugin
 from tests.interop.gen import echo_pb2
+from ttrpc_asyncio import plugin
 
 INTEROP = Path(__file__).resolve().parent.parent / "interop"
+DEFAULT_IMPORT = "import ttrpc_asyncio as ttrpc"
 GENERATED = INTEROP / "gen" / "echo_ttrpc.py"
 PROTO_ROOT = INTEROP / "proto"
 
@@ -27,14 +28,14 @@ def _import_lines(content: str) -> list[str]:
     return [line for line in content.splitlines() if line.startswith(("import ", "from "))]
 
 
-def test_default_runtime_is_socketforward_ttrpc() -> None:
-    """Without ``runtime=`` the stubs import ``from socketforward import ttrpc``,
+def test_default_runtime_is_ttrpc_asyncio() -> None:
+    """Without ``runtime=`` the stubs import ``import ttrpc_asyncio as ttrpc``,
     exactly the committed file."""
     response = _run("module=tests.interop.gen")
     assert not response.error
     [out] = response.file
     assert out.name == "echo_ttrpc.py"
-    assert "from socketforward import ttrpc" in _import_lines(out.content)
+    assert DEFAULT_IMPORT in _import_lines(out.content)
     assert out.content == GENERATED.read_text()
 
 
@@ -45,7 +46,7 @@ def test_default_runtime_is_socketforward_ttrpc() -> None:
         ("ttrpc", "import ttrpc"),
         ("aiottrpc", "import aiottrpc as ttrpc"),
         ("myapp._rpc", "from myapp import _rpc as ttrpc"),
-        ("socketforward.ttrpc", "from socketforward import ttrpc"),
+        ("ttrpc_asyncio", "import ttrpc_asyncio as ttrpc"),
     ],
 )
 def test_runtime_parameter_names_the_import(runtime: str, line: str) -> None:
@@ -56,8 +57,8 @@ def test_runtime_parameter_names_the_import(runtime: str, line: str) -> None:
     [out] = response.file
     imports = _import_lines(out.content)
     assert imports[-1] == line
-    assert "from socketforward import ttrpc" not in imports[:-1]
-    expected = GENERATED.read_text().replace("from socketforward import ttrpc", line)
+    assert DEFAULT_IMPORT not in imports[:-1]
+    expected = GENERATED.read_text().replace(DEFAULT_IMPORT, line)
     assert out.content == expected
     compile(out.content, out.name, "exec")
 

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from socketforward import ttrpc
+import ttrpc_asyncio as ttrpc
 from tests.interop.echo_service import EchoService
 from tests.interop.gen import echo_pb2, echo_ttrpc
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from socketforward import ttrpc
+import ttrpc_asyncio as ttrpc
 from tests.interop.echo_service import EchoService
 from tests.interop.gen import echo_pb2, echo_ttrpc
 

@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from socketforward.ttrpc._state import (
+from ttrpc_asyncio._state import (
     TRANSITIONS,
     Role,
     StreamInput,
     StreamState,
     StreamStateMachine,
 )
-from socketforward.ttrpc.errors import LocalProtocolError, RemoteProtocolError
+from ttrpc_asyncio.errors import LocalProtocolError, RemoteProtocolError
 
 
 @pytest.mark.parametrize(

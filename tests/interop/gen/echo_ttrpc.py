@@ -8,7 +8,7 @@ import typing
 from google.protobuf import descriptor as _descriptor
 
 import tests.interop.gen.echo_pb2
-from socketforward import ttrpc
+import ttrpc_asyncio as ttrpc
 
 
 class EchoBase:

@@ -9,9 +9,9 @@ or ``--python_ttrpc_opt=k=v``):
     the Python package the ``_pb2`` modules of the files being generated live in.
 ``runtime=<module>``
     the ttrpc runtime the stubs import, bound to the name ``ttrpc``; default
-    ``socketforward.ttrpc`` (``from socketforward import ttrpc``). Use it when
-    this library is vendored or published under another name, e.g.
-    ``runtime=myapp.vendor.ttrpc`` gives ``from myapp.vendor import ttrpc``.
+    ``ttrpc_asyncio`` (``import ttrpc_asyncio as ttrpc``). Use it when this
+    library is vendored under another name, e.g. ``runtime=myapp.vendor.ttrpc``
+    gives ``from myapp.vendor import ttrpc``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import PurePosixPath
 from google.protobuf.compiler import plugin_pb2
 from google.protobuf.descriptor_pb2 import FileDescriptorProto, MethodDescriptorProto
 
-DEFAULT_RUNTIME = "socketforward.ttrpc"
+DEFAULT_RUNTIME = "ttrpc_asyncio"
 _PARAMETERS = frozenset({"module", "runtime"})
 _DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 

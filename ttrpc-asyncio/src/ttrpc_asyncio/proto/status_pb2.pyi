@@ -3,7 +3,7 @@
 isort:skip_file
 Vendored from googleapis (google/rpc/status.proto, as googleapis-common-protos
 1.76.0 ships it; only this note added): scripts/generate_protos.py makes
-socketforward.ttrpc.proto.status_pb2 of it, the one message ttrpc needs, so
+ttrpc_asyncio.proto.status_pb2 of it, the one message ttrpc needs, so
 no googleapis-common-protos at run time. Same file name, package and fields
 as theirs, so both load side by side into one descriptor pool.
 """

@@ -147,8 +147,8 @@ class _ClientChannel(Channel):
 class Client:
     """A ttrpc client on one connected socket (which it owns and closes).
 
-    The socket may have been dialed or accepted: socketforward's host accepts the
-    guest's dial and is the client on it."""
+    The socket may have been dialed or accepted: a host that accepts a VM
+    agent's dial can be the client on it."""
 
     def __init__(self, channel: _ClientChannel) -> None:
         self._channel = channel

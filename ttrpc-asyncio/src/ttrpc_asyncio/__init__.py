@@ -11,8 +11,7 @@ come from its protoc plugin ``protoc-gen-python_ttrpc`` (see :mod:`.plugin`).
 It stands alone: it imports only the standard library and ``protobuf`` (its
 ``google.rpc.Status`` is generated into :mod:`.proto` from a vendored proto),
 refers to itself by relative imports, logs under its own module names, and is
-typed (``py.typed``), so it can be vendored or published apart from
-socketforward.
+typed (``py.typed``), so it can also be vendored under another name.
 """
 
 from .client import Client
