@@ -41,8 +41,8 @@ TARGETS = [
            ROOT / "src/socketforward/api", "socketforward.api", services=True),
     Target(ROOT / "proto", "socketforward/control/v1/control.proto",
            ROOT / "src/socketforward/api", "socketforward.api", services=True),
-    Target(ROOT / "tests/interop/proto", "echo.proto", ROOT / "tests/interop/gen",
-           "tests.interop.gen", services=True),
+    # The Echo test service of the ttrpc tests, the interop suites and the benchmark.
+    Target(TTRPC / "tests/echo", "echo.proto", TTRPC / "tests/echo", "echo", services=True),
 ]  # fmt: skip
 
 

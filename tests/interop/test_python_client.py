@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import ttrpc_asyncio as ttrpc
-from tests.interop.gen import echo_pb2, echo_ttrpc
+from echo import echo_pb2, echo_ttrpc
 from tests.interop.peers import peer_server
 from ttrpc_asyncio._frame import MAX_DATA_LENGTH, Frame, FrameDecoder, encode_header
 from ttrpc_asyncio.proto import ttrpc_pb2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import ttrpc_asyncio as ttrpc
-from tests.interop.gen import echo_pb2, echo_ttrpc
+from echo import echo_pb2, echo_ttrpc
 
 
 def _metadata(context: ttrpc.CallContext) -> list[echo_pb2.Pair]:

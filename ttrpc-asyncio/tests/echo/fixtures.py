@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import ttrpc_asyncio as ttrpc
-from tests.interop.echo_service import EchoService
+from echo.service import EchoService
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import ttrpc_asyncio as ttrpc
-from tests.interop.gen import echo_pb2, echo_ttrpc
+from echo import echo_pb2, echo_ttrpc
 
 
 @pytest.mark.parametrize("form", ["unix://{}", "unix:{}", "{}", "path"])

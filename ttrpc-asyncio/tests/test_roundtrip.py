@@ -9,8 +9,8 @@ import socket
 import pytest
 
 import ttrpc_asyncio as ttrpc
-from tests.interop.echo_service import EchoService
-from tests.interop.gen import echo_pb2, echo_ttrpc
+from echo import echo_pb2, echo_ttrpc
+from echo.service import EchoService
 
 Req = echo_pb2.EchoRequest
 

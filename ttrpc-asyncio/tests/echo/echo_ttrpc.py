@@ -7,7 +7,7 @@ import typing
 
 from google.protobuf import descriptor as _descriptor
 
-import tests.interop.gen.echo_pb2
+import echo.echo_pb2
 import ttrpc_asyncio as ttrpc
 
 
@@ -16,21 +16,21 @@ class EchoBase:
 
     SERVICE_NAME: typing.ClassVar[str] = "socketforward.interop.v1.Echo"
     SERVICE_DESCRIPTOR: typing.ClassVar[_descriptor.ServiceDescriptor] = (
-        tests.interop.gen.echo_pb2.DESCRIPTOR.services_by_name["Echo"]
+        echo.echo_pb2.DESCRIPTOR.services_by_name["Echo"]
     )
 
-    async def Unary(self, request: tests.interop.gen.echo_pb2.EchoRequest, context: ttrpc.CallContext) -> tests.interop.gen.echo_pb2.EchoResponse:
+    async def Unary(self, request: echo.echo_pb2.EchoRequest, context: ttrpc.CallContext) -> echo.echo_pb2.EchoResponse:
         raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method Unary")
 
-    async def ClientStream(self, stream: ttrpc.ServerStream[tests.interop.gen.echo_pb2.EchoRequest, tests.interop.gen.echo_pb2.EchoResponse]) -> tests.interop.gen.echo_pb2.EchoResponse:
+    async def ClientStream(self, stream: ttrpc.ServerStream[echo.echo_pb2.EchoRequest, echo.echo_pb2.EchoResponse]) -> echo.echo_pb2.EchoResponse:
         raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method ClientStream")
 
     async def ServerStream(
-        self, request: tests.interop.gen.echo_pb2.EchoRequest, stream: ttrpc.ServerStream[tests.interop.gen.echo_pb2.EchoRequest, tests.interop.gen.echo_pb2.EchoResponse]
+        self, request: echo.echo_pb2.EchoRequest, stream: ttrpc.ServerStream[echo.echo_pb2.EchoRequest, echo.echo_pb2.EchoResponse]
     ) -> None:
         raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method ServerStream")
 
-    async def Bidi(self, stream: ttrpc.ServerStream[tests.interop.gen.echo_pb2.EchoRequest, tests.interop.gen.echo_pb2.EchoResponse]) -> None:
+    async def Bidi(self, stream: ttrpc.ServerStream[echo.echo_pb2.EchoRequest, echo.echo_pb2.EchoResponse]) -> None:
         raise ttrpc.TtrpcError(ttrpc.Code.UNIMPLEMENTED, "method Bidi")
 
 
@@ -43,19 +43,19 @@ class EchoStub:
         self._client = client
 
     async def Unary(
-        self, request: tests.interop.gen.echo_pb2.EchoRequest, *, timeout: float | None = None,
+        self, request: echo.echo_pb2.EchoRequest, *, timeout: float | None = None,
         metadata: ttrpc.MetadataLike | None = None,
-    ) -> tests.interop.gen.echo_pb2.EchoResponse:
+    ) -> echo.echo_pb2.EchoResponse:
         return await self._client.unary(
-            self.SERVICE_NAME, "Unary", request, tests.interop.gen.echo_pb2.EchoResponse,
+            self.SERVICE_NAME, "Unary", request, echo.echo_pb2.EchoResponse,
             timeout=timeout, metadata=metadata,
         )
 
     async def ClientStream(
         self, *, metadata: ttrpc.MetadataLike | None = None
-    ) -> ttrpc.ClientStream[tests.interop.gen.echo_pb2.EchoRequest, tests.interop.gen.echo_pb2.EchoResponse]:
+    ) -> ttrpc.ClientStream[echo.echo_pb2.EchoRequest, echo.echo_pb2.EchoResponse]:
         return await self._client.stream(
-            self.SERVICE_NAME, "ClientStream", tests.interop.gen.echo_pb2.EchoResponse,
+            self.SERVICE_NAME, "ClientStream", echo.echo_pb2.EchoResponse,
             client_streaming=True,
             server_streaming=False,
             request=None,
@@ -63,10 +63,10 @@ class EchoStub:
         )
 
     async def ServerStream(
-        self, request: tests.interop.gen.echo_pb2.EchoRequest, *, metadata: ttrpc.MetadataLike | None = None
-    ) -> ttrpc.ClientStream[tests.interop.gen.echo_pb2.EchoRequest, tests.interop.gen.echo_pb2.EchoResponse]:
+        self, request: echo.echo_pb2.EchoRequest, *, metadata: ttrpc.MetadataLike | None = None
+    ) -> ttrpc.ClientStream[echo.echo_pb2.EchoRequest, echo.echo_pb2.EchoResponse]:
         return await self._client.stream(
-            self.SERVICE_NAME, "ServerStream", tests.interop.gen.echo_pb2.EchoResponse,
+            self.SERVICE_NAME, "ServerStream", echo.echo_pb2.EchoResponse,
             client_streaming=False,
             server_streaming=True,
             request=request,
@@ -75,9 +75,9 @@ class EchoStub:
 
     async def Bidi(
         self, *, metadata: ttrpc.MetadataLike | None = None
-    ) -> ttrpc.ClientStream[tests.interop.gen.echo_pb2.EchoRequest, tests.interop.gen.echo_pb2.EchoResponse]:
+    ) -> ttrpc.ClientStream[echo.echo_pb2.EchoRequest, echo.echo_pb2.EchoResponse]:
         return await self._client.stream(
-            self.SERVICE_NAME, "Bidi", tests.interop.gen.echo_pb2.EchoResponse,
+            self.SERVICE_NAME, "Bidi", echo.echo_pb2.EchoResponse,
             client_streaming=True,
             server_streaming=True,
             request=None,

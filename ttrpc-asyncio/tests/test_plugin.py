@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 from google.protobuf.compiler import plugin_pb2
 
-from tests.interop.gen import echo_pb2
+from echo import echo_pb2
 from ttrpc_asyncio import plugin
 
-INTEROP = Path(__file__).resolve().parent.parent / "interop"
+PROTO_ROOT = Path(echo_pb2.__file__).parent  # echo.proto beside its generated code
+GENERATED = PROTO_ROOT / "echo_ttrpc.py"
 DEFAULT_IMPORT = "import ttrpc_asyncio as ttrpc"
-GENERATED = INTEROP / "gen" / "echo_ttrpc.py"
-PROTO_ROOT = INTEROP / "proto"
 
 
 def _run(parameter: str) -> plugin_pb2.CodeGeneratorResponse:
@@ -31,7 +30,7 @@ def _import_lines(content: str) -> list[str]:
 def test_default_runtime_is_ttrpc_asyncio() -> None:
     """Without ``runtime=`` the stubs import ``import ttrpc_asyncio as ttrpc``,
     exactly the committed file."""
-    response = _run("module=tests.interop.gen")
+    response = _run("module=echo")
     assert not response.error
     [out] = response.file
     assert out.name == "echo_ttrpc.py"
@@ -52,7 +51,7 @@ def test_default_runtime_is_ttrpc_asyncio() -> None:
 def test_runtime_parameter_names_the_import(runtime: str, line: str) -> None:
     """``runtime=<module>`` makes the stubs import that module as ``ttrpc``; the
     rest of the file is unchanged and still valid Python."""
-    response = _run(f"module=tests.interop.gen,runtime={runtime}")
+    response = _run(f"module=echo,runtime={runtime}")
     assert not response.error
     [out] = response.file
     imports = _import_lines(out.content)
