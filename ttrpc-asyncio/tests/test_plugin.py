@@ -78,12 +78,14 @@ def test_bad_parameters_fail_the_run(parameter: str, message: str) -> None:
     assert not response.file
 
 
-def _protoc(tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+def _protoc(
+    tmp_path: Path, *options: str, root: Path = PROTO_ROOT, proto: str = "echo.proto"
+) -> subprocess.CompletedProcess[str]:
     plugin_exe = Path(sys.executable).parent / "protoc-gen-python_ttrpc"
     return subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}",
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{root}",
          f"--plugin=protoc-gen-python_ttrpc={plugin_exe}",
-         f"--python_ttrpc_out={tmp_path}", *options, "echo.proto"],
+         f"--python_ttrpc_out={tmp_path}", *options, proto],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
 
@@ -105,3 +107,33 @@ def test_bad_option_fails_protoc(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "unknown parameter runtme" in result.stderr
     assert not (tmp_path / "echo_ttrpc.py").exists()
+
+
+PING_PROTO = """\
+syntax = "proto3";
+package ping.v1;
+import "google/protobuf/empty.proto";
+service Ping {
+  rpc Ping(google.protobuf.Empty) returns (google.protobuf.Empty);
+}
+"""
+
+
+def test_stubs_land_beside_protocs_modules_under_a_dotted_dashed_path(tmp_path: Path) -> None:
+    """A proto under a path like containerd's (``github.com/containerd/...``; here
+    ``example.com/my-api/``) gets its stubs where protoc's python generator puts
+    its ``_pb2`` module (``example/com/my_api/``), importing it by that name: the
+    generated package imports as it is."""
+    protos, out = tmp_path / "protos", tmp_path / "out"
+    (protos / "example.com" / "my-api").mkdir(parents=True)
+    (protos / "example.com" / "my-api" / "ping.proto").write_text(PING_PROTO)
+    out.mkdir()
+    result = _protoc(out, f"--python_out={out}", root=protos, proto="example.com/my-api/ping.proto")
+    assert result.returncode == 0, result.stderr
+    generated = sorted(str(path.relative_to(out)) for path in out.rglob("*.py"))
+    assert generated == ["example/com/my_api/ping_pb2.py", "example/com/my_api/ping_ttrpc.py"]
+    check = "from example.com.my_api import ping_ttrpc; print(ping_ttrpc.PingStub.SERVICE_NAME)"
+    ran = subprocess.run(
+        [sys.executable, "-c", check], cwd=out, capture_output=True, text=True, check=False
+    )
+    assert ran.stdout == "ping.v1.Ping\n", ran.stderr

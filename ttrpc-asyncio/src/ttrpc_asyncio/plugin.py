@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 import sys
-from pathlib import PurePosixPath
 
 from google.protobuf.compiler import plugin_pb2
 from google.protobuf.descriptor_pb2 import FileDescriptorProto, MethodDescriptorProto
@@ -35,13 +34,19 @@ def runtime_import(runtime: str) -> str:
     return f"from {parent} import {name}{alias}" if parent else f"import {name}{alias}"
 
 
+def _python_name(proto_file: str) -> str:
+    """``proto_file`` as protoc's python generator names its module, before the
+    ``_pb2``: ``-`` becomes ``_`` and ``/`` a dot (``github.com/a/my-api.proto``
+    -> ``github.com.a.my_api``, which it writes to ``github/com/a/my_api_pb2.py``)."""
+    return proto_file.removesuffix(".proto").replace("-", "_").replace("/", ".")
+
+
 def _module_of(proto_file: str, local_files: set[str], package: str | None) -> str:
     """The Python module protoc's python generator gives ``proto_file``."""
-    stem = PurePosixPath(proto_file).with_suffix("").name + "_pb2"
+    module = _python_name(proto_file) + "_pb2"
     if proto_file in local_files and package:
-        return f"{package}.{stem}"
-    parent = str(PurePosixPath(proto_file).parent).replace("/", ".")
-    return f"{parent}.{stem}" if parent != "." else stem
+        return f"{package}.{module.rpartition('.')[2]}"
+    return module
 
 
 class _Types:
@@ -195,7 +200,8 @@ def generate(request: plugin_pb2.CodeGeneratorRequest) -> plugin_pb2.CodeGenerat
             continue
         own = _module_of(name, set(request.file_to_generate), package)
         out = response.file.add()
-        out.name = str(PurePosixPath(name).with_suffix("")) + "_ttrpc.py"
+        # Beside the _pb2 module, where protoc's python generator writes it.
+        out.name = _python_name(name).replace(".", "/") + "_ttrpc.py"
         out.content = _render(proto, types, own, runtime)
     return response
 
