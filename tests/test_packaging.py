@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from google.protobuf import descriptor, empty_pb2
+from google.protobuf import empty_pb2
 from google.protobuf.compiler import plugin_pb2
 
 from bench.footprint import InstallError, Venv, Wheels, build_wheels, installed_env, make_venv
@@ -39,7 +39,6 @@ from tests.processes import (
     short_tmp_dir,
     wait_for_socket,
 )
-from ttrpc_asyncio.proto import status_pb2, ttrpc_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -231,24 +230,6 @@ async def test_installed_cli_forwards_a_host_socket_into_the_vm(installed: Venv)
         finally:
             echo.close()
             await echo.wait_closed()
-
-
-def test_status_generated_from_the_vendored_proto_keeps_googleapis_wire() -> None:
-    """google.rpc.Status, generated into the ttrpc package instead of coming
-    from googleapis-common-protos, keeps googleapis' file name, full name and
-    field numbers, so an error response encodes to the bytes ttrpc peers read."""
-    status = ttrpc_pb2.Response.DESCRIPTOR.fields_by_name["status"].message_type
-    assert status is status_pb2.Status.DESCRIPTOR
-    assert (status.full_name, status.file.name) == ("google.rpc.Status", "google/rpc/status.proto")
-    assert {f.name: (f.number, f.type) for f in status.fields} == {
-        "code": (1, descriptor.FieldDescriptor.TYPE_INT32),
-        "message": (2, descriptor.FieldDescriptor.TYPE_STRING),
-        "details": (3, descriptor.FieldDescriptor.TYPE_MESSAGE),
-    }
-    details = status.fields_by_name["details"].message_type
-    assert details is not None and details.full_name == "google.protobuf.Any"
-    response = ttrpc_pb2.Response(status=status_pb2.Status(code=5, message="nope"))
-    assert response.SerializeToString() == b"\n\x08\x08\x05\x12\x04nope"
 
 
 # -- subcommands load lazily -----------------------------------------------------------
