@@ -48,13 +48,14 @@ from pathlib import Path
 
 from google.protobuf import empty_pb2
 
+import ttrpc_asyncio as ttrpc
 from bench import event_loop, machine, markdown, processes
 from bench.loadgen import MiB
 from bench.markdown import RIGHT
-from socketforward import transport, ttrpc
+from socketforward import transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
-from socketforward.ttrpc.proto import ttrpc_pb2
+from ttrpc_asyncio.proto import ttrpc_pb2
 
 SAMPLE_INTERVAL = 0.05
 SETTLE = 1.0

@@ -2,8 +2,9 @@
 
     uv run --locked --all-extras python -m bench.footprint [--runs 15]
 
-It builds the wheel (``uv build``), installs it with plain pip into two fresh
-venvs under /tmp (``socketforward``, and ``socketforward[fast]`` with uvloop),
+It builds the wheels (``uv build``: socketforward and the ttrpc-asyncio it
+requires), installs them with plain pip into two fresh venvs under /tmp
+(``socketforward``, and ``socketforward[fast]`` with uvloop),
 and measures each with its installed ``socketforward`` script, away from the
 repository: the installed size of socketforward and each runtime dependency,
 the resident memory of an idle ``socketforward guest`` (over ``unix:``
@@ -13,7 +14,7 @@ of ``socketforward guest --version`` (the guest's imports and parser) and of
 Markdown table and writes nothing into the repository. pip fetches the
 dependencies from the package registry (its cache helps).
 
-The helpers (:func:`build_wheel`, :func:`make_venv`, :func:`installed_sizes`,
+The helpers (:func:`build_wheels`, :func:`make_venv`, :func:`installed_sizes`,
 :func:`installed_env`) are also what tests/test_packaging.py installs with.
 """
 
@@ -33,7 +34,7 @@ import tempfile
 import time
 import venv
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from bench import markdown, processes
@@ -56,7 +57,27 @@ _FOREIGN_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "PYT
 
 
 class InstallError(RuntimeError):
-    """The wheel could not be built or installed; the message says what pip said."""
+    """A wheel could not be built or installed; the message says what pip said."""
+
+
+@dataclass(frozen=True)
+class Wheels:
+    """The repository's two wheels, made by :func:`build_wheels`: socketforward,
+    and ttrpc-asyncio, which it requires."""
+
+    socketforward: Path
+    ttrpc_asyncio: Path
+
+    def ttrpc_asyncio_requirement(self) -> str:
+        """pip's requirement for ttrpc-asyncio from its wheel."""
+        return f"ttrpc-asyncio @ {self.ttrpc_asyncio.as_uri()}"
+
+    def socketforward_requirements(self, extras: Sequence[str] = ()) -> list[str]:
+        """pip's requirements for ``socketforward[extras]`` from its wheel, with
+        the ttrpc-asyncio it requires named by its wheel too: pip takes ours
+        instead of looking the name up in the registry."""
+        name = f"socketforward[{','.join(extras)}]" if extras else "socketforward"
+        return [f"{name} @ {self.socketforward.as_uri()}", self.ttrpc_asyncio_requirement()]
 
 
 @dataclass(frozen=True)
@@ -90,35 +111,34 @@ def uv_command() -> list[str]:
     return [found] if found else ["python3", "-m", "uv"]
 
 
-def build_wheel(out_dir: Path) -> Path:
-    """The project's wheel, built by ``uv build`` (hatchling, pyproject's build
-    backend) into *out_dir*."""
+def build_wheels(out_dir: Path) -> Wheels:
+    """The workspace's wheels, built by ``uv build --all-packages`` (hatchling,
+    each pyproject's build backend) into *out_dir*."""
     result = subprocess.run(
-        [*uv_command(), "build", "--wheel", "--quiet", "--out-dir", str(out_dir), str(ROOT)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-    )
-    wheels = sorted(out_dir.glob("socketforward-*.whl"))
-    if result.returncode != 0 or len(wheels) != 1:
+        [*uv_command(), "build", "--all-packages", "--wheel", "--quiet",
+         "--out-dir", str(out_dir), str(ROOT)],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    names = [field.name for field in fields(Wheels)]
+    found = {name: sorted(out_dir.glob(f"{name}-*.whl")) for name in names}
+    if result.returncode != 0 or any(len(wheels) != 1 for wheels in found.values()):
         raise InstallError(f"uv build --wheel failed ({result.returncode}):\n{result.stderr}")
-    return wheels[0]
+    return Wheels(**{name: wheels[0] for name, wheels in found.items()})
 
 
-def make_venv(where: Path, wheel: Path, extras: Sequence[str] = ()) -> Venv:
+def make_venv(where: Path, requirements: Sequence[str]) -> Venv:
     """A fresh venv (the standard library's ``venv``, with pip) at *where*, with
-    *wheel* and its *extras* installed by plain pip."""
+    *requirements* (see :class:`Wheels`) installed by plain pip."""
     venv.create(where, with_pip=True, symlinks=True, clear=True)
     env = Venv(where)
-    requirement = f"socketforward[{','.join(extras)}] @ {wheel.as_uri()}" if extras else str(wheel)
     result = subprocess.run(
         # --retries/--timeout: offline, say so in seconds rather than minutes.
         [str(env.python), "-m", "pip", "install", "--quiet", "--retries", "2", "--timeout", "30",
-         requirement],
+         *requirements],
         capture_output=True, text=True, env=installed_env(), cwd=where, check=False,
     )  # fmt: skip
     if result.returncode != 0:
+        requirement = " ".join(requirements)
         raise InstallError(
             f"pip install {requirement} failed ({result.returncode}); it fetches the "
             "runtime dependencies from the package registry (PyPI), so it needs to reach "
@@ -285,7 +305,7 @@ def report(figures: dict[str, Figures], runs: int) -> list[str]:
     ]
     header = ["", *(f"pip install {n}" for n in names)]
     return [
-        f"Footprint of the installed wheel, {time.strftime('%Y-%m-%d')}: Python "
+        f"Footprint of the installed wheels, {time.strftime('%Y-%m-%d')}: Python "
         f"{platform.python_version()}, {cpu_model()}, {runs} runs of each start-up.",
         "",
         *markdown.table(header, rows, align="l" + RIGHT * len(names)),
@@ -302,10 +322,12 @@ def main() -> int:
         parser.error("--runs must be at least 1")
     with processes.scratch_dir("footprint-") as tmp:
         try:
-            wheel = build_wheel(tmp / "dist")
+            wheels = build_wheels(tmp / "dist")
             envs = {
-                "socketforward": make_venv(tmp / "plain", wheel),
-                "socketforward[fast]": make_venv(tmp / "fast", wheel, ["fast"]),
+                "socketforward": make_venv(tmp / "plain", wheels.socketforward_requirements()),
+                "socketforward[fast]": make_venv(
+                    tmp / "fast", wheels.socketforward_requirements(["fast"])
+                ),
             }
         except InstallError as exc:
             print(f"bench.footprint: {exc}", file=sys.stderr)

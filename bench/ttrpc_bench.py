@@ -37,15 +37,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ttrpc_asyncio as ttrpc
 from bench import event_loop, machine, markdown, processes
 from bench.markdown import RIGHT
 from bench.processes import ProcessGroup, python_module
 from bench.stats import Samples, nearest_rank, spread
-from socketforward import ttrpc
-from tests.interop.echo_service import EchoService
-from tests.interop.gen import echo_pb2, echo_ttrpc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The Echo service lives in ttrpc-asyncio's tests, which pytest puts on the path and `-m` does not.
+sys.path.insert(0, str(REPO_ROOT / "ttrpc-asyncio" / "tests"))
+
+from echo import echo_pb2, echo_ttrpc  # noqa: E402
+from echo.service import EchoService  # noqa: E402
+
 PAYLOAD = b"b" * 16
 WARMUP = 0.2
 """Seconds of load before measuring, in every load process (as ``peer bench``)."""

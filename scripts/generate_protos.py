@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc_tools
 
 ROOT = Path(__file__).resolve().parent.parent
+TTRPC = ROOT / "ttrpc-asyncio"  # the ttrpc library, a workspace member
 
 
 @dataclass(frozen=True)
@@ -32,16 +33,16 @@ class Target:
 TARGETS = [
     # google.rpc.Status, vendored: ttrpc's Response carries it, and generating
     # it here spares a dependency (googleapis-common-protos) for one message.
-    Target(ROOT / "proto", "google/rpc/status.proto", ROOT / "src/socketforward/ttrpc/proto",
-           "socketforward.ttrpc.proto", services=False),
-    Target(ROOT / "proto", "ttrpc/ttrpc.proto", ROOT / "src/socketforward/ttrpc/proto",
-           "socketforward.ttrpc.proto", services=False),
+    Target(TTRPC / "proto", "google/rpc/status.proto", TTRPC / "src/ttrpc_asyncio/proto",
+           "ttrpc_asyncio.proto", services=False),
+    Target(TTRPC / "proto", "ttrpc/ttrpc.proto", TTRPC / "src/ttrpc_asyncio/proto",
+           "ttrpc_asyncio.proto", services=False),
     Target(ROOT / "proto", "nerdbox/services/socketforward/v1/socketforward.proto",
            ROOT / "src/socketforward/api", "socketforward.api", services=True),
     Target(ROOT / "proto", "socketforward/control/v1/control.proto",
            ROOT / "src/socketforward/api", "socketforward.api", services=True),
-    Target(ROOT / "tests/interop/proto", "echo.proto", ROOT / "tests/interop/gen",
-           "tests.interop.gen", services=True),
+    # The Echo test service of the ttrpc tests, the interop suites and the benchmark.
+    Target(TTRPC / "tests/echo", "echo.proto", TTRPC / "tests/echo", "echo", services=True),
 ]  # fmt: skip
 
 

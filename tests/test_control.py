@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from socketforward import __version__, control, transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import __version__, control, transport
 from socketforward.api import control_pb2 as pb
 from socketforward.stats import ForwardStats
 from tests.processes import Running, echo_round_trip, echo_server, socketforward, wait_for_socket

@@ -1,11 +1,13 @@
-"""What a user gets from the package: the wheel installed by plain pip into a
-fresh venv works from its own ``socketforward`` script, and each subcommand
-loads only its own modules (``socketforward guest`` in a small VM starts
-without the host's or the demo's).
+"""What a user gets from the packages: the wheels installed by plain pip into a
+fresh venv work from their own scripts (``socketforward``, and ttrpc-asyncio's
+``protoc-gen-python_ttrpc``), ttrpc-asyncio installs and runs alone, and each
+subcommand loads only its own modules (``socketforward guest`` in a small VM
+starts without the host's or the demo's).
 
-The wheel is built and installed once per test session (``uv build``; pip
-fetches protobuf and uvloop from the package registry, through its cache).
-Without the registry the install fails, and says so: CI has it.
+The wheels are built and installed once per test session (``uv build``; pip
+takes our two wheels from the build and fetches protobuf and uvloop from the
+package registry, through its cache). Without the registry the install fails,
+and says so: CI has it.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
-from google.protobuf import descriptor
+from google.protobuf import empty_pb2
+from google.protobuf.compiler import plugin_pb2
 
-from bench.footprint import InstallError, Venv, build_wheel, installed_env, make_venv
+from bench.footprint import InstallError, Venv, Wheels, build_wheels, installed_env, make_venv
 from socketforward import cli
-from socketforward.ttrpc.proto import status_pb2, ttrpc_pb2
 from tests.processes import (
     Running,
     echo_round_trip,
@@ -38,21 +42,40 @@ from tests.processes import (
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+T = TypeVar("T")
 
 # Building the wheel and a venv and pip-installing into it take a few seconds
 # with warm caches, a minute or so with cold ones.
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="session")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Venv:
-    """A fresh venv with ``pip install socketforward[fast]`` of this tree's wheel."""
-    tmp = tmp_path_factory.mktemp("packaging")
+def _or_fail(make: Callable[[], T]) -> T:
+    """``make()``, or the test fails with uv's or pip's words."""
     try:
-        return make_venv(tmp / "venv", build_wheel(tmp / "dist"), ["fast"])
+        return make()
     except InstallError as exc:
         problem = str(exc)
     pytest.fail(problem, pytrace=False)  # outside `except`: pip's words once, no traceback
+
+
+@pytest.fixture(scope="session")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> Wheels:
+    """This tree's two wheels, socketforward and ttrpc-asyncio."""
+    return _or_fail(lambda: build_wheels(tmp_path_factory.mktemp("dist")))
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory: pytest.TempPathFactory, wheels: Wheels) -> Venv:
+    """A fresh venv with ``pip install socketforward[fast]`` of this tree's wheels."""
+    where = tmp_path_factory.mktemp("packaging") / "venv"
+    return _or_fail(lambda: make_venv(where, wheels.socketforward_requirements(["fast"])))
+
+
+@pytest.fixture(scope="session")
+def installed_ttrpc(tmp_path_factory: pytest.TempPathFactory, wheels: Wheels) -> Venv:
+    """A fresh venv with ``pip install ttrpc-asyncio`` of this tree's wheel alone."""
+    where = tmp_path_factory.mktemp("packaging-ttrpc") / "venv"
+    return _or_fail(lambda: make_venv(where, [wheels.ttrpc_asyncio_requirement()]))
 
 
 @contextlib.contextmanager
@@ -80,24 +103,109 @@ def installed_cli(env: Venv, args: list[str], log_path: Path) -> Iterator[Runnin
 def test_installed_cli_prints_the_version_and_runs_the_installed_package(installed: Venv) -> None:
     """`socketforward --version` of the pip-installed script prints pyproject's
     version, the package it runs is the venv's copy, and pip brought along only
-    the runtime dependencies (protobuf, and uvloop for the fast extra)."""
+    the runtime dependencies (ttrpc-asyncio, protobuf, and uvloop for the fast
+    extra)."""
     result = subprocess.run(
         [str(installed.script()), "--version"],
         capture_output=True, text=True, env=installed_env(), cwd="/", timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"socketforward {VERSION}"
-    where = subprocess.run(
-        [str(installed.python), "-c", "import socketforward; print(socketforward.__file__)"],
-        capture_output=True, text=True, env=installed_env(), cwd="/", timeout=60, check=True,
-    ).stdout.strip()  # fmt: skip
-    assert Path(where).is_relative_to(installed.root), where
+    where = _python(installed, "import socketforward; print(socketforward.__file__)")
+    assert Path(where.strip()).is_relative_to(installed.root), where
+    assert _distributions(installed) == {"socketforward", "ttrpc-asyncio", "protobuf", "uvloop"}
+
+
+def _python(env: Venv, code: str) -> str:
+    """What the venv's Python prints running *code*, away from the repository."""
+    result = subprocess.run(
+        [str(env.python), "-c", code],
+        capture_output=True, text=True, env=installed_env(), cwd="/", timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _distributions(env: Venv) -> set[str]:
+    """The normalized names of what pip installed in *env*, pip itself aside."""
     listed = subprocess.run(
-        [str(installed.python), "-m", "pip", "list", "--format", "freeze"],
+        [str(env.python), "-m", "pip", "list", "--format", "freeze"],
         capture_output=True, text=True, env=installed_env(), timeout=60, check=True,
     ).stdout  # fmt: skip
-    names = {line.split("==")[0].lower() for line in listed.split()} - {"pip", "setuptools"}
-    assert names == {"socketforward", "protobuf", "uvloop"}
+    names = {re.sub(r"[-_.]+", "-", line.split("==")[0]).lower() for line in listed.split()}
+    return names - {"pip", "setuptools"}
+
+
+def test_installed_ttrpc_asyncio_and_its_protoc_plugin_work(installed: Venv) -> None:
+    """socketforward's install brings ttrpc-asyncio: the venv's copy imports, and
+    its ``protoc-gen-python_ttrpc`` script, fed a request as protoc sends it,
+    writes stubs that import ``ttrpc_asyncio``."""
+    where = _python(installed, "import ttrpc_asyncio; print(ttrpc_asyncio.__file__)")
+    assert Path(where.strip()).is_relative_to(installed.root), where
+    request = plugin_pb2.CodeGeneratorRequest(file_to_generate=["ping.proto"])
+    empty_pb2.DESCRIPTOR.CopyToProto(request.proto_file.add())
+    ping = request.proto_file.add(
+        name="ping.proto", package="ping", dependency=[empty_pb2.DESCRIPTOR.name]
+    )
+    ping.service.add(name="Ping").method.add(
+        name="Ping", input_type=".google.protobuf.Empty", output_type=".google.protobuf.Empty"
+    )
+    plugin = installed.script("protoc-gen-python_ttrpc")
+    result = subprocess.run(
+        [str(plugin)], input=request.SerializeToString(),
+        capture_output=True, env=installed_env(), cwd="/", timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    response = plugin_pb2.CodeGeneratorResponse.FromString(result.stdout)
+    assert not response.error
+    [out] = response.file
+    assert out.name == "ping_ttrpc.py"
+    assert "import ttrpc_asyncio as ttrpc" in out.content.splitlines()
+    assert "class PingStub:" in out.content
+
+
+# Run by a venv with ttrpc-asyncio alone: a call to a service nobody registered,
+# then which modules of socketforward got imported (none may be).
+_TTRPC_ALONE = """
+import asyncio, socket, sys
+from google.protobuf import empty_pb2
+import ttrpc_asyncio as ttrpc, ttrpc_asyncio.plugin
+
+async def main():
+    ours, theirs = socket.socketpair()
+    server = ttrpc.Server()
+    serving = asyncio.ensure_future(server.serve_connection(ours))
+    async with await ttrpc.Client.connect(theirs) as client:
+        try:
+            await client.unary("no.Such", "Call", empty_pb2.Empty(), empty_pb2.Empty, timeout=10)
+        except ttrpc.TtrpcError as exc:
+            print(exc.code.name)
+    await serving
+    await server.shutdown()
+
+asyncio.run(main())
+print(sorted(m for m in sys.modules if m.partition(".")[0] == "socketforward"))
+"""
+
+
+def test_ttrpc_asyncio_alone_installs_with_protobuf_only_and_answers_a_call(
+    installed_ttrpc: Venv,
+) -> None:
+    """``pip install ttrpc-asyncio`` brings protobuf and nothing else, and the
+    library serves and calls on its own: a call to an unknown service comes
+    back UNIMPLEMENTED, with no module of socketforward imported."""
+    assert _distributions(installed_ttrpc) == {"ttrpc-asyncio", "protobuf"}
+    assert installed_ttrpc.script("protoc-gen-python_ttrpc").exists()
+    assert _python(installed_ttrpc, _TTRPC_ALONE).split("\n") == ["UNIMPLEMENTED", "[]", ""]
+
+
+def test_both_wheels_carry_the_license(wheels: Wheels) -> None:
+    """Each wheel ships the repository's LICENSE (ttrpc-asyncio/LICENSE is a
+    copy of it: a symlink would reach neither its sdist nor a wheel built from that)."""
+    for wheel in (wheels.socketforward, wheels.ttrpc_asyncio):
+        with zipfile.ZipFile(wheel) as archive:
+            [name] = [n for n in archive.namelist() if n.endswith(".dist-info/licenses/LICENSE")]
+            assert archive.read(name) == (ROOT / "LICENSE").read_bytes(), wheel.name
 
 
 async def test_installed_cli_forwards_a_host_socket_into_the_vm(installed: Venv) -> None:
@@ -122,24 +230,6 @@ async def test_installed_cli_forwards_a_host_socket_into_the_vm(installed: Venv)
         finally:
             echo.close()
             await echo.wait_closed()
-
-
-def test_status_generated_from_the_vendored_proto_keeps_googleapis_wire() -> None:
-    """google.rpc.Status, generated into the ttrpc package instead of coming
-    from googleapis-common-protos, keeps googleapis' file name, full name and
-    field numbers, so an error response encodes to the bytes ttrpc peers read."""
-    status = ttrpc_pb2.Response.DESCRIPTOR.fields_by_name["status"].message_type
-    assert status is status_pb2.Status.DESCRIPTOR
-    assert (status.full_name, status.file.name) == ("google.rpc.Status", "google/rpc/status.proto")
-    assert {f.name: (f.number, f.type) for f in status.fields} == {
-        "code": (1, descriptor.FieldDescriptor.TYPE_INT32),
-        "message": (2, descriptor.FieldDescriptor.TYPE_STRING),
-        "details": (3, descriptor.FieldDescriptor.TYPE_MESSAGE),
-    }
-    details = status.fields_by_name["details"].message_type
-    assert details is not None and details.full_name == "google.protobuf.Any"
-    response = ttrpc_pb2.Response(status=status_pb2.Status(code=5, message="nope"))
-    assert response.SerializeToString() == b"\n\x08\x08\x05\x12\x04nope"
 
 
 # -- subcommands load lazily -----------------------------------------------------------

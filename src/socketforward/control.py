@@ -24,7 +24,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
-from socketforward import __version__, runner, transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import __version__, runner, transport
 from socketforward.api import control_pb2 as pb
 from socketforward.api.control_ttrpc import ControlBase, ControlStub
 from socketforward.daemon import octal_mode, positive_seconds

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final, Protocol
 
-from socketforward import ttrpc
+import ttrpc_asyncio as ttrpc
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.relay import Relay
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from socketforward.ttrpc._connection import Connection
-from socketforward.ttrpc._frame import MAX_DATA_LENGTH, FrameDecoder, encode_header
-from socketforward.ttrpc._state import Role
-from socketforward.ttrpc.errors import ProtocolError
+from ttrpc_asyncio._connection import Connection
+from ttrpc_asyncio._frame import MAX_DATA_LENGTH, FrameDecoder, encode_header
+from ttrpc_asyncio._state import Role
+from ttrpc_asyncio.errors import ProtocolError
 
 headers = st.builds(
     encode_header,

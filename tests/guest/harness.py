@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from socketforward import datastream, relay, transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import datastream, relay, transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
 from socketforward.guest import Service

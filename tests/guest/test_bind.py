@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from socketforward import transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.guest.bind import code_for
 from tests.guest.harness import PATIENCE, Guest, bind, running_guest

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from socketforward import control, datastream, transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import control, datastream, transport
 from socketforward.api import control_pb2 as pb
 from socketforward.api.control_ttrpc import ControlStub
 from socketforward.guest import Agent, Service

@@ -13,7 +13,8 @@ from typing import cast
 
 from google.protobuf import any_pb2, empty_pb2
 
-from socketforward import datastream, transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import datastream, transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
 from socketforward.protocol import FORWARD_IDS_METADATA, valid_stream_id

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from socketforward import transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import transport
 from socketforward.host import Forward, Forwarder
 from socketforward.protocol import FORWARD_IDS_METADATA
 from tests.host.fake_guest import (

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import empty_pb2
 
-from socketforward import datastream, transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import datastream, transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
 from socketforward.host.config import CONFIG, Config, read_config

@@ -16,7 +16,6 @@ import pytest
 from socketforward import transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.host import Forwarder
-from socketforward.ttrpc.proto import ttrpc_pb2
 from tests.host.fake_guest import (
     FakeGuest,
     exchange,
@@ -25,6 +24,7 @@ from tests.host.fake_guest import (
     unix_service,
 )
 from tests.host.host_env import fwd, running_host, wait_until
+from ttrpc_asyncio.proto import ttrpc_pb2
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -99,7 +99,7 @@ async def test_vm_that_stops_reading_is_bounded_then_dropped_and_next_guest_serv
     host drops that RPC connection with one log line, and a guest that dials
     next is served."""
     caplog.set_level(logging.INFO, logger="socketforward.host")
-    caplog.set_level(logging.WARNING, logger="socketforward.ttrpc")
+    caplog.set_level(logging.WARNING, logger="ttrpc_asyncio")
     forward = fwd(short_tmp, "a")
     async with (
         unix_service(Path(forward.host_path), reverse_after_eof),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from echo.fixtures import client, echo_server
 from tests.interop.nerdbox_peers import build_nerdbox_host, build_nerdbox_vm
 from tests.interop.peers import (
     build_peer,
@@ -16,7 +17,6 @@ from tests.interop.peers import (
     require_go,
     run_peer_client,
 )
-from tests.ttrpc_fixtures import client, echo_server
 
 __all__ = [
     "client",

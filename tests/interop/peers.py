@@ -83,7 +83,7 @@ def build_rust_peer() -> Path:
     if cargo is None:
         raise CargoMissingError("cargo is not on PATH: the Rust interop peer cannot be built")
     sources = [*RUST_DIR.rglob("*.rs"), RUST_DIR / "Cargo.toml", RUST_DIR / "Cargo.lock"]
-    sources.append(REPO_ROOT / "tests" / "interop" / "proto" / "echo.proto")
+    sources.append(REPO_ROOT / "ttrpc-asyncio" / "tests" / "echo" / "echo.proto")
     newest = max(p.stat().st_mtime for p in sources if p.exists())
     if RUST_PEER_BIN.exists() and RUST_PEER_BIN.stat().st_mtime >= newest:
         return RUST_PEER_BIN

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import pytest
 
-from socketforward import ttrpc
+import ttrpc_asyncio as ttrpc
 from socketforward.api import socketforward_pb2, socketforward_ttrpc
 from tests.interop.nerdbox_peers import Forward, NerdboxProcess, nerdbox_host, nerdbox_vm
 

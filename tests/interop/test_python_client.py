@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from socketforward import ttrpc
-from socketforward.ttrpc._frame import MAX_DATA_LENGTH, Frame, FrameDecoder, encode_header
-from socketforward.ttrpc.proto import ttrpc_pb2
-from tests.interop.gen import echo_pb2, echo_ttrpc
+import ttrpc_asyncio as ttrpc
+from echo import echo_pb2, echo_ttrpc
 from tests.interop.peers import peer_server
+from ttrpc_asyncio._frame import MAX_DATA_LENGTH, Frame, FrameDecoder, encode_header
+from ttrpc_asyncio.proto import ttrpc_pb2
 
 Req = echo_pb2.EchoRequest
 SERVICE = echo_ttrpc.EchoStub.SERVICE_NAME

@@ -8,7 +8,7 @@ import typing
 from google.protobuf import descriptor as _descriptor
 
 import socketforward.api.control_pb2
-from socketforward import ttrpc
+import ttrpc_asyncio as ttrpc
 
 
 class ControlBase:

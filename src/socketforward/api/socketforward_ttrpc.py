@@ -9,7 +9,7 @@ from google.protobuf import descriptor as _descriptor
 
 import google.protobuf.empty_pb2
 import socketforward.api.socketforward_pb2
-from socketforward import ttrpc
+import ttrpc_asyncio as ttrpc
 
 
 class SocketForwardBase:

@@ -11,7 +11,7 @@ Modules: ``service`` (the SocketForward handlers, listeners, claim + relay),
 ``dispatch`` (sans-IO routing of connections to Accept calls), ``bind``
 (Bind's validation and listeners), ``budget`` (the descriptor budget, from the
 fd limit), ``agent`` (the RPC connection), ``cli``.
-The agent needs only protobuf and the standard library.
+The agent needs only protobuf, ttrpc-asyncio and the standard library.
 """
 
 from socketforward.guest.agent import Agent

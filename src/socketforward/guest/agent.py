@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from socketforward import transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import transport
 from socketforward.guest.service import Service
 
 __all__ = ["Agent"]

@@ -24,7 +24,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
-from socketforward import transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.logs import escape
 

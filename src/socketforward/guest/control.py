@@ -3,7 +3,7 @@ of its agent. Its forwards are the host's to change, so only Status is served.""
 
 from __future__ import annotations
 
-from socketforward import ttrpc
+import ttrpc_asyncio as ttrpc
 from socketforward.api import control_pb2 as pb
 from socketforward.control import ControlService, forward_status
 from socketforward.datastream import StreamRegistry

@@ -29,7 +29,8 @@ from typing import Any, Final, Protocol
 
 from google.protobuf import empty_pb2
 
-from socketforward import relay, transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import relay, transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
 from socketforward.deadlines import Deadlines

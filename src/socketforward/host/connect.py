@@ -35,7 +35,8 @@ import socket
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final, Protocol
 
-from socketforward import datastream, relay, transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import datastream, relay, transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.deadlines import Deadlines
 from socketforward.ends import EndRegistry, EndSender

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from typing import Final, TypeVar
 
-from socketforward import ttrpc
+import ttrpc_asyncio as ttrpc
 from socketforward.api import control_pb2 as pb
 from socketforward.control import ControlService, forward_status
 from socketforward.host.config import (

@@ -20,7 +20,8 @@ import socket
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Final, Protocol
 
-from socketforward import datastream, transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import datastream, transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
 from socketforward.host.connect import EXHAUSTED, RELAYS_FULL, RPC_LOST, STREAM_FAILED, Connector

@@ -21,7 +21,8 @@ from collections.abc import Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final
 
-from socketforward import transport, ttrpc
+import ttrpc_asyncio as ttrpc
+from socketforward import transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
 from socketforward.deadlines import Deadlines

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the Go stubs used by the ttrpc interop peer:
-#   echopb/ from tests/interop/proto/echo.proto
+#   echopb/ from ttrpc-asyncio/tests/echo/echo.proto (the ttrpc library's test service)
 #   sfpb/   from proto/nerdbox/services/socketforward/v1/socketforward.proto
 #
 # Usage: generate.sh [OUT_ROOT]
@@ -48,5 +48,5 @@ gen() { # gen INCLUDE_DIR PROTO_FILE
 		"$1/$2")
 }
 
-gen tests/interop/proto echo.proto
+gen ttrpc-asyncio/tests/echo echo.proto
 gen proto nerdbox/services/socketforward/v1/socketforward.proto

@@ -1,12 +1,13 @@
 // Generates the Echo messages (rust-protobuf) and the async ttrpc service code
-// from ../proto/echo.proto into OUT_DIR; src/main.rs include!s them from there.
+// from the ttrpc library's test service, ttrpc-asyncio/tests/echo/echo.proto,
+// into OUT_DIR; src/main.rs include!s them from there.
 // Pure Rust codegen: no protoc needed.
 
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
 fn main() {
-    let proto_dir = "../proto";
-    let proto = "../proto/echo.proto";
+    let proto_dir = "../../../ttrpc-asyncio/tests/echo";
+    let proto = "../../../ttrpc-asyncio/tests/echo/echo.proto";
     println!("cargo:rerun-if-changed={proto}");
 
     let out_dir = std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo");

@@ -1,6 +1,6 @@
 //! rust-peer: the Rust side of the ttrpc interop tests, the twin of the Go
 //! peer in tests/interop/go/cmd/peer. It uses containerd's ttrpc-rust (async)
-//! with code generated at build time from tests/interop/proto/echo.proto.
+//! with code generated at build time from ttrpc-asyncio/tests/echo/echo.proto.
 //!
 //!     rust-peer server --listen unix:/abs/path.sock
 //!     rust-peer client --dial unix:/abs/path.sock --case NAME|all

@@ -1,0 +1,155 @@
+"""Server behaviour over real sockets: shutdown, peer checks, slow consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+import ttrpc_asyncio as ttrpc
+from echo import echo_pb2, echo_ttrpc
+from echo.service import EchoService
+
+Req = echo_pb2.EchoRequest
+
+
+def _listener(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(16)
+    return sock
+
+
+async def test_shutdown_lets_inflight_calls_finish_and_refuses_new(tmp_path: Path) -> None:
+    """Graceful shutdown: a running call completes; afterwards nothing is served."""
+    path = tmp_path / "s.sock"
+    with _listener(path) as listener:
+        server = ttrpc.Server()
+        server.register(EchoService())
+        server.start(listener)
+        async with await ttrpc.Client.connect_unix(str(path)) as client:
+            stub = echo_ttrpc.EchoStub(client)
+            slow = asyncio.create_task(stub.Unary(Req(payload=b"slow", sleep_ms=300)))
+            await asyncio.sleep(0.1)
+            await server.shutdown(grace=5)
+            assert (await slow).payload == b"slow"
+            with pytest.raises(ttrpc.TtrpcError) as info:
+                await stub.Unary(Req())
+            assert info.value.code is ttrpc.Code.UNAVAILABLE
+
+
+async def test_shutdown_cancels_calls_past_grace(tmp_path: Path) -> None:
+    """A call still running after the grace period is cancelled; its caller gets UNAVAILABLE."""
+    path = tmp_path / "s.sock"
+    with _listener(path) as listener:
+        server = ttrpc.Server()
+        server.register(EchoService())
+        server.start(listener)
+        async with await ttrpc.Client.connect_unix(str(path)) as client:
+            stub = echo_ttrpc.EchoStub(client)
+            stuck = asyncio.create_task(stub.Unary(Req(sleep_ms=60_000)))
+            await asyncio.sleep(0.1)
+            await asyncio.wait_for(server.shutdown(grace=0.2), timeout=10)
+            with pytest.raises(ttrpc.TtrpcError) as info:
+                await asyncio.wait_for(stuck, timeout=10)
+            assert info.value.code is ttrpc.Code.UNAVAILABLE
+
+
+async def test_serve_single_dialed_connection() -> None:
+    """A server can serve one socket it did not accept (the guest dials the host)."""
+    ours, theirs = socket.socketpair()
+    server = ttrpc.Server()
+    server.register(EchoService())
+    serving = asyncio.create_task(server.serve_connection(ours))
+    async with await ttrpc.Client.connect(theirs) as client:
+        resp = await echo_ttrpc.EchoStub(client).Unary(Req(payload=b"dialed"))
+        assert resp.payload == b"dialed"
+    await asyncio.wait_for(serving, timeout=5)
+
+
+async def test_handler_exception_is_internal_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A handler bug answers INTERNAL and is logged; the connection keeps working."""
+
+    class Broken(echo_ttrpc.EchoBase):
+        async def Unary(
+            self, request: echo_pb2.EchoRequest, context: ttrpc.CallContext
+        ) -> echo_pb2.EchoResponse:
+            if request.payload == b"boom":
+                raise RuntimeError("kaput")
+            return echo_pb2.EchoResponse(payload=request.payload)
+
+    ours, theirs = socket.socketpair()
+    server = ttrpc.Server()
+    server.register(Broken())
+    serving = asyncio.create_task(server.serve_connection(ours))
+    async with await ttrpc.Client.connect(theirs) as client:
+        stub = echo_ttrpc.EchoStub(client)
+        with pytest.raises(ttrpc.TtrpcError) as info:
+            await stub.Unary(Req(payload=b"boom"))
+        assert info.value.code is ttrpc.Code.INTERNAL
+        assert "kaput" in info.value.message
+        assert (await stub.Unary(Req(payload=b"ok"))).payload == b"ok"
+        # Methods the subclass does not override answer UNIMPLEMENTED.
+        with pytest.raises(ttrpc.TtrpcError) as info:
+            async with await stub.ServerStream(Req(count=1)) as stream:
+                await stream.recv()
+        assert info.value.code is ttrpc.Code.UNIMPLEMENTED
+    await asyncio.wait_for(serving, timeout=5)
+    assert "handler failed" in caplog.text
+
+
+async def test_peer_credentials_checked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """require_same_user admits us; a server requiring another uid drops our
+    connection before serving anything (the caller sees UNAVAILABLE)."""
+    for requirement, admitted in (
+        ({"require_same_user": True}, True),
+        ({"require_uid_gid": (os.geteuid() + 1, None)}, False),
+    ):
+        path = tmp_path / f"s{admitted}.sock"
+        with _listener(path) as listener:
+            server = ttrpc.Server(**requirement)
+            server.register(EchoService())
+            server.start(listener)
+            try:
+                async with await ttrpc.Client.connect_unix(str(path)) as client:
+                    stub = echo_ttrpc.EchoStub(client)
+                    if admitted:
+                        assert (await stub.Unary(Req(payload=b"me"))).payload == b"me"
+                    else:
+                        with pytest.raises(ttrpc.TtrpcError) as info:
+                            await asyncio.wait_for(stub.Unary(Req()), timeout=10)
+                        assert info.value.code is ttrpc.Code.UNAVAILABLE
+            finally:
+                await server.shutdown(grace=1)
+    assert "does not match required uid" in caplog.text
+
+
+async def test_stalled_stream_is_closed_without_blocking_others() -> None:
+    """A handler that never reads its stream gets that stream closed after ~1 s
+    of a full queue; other calls on the connection keep being served."""
+    release = asyncio.Event()
+
+    class Stalling(EchoService):
+        async def Bidi(
+            self, stream: ttrpc.ServerStream[echo_pb2.EchoRequest, echo_pb2.EchoResponse]
+        ) -> None:
+            await release.wait()
+
+    ours, theirs = socket.socketpair()
+    server = ttrpc.Server()
+    server.register(Stalling())
+    serving = asyncio.create_task(server.serve_connection(ours))
+    async with await ttrpc.Client.connect(theirs) as client:
+        stub = echo_ttrpc.EchoStub(client)
+        async with await stub.Bidi() as stream:
+            with pytest.raises((ttrpc.TtrpcError, ttrpc.StreamClosedError)):
+                for _ in range(200):
+                    await stream.send(Req(payload=b"x"))
+                    await asyncio.sleep(0)
+                await asyncio.wait_for(stream.recv(), timeout=10)
+            assert (await stub.Unary(Req(payload=b"alive"))).payload == b"alive"
+        release.set()
+    await asyncio.wait_for(serving, timeout=5)
