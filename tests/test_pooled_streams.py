@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
-import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from socketforward import Forward, Guest, Host
-from socketforward.datastream import POOLED_PREFIX, StreamRegistry, open_stream
+from socketforward.datastream import (
+    POOLED_PREFIX,
+    HandshakeError,
+    StreamNotFound,
+    StreamRegistry,
+    open_stream,
+)
 from socketforward.host.pool import StreamPool
 from socketforward.transport import UnixEndpoint, listen
 from tests.processes import echo_round_trip, echo_server, embedded_endpoints
@@ -32,11 +36,6 @@ async def registry_at(
         listener, ttl=ttl, max_pooled=max_pooled, max_unclaimed=max_unclaimed
     ) as reg:
         yield reg
-
-
-def _name(stream_id: str) -> bytes:
-    data = stream_id.encode()
-    return struct.pack(">I", len(data)) + data
 
 
 async def _until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -61,41 +60,44 @@ async def _eof(sock: socket.socket) -> bool:
 # -- the guest's registry -------------------------------------------------------------
 
 
-async def test_a_pooled_stream_waits_past_the_ttl_then_becomes_the_stream_named(
+async def test_a_pooled_stream_waits_past_the_ttl_until_an_answer_names_it(
     tmp_path: Path,
 ) -> None:
-    """A pooled stream outlives the unclaimed-stream TTL; once the host writes a
-    name on it, it is claimable under that name and the bytes after the name
-    arrive untouched."""
+    """A pooled stream outlives the unclaimed-stream TTL and is handed out
+    once, under its pooled id, with bytes flowing both ways."""
     async with registry_at(tmp_path / "s.sock", ttl=0.2) as reg:
         host_side = await open_stream(reg.endpoint, POOLED_PREFIX + "1")
         with host_side:
             await asyncio.sleep(0.5)
             stats = reg.stats()
             assert (stats.pooled, stats.unclaimed, stats.expired) == (1, 0, 0)
-            host_side.sendall(_name("conn-1") + b"first bytes")
-            guest_side = await reg.wait_for("conn-1", timeout=5)
-            with guest_side:
+            host_side.sendall(b"first bytes")
+            with reg.get(POOLED_PREFIX + "1") as guest_side:
                 guest_side.setblocking(True)
                 assert guest_side.recv(100) == b"first bytes"
-                host_side.sendall(b"more")
-                assert guest_side.recv(100) == b"more"
+                guest_side.sendall(b"back")
+                host_side.setblocking(True)
+                assert host_side.recv(100) == b"back"
             assert reg.stats().pooled == 0
+            with pytest.raises(StreamNotFound):
+                reg.get(POOLED_PREFIX + "1")
 
 
-async def test_a_pooled_stream_its_host_closes_goes_without_a_word(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The host closing a pooled stream it no longer wants is no error: no
-    warning, no refusal counted, nothing left."""
+async def test_dropping_the_pool_closes_what_nobody_claimed(tmp_path: Path) -> None:
+    """The host's pool is gone (its StreamEnds call ended): every pooled stream
+    still waiting is closed, so a host relay on one whose answer was lost
+    ends instead of hanging; ordinary streams stay."""
     async with registry_at(tmp_path / "s.sock") as reg:
-        sock = await open_stream(reg.endpoint, POOLED_PREFIX + "bye")
-        await _until(lambda: reg.stats().pooled == 1, "pooled")
-        with caplog.at_level(logging.WARNING):
-            sock.close()
-            await _until(lambda: reg.stats().pooled == 0, "dropped")
-        assert reg.stats().refused == {}
-        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        pooled = [await open_stream(reg.endpoint, f"{POOLED_PREFIX}{i}") for i in range(3)]
+        ordinary = await open_stream(reg.endpoint, "conn-1")
+        await _until(lambda: reg.stats().pooled == 3, "pooled")
+        assert reg.drop_pooled() == 3
+        for sock in pooled:
+            with sock:
+                assert await _eof(sock)
+        assert reg.stats().pooled == 0
+        with reg.get("conn-1"), ordinary:
+            pass
 
 
 async def test_pooled_streams_are_capped_and_zero_takes_none(tmp_path: Path) -> None:
@@ -103,30 +105,34 @@ async def test_pooled_streams_are_capped_and_zero_takes_none(tmp_path: Path) -> 
     with max_pooled 0 takes no pooled stream at all."""
     async with registry_at(tmp_path / "a.sock", max_pooled=2) as reg:
         kept = [await open_stream(reg.endpoint, f"{POOLED_PREFIX}{i}") for i in range(2)]
-        with pytest.raises(Exception, match=r"too many pooled streams \(limit 2\)"):
+        with pytest.raises(HandshakeError, match=r"too many pooled streams \(limit 2\)"):
             await open_stream(reg.endpoint, POOLED_PREFIX + "2")
         assert reg.stats().refused == {"too_many_pooled": 1}
         for sock in kept:
             sock.close()
     async with registry_at(tmp_path / "b.sock", max_pooled=0) as reg:
-        with pytest.raises(Exception, match=r"too many pooled streams \(limit 0\)"):
+        with pytest.raises(HandshakeError, match=r"too many pooled streams \(limit 0\)"):
             await open_stream(reg.endpoint, POOLED_PREFIX + "0")
 
 
-async def test_a_pooled_stream_given_a_bad_name_is_closed(tmp_path: Path) -> None:
-    """A name already registered, another pooled name, or a cut-off name closes
-    the pooled stream and is counted; the stream holding the name stays."""
-    async with registry_at(tmp_path / "s.sock") as reg:
-        taken = await open_stream(reg.endpoint, "conn-1")
-        bad_names = [_name("conn-1"), _name(POOLED_PREFIX + "x"), struct.pack(">I", 9999)]
-        for i, bad in enumerate(bad_names):
-            sock = await open_stream(reg.endpoint, f"{POOLED_PREFIX}{i}")
-            with sock:
-                sock.sendall(bad)
-                assert await _eof(sock)
-        assert reg.stats().refused == {"duplicate": 2, "invalid": 1}
-        with reg.get("conn-1"), taken:
-            pass
+async def test_at_the_cap_pooled_streams_their_host_closed_make_room(tmp_path: Path) -> None:
+    """A full pool of pooled streams whose host went away without a word does
+    not lock pooling out: the closed ones are dropped when a new one comes;
+    one with bytes still to read (its answer on the way) is kept."""
+    async with registry_at(tmp_path / "s.sock", max_pooled=2) as reg:
+        gone = await open_stream(reg.endpoint, POOLED_PREFIX + "gone")
+        answered = await open_stream(reg.endpoint, POOLED_PREFIX + "answered")
+        answered.sendall(b"banner")
+        gone.close()
+        answered.close()
+        await asyncio.sleep(0.05)
+        with await open_stream(reg.endpoint, POOLED_PREFIX + "new"):
+            assert reg.stats().pooled == 2
+            with reg.get(POOLED_PREFIX + "answered") as sock:
+                sock.setblocking(True)
+                assert sock.recv(100) == b"banner"
+            with pytest.raises(StreamNotFound):
+                reg.get(POOLED_PREFIX + "gone")
 
 
 async def test_closing_the_registry_closes_its_pooled_streams(tmp_path: Path) -> None:
@@ -144,18 +150,20 @@ async def test_closing_the_registry_closes_its_pooled_streams(tmp_path: Path) ->
 async def test_the_pool_fills_to_the_guests_limit_and_refills_after_a_take(
     tmp_path: Path,
 ) -> None:
-    """min(size, the guest's limit) streams stand ready; a take names one,
-    which the guest hands out under that name with bytes flowing both ways,
-    and the pool opens a replacement."""
+    """min(size, the guest's limit) streams stand ready; the one taken is the
+    guest's under its pooled id, bytes flowing both ways, and the pool opens
+    a replacement."""
     async with registry_at(tmp_path / "s.sock", max_pooled=3) as reg:
         pool = StreamPool(reg.endpoint, size=4)
         pool.start(3)
         try:
             await _until(lambda: pool.stats().ready == 3 and reg.stats().pooled == 3, "full")
-            host_side = pool.take("conn-1")
-            assert host_side is not None
+            taken = pool.take()
+            assert taken is not None
+            pool_id, host_side = taken
+            assert pool_id.startswith(POOLED_PREFIX)
             asyncio.get_running_loop().remove_reader(host_side.fileno())  # the pool's watch
-            with host_side, await reg.wait_for("conn-1", timeout=5) as guest_side:
+            with host_side, reg.get(pool_id) as guest_side:
                 host_side.sendall(b"to the vm")
                 guest_side.setblocking(True)
                 assert guest_side.recv(100) == b"to the vm"
@@ -166,7 +174,8 @@ async def test_the_pool_fills_to_the_guests_limit_and_refills_after_a_take(
             assert (pool.stats().taken, pool.stats().failed) == (1, 0)
         finally:
             pool.stop()
-        await _until(lambda: reg.stats().pooled == 0, "guest dropped them")
+        assert (pool.stats().ready, pool.stats().opening) == (0, 0)
+        assert reg.drop_pooled() == 3  # what the guest does when the host's call ends
 
 
 async def test_a_pool_the_guest_takes_none_of_opens_nothing(tmp_path: Path) -> None:
@@ -176,7 +185,7 @@ async def test_a_pool_the_guest_takes_none_of_opens_nothing(tmp_path: Path) -> N
         pool = StreamPool(reg.endpoint, size=4)
         pool.start(0)
         await asyncio.sleep(0.1)
-        assert pool.take("conn-1") is None
+        assert pool.take() is None
         assert (reg.stats().pooled, reg.stats().handshakes, pool.stats().size) == (0, 0, 0)
 
 
@@ -194,7 +203,7 @@ async def test_a_pool_whose_guest_is_gone_backs_off(tmp_path: Path) -> None:
         failed = pool.stats().failed
         # 50 ms, doubling: at most 5 tries in 0.6 s (a spin would be thousands).
         assert 1 <= failed <= 6, failed
-        assert pool.take("conn-1") is None
+        assert pool.take() is None
     finally:
         pool.stop()
     assert pool.stats().opening == 0
@@ -208,7 +217,7 @@ async def test_a_pool_refuses_a_listener_of_another_user(tmp_path: Path) -> None
         pool.start(64)
         try:
             await _until(lambda: pool.stats().failed >= 1, "failed")
-            assert pool.stats().ready == 0 and pool.take("conn-1") is None
+            assert pool.stats().ready == 0 and pool.take() is None
         finally:
             pool.stop()
 
@@ -243,3 +252,17 @@ async def test_forwarded_connections_take_pooled_streams(short_tmp: Path) -> Non
     size, taken = await _forward_many(short_tmp / "a", guest_pool=64)
     assert size == 4 and taken >= 15, (size, taken)  # a refill may lag a take
     assert await _forward_many(short_tmp / "b", guest_pool=0) == (0, 0)
+
+
+async def test_a_host_that_goes_leaves_no_pooled_stream_in_the_guest(short_tmp: Path) -> None:
+    """The guest holds the host's pooled streams while the host is connected
+    and closes them when it goes (its StreamEnds call ends)."""
+    rpc, streams = embedded_endpoints(short_tmp)
+    async with Guest(rpc_dial=rpc, streams=streams) as guest:
+        assert guest.registry is not None
+        registry = guest.registry
+        async with Host(rpc_listen=rpc, streams=streams) as host:
+            async with asyncio.timeout(30):
+                await host.wait_connected()
+            await _until(lambda: registry.stats().pooled == 4, "pooled", timeout=10)
+        await _until(lambda: registry.stats().pooled == 0, "dropped", timeout=10)

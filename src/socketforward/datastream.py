@@ -6,8 +6,8 @@ error text and closes. After the ack the connection carries raw bytes.
 
 A *pooled* stream (an id starting with :data:`POOLED_PREFIX`, docs/protocol.md
 5.6) is opened by the host ahead of demand: after its ack it waits, with no
-deadline, until the host writes a second string on it, the id of the stream it
-now is; from there on it is an ordinary unclaimed stream.
+deadline, until the host's answer for a connection names it, or the host's
+pool is gone (:meth:`StreamRegistry.drop_pooled`).
 
 :class:`StreamRegistry` is the listening side (in the VM), :func:`open_stream`
 the opening side (on the host); :func:`open_stream_now` and :class:`AckReader`
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import socket
 import struct
 import time
@@ -105,11 +106,6 @@ class StringReader:
         self._got = bytearray()
         self._size = -1  # known once its 4 bytes are in
 
-    @property
-    def started(self) -> bool:
-        """Whether any byte of the string has come."""
-        return bool(self._got)
-
     def read(self, sock: socket.socket) -> bytes | None:
         """The string once it is complete, None while more must come. Raises
         HandshakeError (cut off, too long) and OSError (from recv)."""
@@ -173,18 +169,6 @@ class _Handshake:
         self.finished = False
 
 
-class _Pooled:
-    """A pooled stream between its ack and the id the host gives it."""
-
-    __slots__ = ("conn", "fd", "pool_id", "reader")
-
-    def __init__(self, conn: socket.socket, pool_id: str) -> None:
-        self.conn = conn
-        self.fd = conn.fileno()
-        self.pool_id = pool_id
-        self.reader = StringReader("stream id")
-
-
 @dataclass(frozen=True)
 class RegistryStats:
     """A snapshot of a :class:`StreamRegistry`'s figures."""
@@ -202,7 +186,7 @@ class RegistryStats:
     expired: int
     """Registered streams closed because nobody claimed them within the TTL."""
     pooled: int = 0
-    """Pooled streams waiting for the host to name them (at most max_pooled)."""
+    """Pooled streams waiting to be claimed (at most max_pooled)."""
 
 
 class StreamRegistry:
@@ -219,8 +203,8 @@ class StreamRegistry:
     as soon as one completes, fails or times out. A handshake that would make
     more than *max_unclaimed* streams wait to be claimed is answered
     ``too many unclaimed streams`` instead of the ack, and closed.
-    At most *max_pooled* pooled streams wait for their id (0: none taken);
-    one the host closes while it waits is dropped without a word.
+    At most *max_pooled* pooled streams wait, with no TTL (0: none taken);
+    when they are at the cap, those the host has closed are dropped first.
     """
 
     def __init__(
@@ -247,7 +231,7 @@ class StreamRegistry:
         self.max_pooled = max_pooled
         """Pooled streams this registry keeps waiting at most (the guest says it
         in its StreamEnds hello)."""
-        self._pooled: dict[str, _Pooled] = {}
+        self._pooled: dict[str, socket.socket] = {}
         self._reserved_pooled = 0  # pooled ids among _reserved
         self._streams: dict[str, socket.socket] = {}
         self._unclaimed: Deadlines[str] = Deadlines(ttl, self._expire)
@@ -316,8 +300,7 @@ class StreamRegistry:
         for sock in self._streams.values():
             sock.close()
         self._streams.clear()
-        for pooled in list(self._pooled.values()):
-            self._unpool(pooled).close()
+        self.drop_pooled()
         self._unclaimed.drain()
         for stream_id in list(self._arrivals):
             self._wake(stream_id)  # waiters re-check and find nothing
@@ -327,7 +310,9 @@ class StreamRegistry:
         """Hand out the connection registered as *stream_id*; the caller owns it."""
         sock = self._streams.pop(stream_id, None)
         if sock is None:
-            raise StreamNotFound(f"stream {stream_id!r} not found")
+            sock = self._pooled.pop(stream_id, None)
+            if sock is None:
+                raise StreamNotFound(f"stream {stream_id!r} not found")
         self._unclaimed.discard(stream_id)
         log.debug("stream claimed stream_id=%s", stream_id)
         return sock
@@ -409,6 +394,8 @@ class StreamRegistry:
             return
         if stream_id.startswith(POOLED_PREFIX):
             if len(self._pooled) + self._reserved_pooled >= self.max_pooled:
+                self._sweep_pooled()
+            if len(self._pooled) + self._reserved_pooled >= self.max_pooled:
                 self._peer_log.warning(
                     "too_many_pooled",
                     "stream handshake rejected stream_id=%s error=too_many_pooled limit=%d",
@@ -478,80 +465,44 @@ class StreamRegistry:
         if self._closed:
             return
         if stream_id.startswith(POOLED_PREFIX):
-            self._pool(h.conn, stream_id)
-            return
-        self._register(stream_id, h.conn)
-
-    def _register(self, stream_id: str, conn: socket.socket) -> None:
-        self._streams[stream_id] = conn
-        self._unclaimed.add(stream_id)
+            self._pooled[stream_id] = h.conn  # no TTL: the host's pool holds it
+        else:
+            self._streams[stream_id] = h.conn
+            self._unclaimed.add(stream_id)
         log.debug("stream registered stream_id=%s", stream_id)
         self._wake(stream_id)
 
     # -- pooled streams (docs/protocol.md 5.6) -------------------------------------
 
-    def _pool(self, conn: socket.socket, pool_id: str) -> None:
-        pooled = _Pooled(conn, pool_id)
-        assert self._loop is not None
-        try:
-            self._loop.add_reader(pooled.fd, self._on_pooled, pooled)
-        except OSError as exc:  # epoll_ctl: ENOMEM, ENOSPC
-            self._peer_log.warning(
-                "error", "pooled stream dropped stream_id=%s error=%r", escape(pool_id), exc
-            )
-            conn.close()
-            return
-        self._pooled[pool_id] = pooled
-        log.debug("pooled stream waiting stream_id=%s", pool_id)
+    def drop_pooled(self) -> int:
+        """Close every pooled stream nobody claimed (the host's pool is gone:
+        an answer lost with it must not leave the host relaying into one);
+        how many."""
+        dropped = len(self._pooled)
+        for sock in self._pooled.values():
+            sock.close()
+        self._pooled.clear()
+        if dropped:
+            log.debug("pooled streams dropped count=%d", dropped)
+        return dropped
 
-    def _unpool(self, pooled: _Pooled) -> socket.socket:
-        """Stop watching a pooled stream and forget it; the caller owns its socket."""
-        assert self._loop is not None
-        self._loop.remove_reader(pooled.fd)
-        del self._pooled[pooled.pool_id]
-        return pooled.conn
-
-    def _on_pooled(self, pooled: _Pooled) -> None:
-        """A pooled stream is readable: its new id, or the host closing it."""
-        try:
-            raw = pooled.reader.read(pooled.conn)
-            if raw is None:
-                return
-            stream_id = _decode_id(raw)
-        except (HandshakeError, OSError) as exc:
-            conn = self._unpool(pooled)
-            conn.close()
-            if isinstance(exc, OSError) or pooled.reader.started:
-                reason = "error" if isinstance(exc, OSError) else "invalid"
-                self._refused[reason] = self._refused.get(reason, 0) + 1
-                self._peer_log.warning(
-                    reason,
-                    "pooled stream failed stream_id=%s error=%r",
-                    escape(pooled.pool_id),
-                    str(exc),
-                )
-            else:  # closed before a byte: the host no longer wants it
-                log.debug("pooled stream closed by its opener stream_id=%s", pooled.pool_id)
-            return
-        conn = self._unpool(pooled)
-        duplicate = stream_id in self._streams or stream_id in self._reserved
-        if duplicate or stream_id.startswith(POOLED_PREFIX) or stream_id in self._pooled:
-            reason, error = "duplicate", "duplicate or pooled id"
-        elif len(self._streams) + len(self._reserved) >= self._max_unclaimed:
-            reason, error = "too_many_unclaimed", f"limit={self._max_unclaimed}"
-        else:
-            log.debug("pooled stream named stream_id=%s pooled=%s", stream_id, pooled.pool_id)
-            self._register(stream_id, conn)
-            return
-        conn.close()  # nobody waits for an answer on a pooled stream
-        self._refused[reason] = self._refused.get(reason, 0) + 1
-        self._peer_log.warning(
-            reason,
-            "pooled stream rejected stream_id=%s pooled=%s error=%s",
-            escape(stream_id),
-            escape(pooled.pool_id),
-            error,
-        )
+    def _sweep_pooled(self) -> None:
+        """Drop the pooled streams whose host closed them with nothing to read
+        (a pool that stopped without this guest noticing)."""
+        poller = select.poll()
+        by_fd = {sock.fileno(): pool_id for pool_id, sock in self._pooled.items()}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        for fd, events in poller.poll(0):
+            if not events & (select.POLLHUP | select.POLLERR):
+                continue
+            sock = self._pooled[by_fd[fd]]
+            with contextlib.suppress(OSError):
+                if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    continue  # bytes for a connection about to claim it
+            del self._pooled[by_fd[fd]]
+            sock.close()
+            log.debug("pooled stream closed by its host dropped stream_id=%s", by_fd[fd])
 
     def _watch(self, h: _Handshake, *, read: bool | None = None, write: bool | None = None) -> None:
         loop = self._loop

@@ -115,6 +115,7 @@ class ConnectResult(_message.Message):
     STREAM_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     ENDS_CHANNEL_FIELD_NUMBER: _builtins.int
+    DATA_STREAM_ID_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     error: _builtins.str
     ends_channel: _builtins.int
@@ -122,16 +123,23 @@ class ConnectResult(_message.Message):
     directions travel on the StreamEnds call the guest numbered so in its
     hello; zero (a peer that does not know it): they travel as shutdowns.
     """
+    data_stream_id: _builtins.str
+    """Socketforward extension: the data stream this connection relays on, when
+    it is not stream_id: one the host opened ahead of demand (a pooled stream,
+    its id starting "socketfwd-pool-"). Only sent to a guest whose StreamEnds
+    hello gave a pool_limit.
+    """
     def __init__(
         self,
         *,
         stream_id: _builtins.str = ...,
         error: _builtins.str = ...,
         ends_channel: _builtins.int = ...,
+        data_stream_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ends_channel", b"ends_channel", "error", b"error", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_stream_id", b"data_stream_id", "ends_channel", b"ends_channel", "error", b"error", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -177,7 +185,7 @@ class StreamEnd(_message.Message):
     channel: _builtins.int
     pool_limit: _builtins.int
     """Hello only: how many pooled data streams (ids starting "socketfwd-pool-")
-    the guest keeps waiting for their name; zero, it takes none.
+    the guest keeps until an answer names one; zero, it takes none.
     """
     def __init__(
         self,

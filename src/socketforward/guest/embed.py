@@ -113,7 +113,7 @@ class Guest:
             max_connections=self.plan.max_connections,
             pipe_pool=self.plan.pipe_pool,
             expose_allow=self.expose_allow,
-            pool_limit=self.registry.max_pooled,
+            pooled_streams=self.registry,
         )
         self.agent = Agent(self.service, rpc_dial=self.rpc_dial, rpc_listen=self.rpc_listen)
         self.registry.start()

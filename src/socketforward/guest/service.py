@@ -33,6 +33,7 @@ import ttrpc_asyncio as ttrpc
 from socketforward import relay, transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardBase
+from socketforward.datastream import POOLED_PREFIX
 from socketforward.deadlines import Deadlines
 from socketforward.ends import EndRegistry
 from socketforward.guest.bind import (
@@ -54,7 +55,7 @@ from socketforward.protocol import (
 )
 from socketforward.stats import ForwardStats
 
-__all__ = ["Service", "StreamManager"]
+__all__ = ["PooledStreams", "Service", "StreamManager"]
 
 log = logging.getLogger("socketforward.guest")
 
@@ -103,6 +104,16 @@ class StreamManager(Protocol):
     async def close(self) -> None: ...
 
 
+class PooledStreams(Protocol):
+    """Where the host's pooled data streams wait (docs/protocol.md 5.6):
+    :class:`~socketforward.datastream.StreamRegistry`."""
+
+    max_pooled: int
+
+    def drop_pooled(self) -> int:
+        """Close the pooled streams nobody claimed."""
+
+
 class _AcceptCall(HostCall["_Connection"]):
     """A host Accept call with its ttrpc stream."""
 
@@ -127,7 +138,7 @@ class _Connection(Pending):
     """A container connection waiting for its host's answer; owns *conn* until
     it is relayed or closed."""
 
-    __slots__ = ("conn", "ends_channel", "peer")
+    __slots__ = ("conn", "data_stream_id", "ends_channel", "peer")
 
     def __init__(
         self, forward_id: str, conn: socket.socket, peer: ttrpc.PeerCredentials | None
@@ -137,6 +148,13 @@ class _Connection(Pending):
         self.peer = peer
         self.ends_channel = 0
         """The StreamEnds call the host's answer named (0: ends as shutdowns)."""
+        self.data_stream_id = ""
+        """The pooled stream the host's answer named (5.6); "": stream_id's own."""
+
+    @property
+    def data_stream(self) -> str:
+        """The id of the data stream this connection relays on."""
+        return self.data_stream_id or self.stream_id
 
     def __str__(self) -> str:
         # Logged as "%s" % connection: formatted only when the line is emitted.
@@ -185,7 +203,7 @@ class Service(SocketForwardBase):
         fail_fast: bool = False,
         expose_allow: Iterable[str] | None = None,
         dial_timeout: float = 5.0,
-        pool_limit: int = 0,
+        pooled_streams: PooledStreams | None = None,
     ) -> None:
         if pending_timeout <= 0:
             raise ValueError("pending_timeout must be > 0")
@@ -194,7 +212,7 @@ class Service(SocketForwardBase):
             max_connections = plan.max_connections if max_connections is None else max_connections
             pipe_pool = plan.pipe_pool if pipe_pool is None else pipe_pool
         self._streams = streams
-        self._pool_limit = pool_limit  # said in each StreamEnds hello (5.6)
+        self._pooled = pooled_streams  # its limit goes in each StreamEnds hello (5.6)
         self._socket_mode = socket_mode
         self._stream_wait = stream_wait
         self._dispatcher: Dispatcher[_Connection, _AcceptCall] = Dispatcher(
@@ -496,11 +514,28 @@ class Service(SocketForwardBase):
                 continue
             if result is None:
                 return
-            if result.ends_channel and not result.error:
-                p = call.unanswered.get(result.stream_id)
-                if p is not None:
-                    p.ends_channel = result.ends_channel
+            if not result.error and (result.ends_channel or result.data_stream_id):
+                self._take_answer(call, result)
             self._dispatcher.result(call, result.stream_id, result.error)
+
+    def _take_answer(self, call: _AcceptCall, result: pb.ConnectResult) -> None:
+        """The extensions of a successful answer: its ends channel (5.5) and the
+        pooled data stream it names (5.6)."""
+        pooled = result.data_stream_id
+        if pooled and not (valid_stream_id(pooled) and pooled.startswith(POOLED_PREFIX)):
+            self._peer_log.warning(
+                "bad_data_stream",
+                "connect result names no pooled stream stream_id=%s data_stream_id=%s",
+                escape(result.stream_id),
+                escape(pooled[:256]),
+            )
+            pooled = ""
+        p = call.unanswered.get(result.stream_id)
+        if p is not None:
+            p.ends_channel = result.ends_channel
+            p.data_stream_id = pooled
+        elif pooled:  # the connection is gone: end the host's relay on it
+            self.drop_stream(pooled)
 
     # -- StreamEnds (docs/protocol.md 5.5) ----------------------------------------------
 
@@ -509,7 +544,8 @@ class Service(SocketForwardBase):
             raise ttrpc.TtrpcError(ttrpc.Code.UNAVAILABLE, "socketforward: shutting down")
         channel = next(self._call_numbers)
         # The hello: the host names this call in the answers whose ends it carries.
-        await stream.send(pb.StreamEnd(channel=channel, pool_limit=self._pool_limit))
+        limit = 0 if self._pooled is None else self._pooled.max_pooled
+        await stream.send(pb.StreamEnd(channel=channel, pool_limit=limit))
         self._ends_calls[channel] = stream
         log.info("stream ends call opened channel=%d", channel)
         try:
@@ -526,6 +562,9 @@ class Service(SocketForwardBase):
                     log.debug("stream end before its relay kept stream_id=%s", end.stream_id)
         finally:
             del self._ends_calls[channel]
+            if not self._ends_calls and self._pooled is not None:
+                # The host's pool went with the call (5.6): answers naming one are lost too.
+                self._pooled.drop_pooled()
             relays = self._ends.channel_lost(channel)
             log.info("stream ends call closed channel=%d relays=%d", channel, relays)
 
@@ -661,7 +700,7 @@ class Service(SocketForwardBase):
 
     def claim(self, pending: _Connection) -> bool:
         try:
-            data = self._streams.get(pending.stream_id)
+            data = self._streams.get(pending.data_stream)
         except LookupError:
             return False
         self._relay(pending, data)
@@ -686,7 +725,7 @@ class Service(SocketForwardBase):
         # The host opens the data stream before answering, so it is usually
         # registered already: no task needed to wait for it.
         try:
-            data = self._streams.get(pending.stream_id)
+            data = self._streams.get(pending.data_stream)
         except LookupError:
             task = asyncio.get_running_loop().create_task(self._claim_and_relay(pending))
             self._tasks.add(task)
@@ -698,7 +737,7 @@ class Service(SocketForwardBase):
 
     async def _claim_and_relay(self, p: _Connection) -> None:
         try:
-            data = await self._streams.wait_for(p.stream_id, self._stream_wait)
+            data = await self._streams.wait_for(p.data_stream, self._stream_wait)
         except Exception as exc:
             # LookupError: the host said success but no data stream came.
             self.close_pending(p, Failure.NO_STREAM, str(exc))

@@ -219,14 +219,26 @@ class Connector:
         )
 
     def reply(
-        self, call: ResultSink, stream_id: str, fid: str, error: str, ends_channel: int = 0
+        self,
+        call: ResultSink,
+        stream_id: str,
+        fid: str,
+        error: str,
+        *,
+        ends_channel: int = 0,
+        data_stream_id: str = "",
     ) -> bool:
         """Send one ConnectResult; False (and a line) when the call is gone."""
         # Never waits: the Forwarder stops reading requests while too much is
         # queued toward the VM (docs/protocol.md 9.2); each result is at most about 1.3 KiB.
         try:
             call.send_result(
-                pb.ConnectResult(stream_id=stream_id, error=error, ends_channel=ends_channel)
+                pb.ConnectResult(
+                    stream_id=stream_id,
+                    error=error,
+                    ends_channel=ends_channel,
+                    data_stream_id=data_stream_id,
+                )
             )
         except (ttrpc.TtrpcError, ttrpc.ProtocolError) as exc:
             self.peer_log.warning(
@@ -447,9 +459,14 @@ class ConnectRequest:
         call.begin()
         self.holding = True
 
-    def _reply(self, error: str, ends_channel: int = 0) -> bool:
+    def _reply(self, error: str, ends_channel: int = 0, data_stream_id: str = "") -> bool:
         return self.connector.reply(
-            self.call, self.stream_id, self.forward.forward_id, error, ends_channel
+            self.call,
+            self.stream_id,
+            self.forward.forward_id,
+            error,
+            ends_channel=ends_channel,
+            data_stream_id=data_stream_id,
         )
 
     def release(self) -> None:
@@ -489,10 +506,10 @@ class ConnectRequest:
             if host_sock is None:
                 return False
             opened.append(host_sock)
-            data_sock = connector.pool.take(self.stream_id)
-            if data_sock is not None:
+            pooled = connector.pool.take()
+            if pooled is not None:
                 opened.clear()
-                self._relay_pooled(host_sock, data_sock)
+                self._relay_pooled(host_sock, *pooled)
                 return True
             try:
                 data_sock = datastream.open_stream_now(endpoint, self.stream_id)
@@ -531,12 +548,14 @@ class ConnectRequest:
             for sock in opened:
                 sock.close()
 
-    def _relay_pooled(self, host_sock: socket.socket, data_sock: socket.socket) -> None:
-        """Answer at once and relay on a pooled stream, already named (5.6). The
-        pool's reader on it stays until the relay replaces it."""
+    def _relay_pooled(
+        self, host_sock: socket.socket, pool_id: str, data_sock: socket.socket
+    ) -> None:
+        """Answer at once, naming the pooled stream *pool_id* (5.6), and relay on
+        it. The pool's reader on it stays until the relay replaces it."""
         loop, fd = asyncio.get_running_loop(), data_sock.fileno()
         try:
-            if self._succeed(host_sock, data_sock):
+            if self._succeed(host_sock, data_sock, pool_id):
                 return
         except BaseException:
             # The relay closed both sockets; no watcher may outlive the fd.
@@ -548,11 +567,13 @@ class ConnectRequest:
         data_sock.close()
         self.release()
 
-    def _succeed(self, host_sock: socket.socket, data_sock: socket.socket) -> bool:
+    def _succeed(
+        self, host_sock: socket.socket, data_sock: socket.socket, data_stream_id: str = ""
+    ) -> bool:
         """Answer success, give back the slot and relay; False (counted, the
         sockets still the caller's) when the answer cannot go."""
         ends = self.connector.ends_channel_for(self.stream_id)
-        if not self._reply("", ends):
+        if not self._reply("", ends, data_stream_id):
             self.stats.fail(REPLY_FAILED)
             return False
         self.release()

@@ -4,11 +4,10 @@ A new forwarded connection otherwise waits for its data stream: a connect to
 the guest's stream endpoint, the id, the guest's ack, three crossings of the
 VM boundary before the host can answer. A guest of ours that says so in its
 StreamEnds hello keeps a few streams the host opened earlier, each acked under
-a pooled id; taking one costs a single write on it (the id it now is) and the
-answer can go at once. The pool refills itself after each take, on readiness
-callbacks (``unix:``) or in one task (other endpoints), and backs off while
-opening fails. nerdbox's guest never sees a pooled stream: its hello has no
-limit.
+a pooled id; the answer names the one taken and goes at once. The pool
+refills itself after each take, on readiness callbacks (``unix:``) or in one
+task (other endpoints), and backs off while opening fails. nerdbox's guest
+never sees a pooled stream: its hello has no limit.
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ class StreamPool:
         self._stream_timeout = stream_timeout
         self._check_peer = check_peer
         self._size = 0
-        self._ready: deque[socket.socket] = deque()
+        self._ready: deque[tuple[str, socket.socket]] = deque()
         self._opening: set[_Opening] = set()
         self._task: asyncio.Task[None] | None = None  # the filler for non-unix endpoints
         self._retry: asyncio.TimerHandle | None = None
@@ -131,37 +130,25 @@ class StreamPool:
             self._drop(opening)
         loop = asyncio.get_running_loop() if self._ready else None
         while self._ready:
-            sock = self._ready.popleft()
+            _, sock = self._ready.popleft()
             assert loop is not None
             loop.remove_reader(sock.fileno())
             sock.close()
         self._backoff.reset()
         self._log.flush()
 
-    def take(self, stream_id: str) -> socket.socket | None:
-        """A ready stream, already named *stream_id*; None when none is ready.
-        Refills in the background. The caller owns the socket, whose reader
-        is still registered on the loop: it replaces it at once (a relay's
-        add_reader: no epoll removal and re-add) or removes it before closing."""
+    def take(self) -> tuple[str, socket.socket] | None:
+        """A ready stream and its pooled id, for the answer to name; None when
+        none is ready. Refills in the background. The caller owns the socket,
+        whose reader is still registered on the loop: it replaces it at once
+        (a relay's add_reader: no epoll removal and re-add) or removes it
+        before closing it."""
         if not self._ready:
             return None
-        loop = asyncio.get_running_loop()
-        name = datastream.encode_string(stream_id)
-        while self._ready:
-            sock = self._ready.popleft()
-            try:
-                # An idle stream's send buffer is empty: the name goes whole.
-                if sock.send(name) == len(name):
-                    self._taken += 1
-                    loop.call_soon(self._fill)  # after the caller's answer
-                    return sock
-            except OSError:
-                pass
-            loop.remove_reader(sock.fileno())
-            sock.close()
-            self._lost += 1
-        loop.call_soon(self._fill)
-        return None
+        pool_id, sock = self._ready.popleft()
+        self._taken += 1
+        asyncio.get_running_loop().call_soon(self._fill)  # after the caller's answer
+        return pool_id, sock
 
     # -- filling ----------------------------------------------------------------------
 
@@ -214,9 +201,7 @@ class StreamPool:
         if opening.timer is not None:
             opening.timer.cancel()
         self._backoff.reset()
-        # Anything readable on a ready stream is its end (or a broken guest).
-        asyncio.get_running_loop().add_reader(opening.fd, self._on_ready_readable, opening.sock)
-        self._ready.append(opening.sock)
+        self._ready_now(opening.ack.stream_id, opening.sock)
 
     def _ack_timed_out(self, opening: _Opening) -> None:
         opening.timer = None
@@ -230,9 +215,16 @@ class StreamPool:
         asyncio.get_running_loop().remove_reader(opening.fd)
         opening.sock.close()
 
-    def _on_ready_readable(self, sock: socket.socket) -> None:
+    def _ready_now(self, pool_id: str, sock: socket.socket) -> None:
+        # Anything readable on a ready stream is its end (or a broken guest).
+        ready = (pool_id, sock)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_ready_readable, ready)
+        self._ready.append(ready)
+
+    def _on_ready_readable(self, ready: tuple[str, socket.socket]) -> None:
+        _, sock = ready
         with contextlib.suppress(ValueError):
-            self._ready.remove(sock)
+            self._ready.remove(ready)
         asyncio.get_running_loop().remove_reader(sock.fileno())
         sock.close()
         self._lost += 1
@@ -259,8 +251,7 @@ class StreamPool:
                     self._failure(f"stream endpoint served by another user {problem}")
                     return
                 self._backoff.reset()
-                asyncio.get_running_loop().add_reader(sock.fileno(), self._on_ready_readable, sock)
-                self._ready.append(sock)
+                self._ready_now(pool_id, sock)
         finally:
             if self._task is asyncio.current_task():
                 self._task = None

@@ -207,7 +207,12 @@ type ConnectResult struct {
 	// socketforward extension: nonzero when the ends of this data stream's
 	// directions travel on the StreamEnds call the guest numbered so in its
 	// hello; zero (a peer that does not know it): they travel as shutdowns.
-	EndsChannel   uint32 `protobuf:"varint,3,opt,name=ends_channel,json=endsChannel,proto3" json:"ends_channel,omitempty"`
+	EndsChannel uint32 `protobuf:"varint,3,opt,name=ends_channel,json=endsChannel,proto3" json:"ends_channel,omitempty"`
+	// Socketforward extension: the data stream this connection relays on, when
+	// it is not stream_id: one the host opened ahead of demand (a pooled stream,
+	// its id starting "socketfwd-pool-"). Only sent to a guest whose StreamEnds
+	// hello gave a pool_limit.
+	DataStreamId  string `protobuf:"bytes,4,opt,name=data_stream_id,json=dataStreamId,proto3" json:"data_stream_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -261,6 +266,13 @@ func (x *ConnectResult) GetEndsChannel() uint32 {
 		return x.EndsChannel
 	}
 	return 0
+}
+
+func (x *ConnectResult) GetDataStreamId() string {
+	if x != nil {
+		return x.DataStreamId
+	}
+	return ""
 }
 
 type UnbindRequest struct {
@@ -318,7 +330,7 @@ type StreamEnd struct {
 	Bytes    uint64                 `protobuf:"varint,2,opt,name=bytes,proto3" json:"bytes,omitempty"`
 	Channel  uint32                 `protobuf:"varint,3,opt,name=channel,proto3" json:"channel,omitempty"`
 	// Hello only: how many pooled data streams (ids starting "socketfwd-pool-")
-	// the guest keeps waiting for their name; zero, it takes none.
+	// the guest keeps until an answer names one; zero, it takes none.
 	PoolLimit     uint32 `protobuf:"varint,4,opt,name=pool_limit,json=poolLimit,proto3" json:"pool_limit,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -474,11 +486,12 @@ const file_nerdbox_services_socketforward_v1_socketforward_proto_rawDesc = "" +
 	"\x0eConnectRequest\x12\x1b\n" +
 	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x1d\n" +
 	"\n" +
-	"forward_id\x18\x02 \x01(\tR\tforwardId\"e\n" +
+	"forward_id\x18\x02 \x01(\tR\tforwardId\"\x8b\x01\n" +
 	"\rConnectResult\x12\x1b\n" +
 	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\x12!\n" +
-	"\fends_channel\x18\x03 \x01(\rR\vendsChannel\"0\n" +
+	"\fends_channel\x18\x03 \x01(\rR\vendsChannel\x12$\n" +
+	"\x0edata_stream_id\x18\x04 \x01(\tR\fdataStreamId\"0\n" +
 	"\rUnbindRequest\x12\x1f\n" +
 	"\vforward_ids\x18\x01 \x03(\tR\n" +
 	"forwardIds\"w\n" +
