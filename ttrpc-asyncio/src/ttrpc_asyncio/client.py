@@ -47,6 +47,11 @@ def _status_error(response: ttrpc_pb2.Response) -> TtrpcError | None:
     return TtrpcError(status.code, status.message)
 
 
+def _deadline_passed(future: asyncio.Future[bytes]) -> None:
+    if not future.done():
+        future.set_exception(TtrpcError(Code.DEADLINE_EXCEEDED, "context deadline exceeded"))
+
+
 @dataclass(slots=True)
 class _StreamCall:
     queue: MessageQueue
@@ -262,18 +267,20 @@ class Client:
         channel = self._channel
         data = self._request(service, method, request.SerializeToString(), timeout, metadata)
         stream_id, frame = channel.conn.send_request(data)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
         channel.unary_calls[stream_id] = future
+        timer: asyncio.TimerHandle | None = None
         try:
             await channel.write(frame)
-            if timeout is None:
-                raw = await future
-            else:
-                async with asyncio.timeout(timeout):
-                    raw = await future
-        except TimeoutError:
-            raise TtrpcError(Code.DEADLINE_EXCEEDED, "context deadline exceeded") from None
+            if timeout is not None:
+                # A bare timer, not asyncio.timeout (a scope, a task lookup):
+                # callers may make a unary call per connection they serve.
+                timer = loop.call_later(timeout, _deadline_passed, future)
+            raw = await future
         finally:
+            if timer is not None:
+                timer.cancel()
             if not future.done():
                 future.cancel()
             if channel.unary_calls.pop(stream_id, None) is not None:
