@@ -1,4 +1,4 @@
-"""Server behaviour over real sockets: shutdown, peer checks, slow consumers."""
+"""Server behaviour over real sockets: shutdown, peer checks, slow consumers, deadlines."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 import ttrpc_asyncio as ttrpc
 from echo import echo_pb2, echo_ttrpc
 from echo.service import EchoService
+from ttrpc_asyncio._frame import Frame, FrameDecoder, encode_frame
+from ttrpc_asyncio.proto import ttrpc_pb2
 
 Req = echo_pb2.EchoRequest
 
@@ -152,4 +154,52 @@ async def test_stalled_stream_is_closed_without_blocking_others() -> None:
                 await asyncio.wait_for(stream.recv(), timeout=10)
             assert (await stub.Unary(Req(payload=b"alive"))).payload == b"alive"
         release.set()
+    await asyncio.wait_for(serving, timeout=5)
+
+
+async def test_timeout_nano_alone_ends_the_handler() -> None:
+    """A request's timeout_nano is its handler's deadline even when the caller
+    keeps no timer of its own: the handler is cancelled, the call is answered
+    DEADLINE_EXCEEDED, and the connection serves the next call."""
+    cancelled = asyncio.Event()
+
+    class Slow(echo_ttrpc.EchoBase):
+        async def Unary(
+            self, request: echo_pb2.EchoRequest, context: ttrpc.CallContext
+        ) -> echo_pb2.EchoResponse:
+            try:
+                await asyncio.sleep(request.sleep_ms / 1000)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return echo_pb2.EchoResponse(payload=request.payload)
+
+    ours, theirs = socket.socketpair()
+    server = ttrpc.Server()
+    server.register(Slow())
+    serving = asyncio.create_task(server.serve_connection(ours))
+    loop = asyncio.get_running_loop()
+    theirs.setblocking(False)
+    decoder = FrameDecoder()
+
+    async def call(stream_id: int, request: Req, timeout_nano: int = 0) -> ttrpc_pb2.Response:
+        data = ttrpc_pb2.Request(
+            service=echo_ttrpc.EchoStub.SERVICE_NAME,
+            method="Unary",
+            payload=request.SerializeToString(),
+            timeout_nano=timeout_nano,
+        ).SerializeToString()
+        await loop.sock_sendall(theirs, encode_frame(stream_id, 1, 0, data))
+        while (frame := decoder.next_frame()) is None:
+            decoder.receive_data(await asyncio.wait_for(loop.sock_recv(theirs, 65536), 10))
+        assert isinstance(frame, Frame) and frame.stream_id == stream_id
+        return ttrpc_pb2.Response.FromString(frame.data)
+
+    late = await call(1, Req(payload=b"late", sleep_ms=60_000), timeout_nano=200_000_000)
+    assert late.status.code == ttrpc.Code.DEADLINE_EXCEEDED
+    assert cancelled.is_set()
+    on_time = await call(3, Req(payload=b"next"), timeout_nano=10_000_000_000)
+    assert on_time.status.code == ttrpc.Code.OK
+    assert echo_pb2.EchoResponse.FromString(on_time.payload).payload == b"next"
+    theirs.close()
     await asyncio.wait_for(serving, timeout=5)

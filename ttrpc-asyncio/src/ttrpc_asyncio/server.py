@@ -51,6 +51,8 @@ class _Call:
     method: Method
     task: asyncio.Task[None] | None = None
     queue: MessageQueue | None = None
+    expired: bool = False
+    """Its deadline passed and cancelled the task (not yet taken back by uncancel)."""
 
 
 class _ServerChannel(Channel):
@@ -133,30 +135,30 @@ class _ServerChannel(Channel):
     async def _run(self, stream_id: int, call: _Call, context: CallContext, payload: bytes) -> None:
         method = call.method
         response: bytes | None
+        # A bare timer, not asyncio.timeout_at (a scope object, a task lookup,
+        # four calls): a client may make a unary call per connection it serves.
+        timer = None
+        if context.deadline is not None:
+            timer = self._loop.call_at(context.deadline, self._deadline_passed, call)
         try:
-            if context.deadline is None:
-                response = await self._invoke(stream_id, call, context, payload)
-            else:
-                async with asyncio.timeout_at(context.deadline) as scope:
-                    try:
-                        response = await self._invoke(stream_id, call, context, payload)
-                    except TimeoutError:
-                        if not scope.expired():
-                            raise
-                        raise TtrpcError(
-                            Code.DEADLINE_EXCEEDED, "context deadline exceeded"
-                        ) from None
+            response = await self._invoke(stream_id, call, context, payload)
         except TimeoutError:
             response = _status(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
         except TtrpcError as exc:
             response = _status(exc.code, exc.message)
         except asyncio.CancelledError:
-            self.calls.pop(stream_id, None)
-            raise
+            if not self._cancelled_by_deadline(call):
+                self.calls.pop(stream_id, None)
+                raise
+            response = _status(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
         except Exception as exc:
             log.exception("ttrpc server: handler failed method=/%s/%s stream_id=%d",
                           context.service, method.name, stream_id)  # fmt: skip
             response = _status(Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+        finally:
+            if timer is not None:
+                timer.cancel()
+                self._cancelled_by_deadline(call)  # a handler that swallowed it
         if self.calls.pop(stream_id, None) is None:
             return  # the stream was already answered (rejected frame)
         if self.conn.stream_state(stream_id) is StreamState.CLOSED or not self.is_connected():
@@ -169,6 +171,21 @@ class _ServerChannel(Channel):
             await self.write(frame)
         except (TtrpcError, LocalProtocolError) as exc:
             log.debug("ttrpc server: could not finish stream_id=%d: %s", stream_id, exc)
+
+    @staticmethod
+    def _deadline_passed(call: _Call) -> None:
+        if call.task is not None and not call.task.done():
+            call.expired = True
+            call.task.cancel()
+
+    @staticmethod
+    def _cancelled_by_deadline(call: _Call) -> bool:
+        """Take back the deadline's cancellation (once); True when it was the
+        only one, as asyncio.timeout tells (another cancel must propagate)."""
+        if not call.expired or call.task is None:
+            return False
+        call.expired = False
+        return call.task.uncancel() == 0
 
     async def _invoke(
         self, stream_id: int, call: _Call, context: CallContext, payload: bytes
