@@ -164,6 +164,24 @@ class _Connection(Pending):
         return f"{ids} pid={self.peer.pid} uid={self.peer.uid} gid={self.peer.gid}"
 
 
+class _Dialed:
+    """A connection the host had dialed, as log lines name it: escaped only
+    when a line is written (every Dial has one, few are logged)."""
+
+    __slots__ = ("expose_id", "path", "stream_id")
+
+    def __init__(self, stream_id: str, expose_id: str, path: str) -> None:
+        self.stream_id = stream_id
+        self.expose_id = expose_id
+        self.path = path
+
+    def __str__(self) -> str:
+        return (
+            f"stream_id={escape(self.stream_id)} expose_id={escape(self.expose_id)} "
+            f"socket_path={escape(self.path)}"
+        )
+
+
 def _peer_of(conn: socket.socket) -> ttrpc.PeerCredentials | None:
     try:
         return ttrpc.PeerCredentials.of(conn)
@@ -574,10 +592,7 @@ class Service(SocketForwardBase):
         if self._closed:
             raise ttrpc.TtrpcError(ttrpc.Code.UNAVAILABLE, "socketforward: shutting down")
         stream_id, expose_id, path = request.stream_id, request.expose_id, request.socket_path
-        what = (
-            f"stream_id={escape(stream_id)} expose_id={escape(expose_id)} "
-            f"socket_path={escape(path)}"
-        )
+        what = _Dialed(stream_id, expose_id, path)
         try:
             self._check_dial(stream_id, path)
         except ttrpc.TtrpcError as exc:
@@ -662,7 +677,7 @@ class Service(SocketForwardBase):
             detail = exc.strerror or str(exc)
         raise ttrpc.TtrpcError(code, f"socketforward: dial {path!r}: {detail}")
 
-    def _dial_failed(self, what: str, exc: ttrpc.TtrpcError) -> None:
+    def _dial_failed(self, what: _Dialed, exc: ttrpc.TtrpcError) -> None:
         # The host asks for these at will: rate-limited, ids escaped.
         code = exc.code.name if isinstance(exc.code, ttrpc.Code) else exc.code
         self._peer_log.warning(
