@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
@@ -202,4 +203,63 @@ async def test_timeout_nano_alone_ends_the_handler() -> None:
     assert on_time.status.code == ttrpc.Code.OK
     assert echo_pb2.EchoResponse.FromString(on_time.payload).payload == b"next"
     theirs.close()
+    await asyncio.wait_for(serving, timeout=5)
+
+
+class Immediate(echo_ttrpc.EchoBase):
+    """Unary as a plain function: answers at once, or hands back an awaitable
+    (a sleep asked for), or fails as asked."""
+
+    def Unary(  # type: ignore[override]  # plain functions are served too (register)
+        self, request: echo_pb2.EchoRequest, context: ttrpc.CallContext
+    ) -> echo_pb2.EchoResponse | Awaitable[echo_pb2.EchoResponse]:
+        if request.fail_code:
+            raise ttrpc.TtrpcError(request.fail_code, request.fail_message)
+        if request.payload == b"boom":
+            raise RuntimeError("boom")
+        if request.sleep_ms:
+            return self._later(request)
+        return echo_pb2.EchoResponse(payload=request.payload, seq=1)
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+
+    async def _later(self, request: echo_pb2.EchoRequest) -> echo_pb2.EchoResponse:
+        try:
+            await asyncio.sleep(request.sleep_ms / 1000)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return echo_pb2.EchoResponse(payload=request.payload, seq=2)
+
+
+async def test_plain_function_unary_handlers_answer_as_coroutines_do(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A unary handler written as a plain function is served like an async one:
+    its answer, its error status, INTERNAL (logged) for a bug, and an awaitable
+    it returns awaited with the call's deadline; the connection goes on."""
+    ours, theirs = socket.socketpair()
+    server = ttrpc.Server()
+    service = Immediate()
+    server.register(service)
+    serving = asyncio.create_task(server.serve_connection(ours))
+    async with await ttrpc.Client.connect(theirs) as client:
+        stub = echo_ttrpc.EchoStub(client)
+        assert (await stub.Unary(Req(payload=b"now"))).seq == 1
+        assert (await stub.Unary(Req(payload=b"later", sleep_ms=10))).seq == 2
+        with pytest.raises(ttrpc.TtrpcError) as info:
+            await stub.Unary(Req(fail_code=5, fail_message="gone"))
+        assert (info.value.code, info.value.message) == (ttrpc.Code.NOT_FOUND, "gone")
+        with pytest.raises(ttrpc.TtrpcError) as info:
+            await stub.Unary(Req(payload=b"boom"))
+        assert info.value.code is ttrpc.Code.INTERNAL
+        assert "handler failed" in caplog.text
+        with pytest.raises(ttrpc.TtrpcError) as info:
+            await stub.Unary(Req(payload=b"late", sleep_ms=60_000), timeout=0.2)
+        assert info.value.code is ttrpc.Code.DEADLINE_EXCEEDED
+        await asyncio.wait_for(service.cancelled.wait(), 10)  # the server's deadline too
+        calls = [stub.Unary(Req(payload=b"%d" % i, sleep_ms=i % 2)) for i in range(50)]
+        answers = await asyncio.gather(*calls)
+        assert [a.payload for a in answers] == [b"%d" % i for i in range(50)]
     await asyncio.wait_for(serving, timeout=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import socket
@@ -35,10 +36,13 @@ class Method:
     """A registered RPC: the bound handler and what the descriptor says of it."""
 
     name: str
-    handler: Callable[..., Awaitable[Any]]
+    handler: Callable[..., Any]
     request_type: type[Message]
     client_streaming: bool
     server_streaming: bool
+    immediate: bool = False
+    """A unary method whose handler is a plain function, not ``async def``: it is
+    called as the request is read and may answer at once (:meth:`Server.register`)."""
 
 
 def _status(code: Code | int, message: str) -> bytes:
@@ -93,7 +97,7 @@ class _ServerChannel(Channel):
         if call is not None and call.task is not None:
             call.task.cancel()
 
-    def _answer(self, stream_id: int, code: Code, message: str) -> None:
+    def _answer(self, stream_id: int, code: Code | int, message: str) -> None:
         self.write_nowait(self.conn.send_response(stream_id, _status(code, message)))
 
     def _start(self, event: RequestReceived) -> None:
@@ -114,7 +118,7 @@ class _ServerChannel(Channel):
         if method is None:
             self._answer(stream_id, Code.UNIMPLEMENTED, f"method {request.method}")
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         context = CallContext(
             service=request.service,
             method=request.method,
@@ -122,6 +126,9 @@ class _ServerChannel(Channel):
             deadline=loop.time() + request.timeout_nano / 1e9 if request.timeout_nano > 0 else None,
             peer=self.peer,
         )
+        if method.immediate:
+            self._start_immediate(stream_id, method, context, request.payload)
+            return
         call = _Call(method)
         if method.client_streaming:
             call.queue = MessageQueue(RECEIVE_QUEUE_SIZE, self.queue_has_space)
@@ -132,7 +139,42 @@ class _ServerChannel(Channel):
         call.task = loop.create_task(self._run(stream_id, call, context, request.payload))
         self.server.track(call.task)
 
-    async def _run(self, stream_id: int, call: _Call, context: CallContext, payload: bytes) -> None:
+    def _start_immediate(
+        self, stream_id: int, method: Method, context: CallContext, payload: bytes
+    ) -> None:
+        """Call a plain-function unary handler now: its answer goes out at once
+        (no task); an awaitable it returns instead is awaited in a task, as a
+        coroutine handler is."""
+        try:
+            result = method.handler(decode(method.request_type, payload), context)
+        except TtrpcError as exc:
+            self._answer(stream_id, exc.code, exc.message)
+            return
+        except Exception as exc:
+            log.exception("ttrpc server: handler failed method=/%s/%s stream_id=%d",
+                          context.service, method.name, stream_id)  # fmt: skip
+            self._answer(stream_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return
+        if not inspect.isawaitable(result):
+            response = ttrpc_pb2.Response(payload=result.SerializeToString())
+            self.write_nowait(self.conn.send_response(stream_id, response.SerializeToString()))
+            return
+        call = _Call(method)
+        self.calls[stream_id] = call
+        call.task = self._loop.create_task(self._run(stream_id, call, context, b"", result))
+        self.server.track(call.task)
+        if inspect.iscoroutine(result):
+            # Cancelled before its first step, the task never awaits it: close it.
+            call.task.add_done_callback(lambda _: result.close())
+
+    async def _run(
+        self,
+        stream_id: int,
+        call: _Call,
+        context: CallContext,
+        payload: bytes,
+        started: Awaitable[Message] | None = None,
+    ) -> None:
         method = call.method
         response: bytes | None
         # A bare timer, not asyncio.timeout_at (a scope object, a task lookup,
@@ -141,7 +183,11 @@ class _ServerChannel(Channel):
         if context.deadline is not None:
             timer = self._loop.call_at(context.deadline, self._deadline_passed, call)
         try:
-            response = await self._invoke(stream_id, call, context, payload)
+            if started is not None:
+                answer = (await started).SerializeToString()
+                response = ttrpc_pb2.Response(payload=answer).SerializeToString()
+            else:
+                response = await self._invoke(stream_id, call, context, payload)
         except TimeoutError:
             response = _status(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
         except TtrpcError as exc:
@@ -258,7 +304,13 @@ class Server:
         self, service: object, service_descriptor: descriptor.ServiceDescriptor | None = None
     ) -> None:
         """Serve ``service``'s methods, found by name from its proto service descriptor
-        (the generated ``XxxBase`` carries it as ``SERVICE_DESCRIPTOR``)."""
+        (the generated ``XxxBase`` carries it as ``SERVICE_DESCRIPTOR``).
+
+        A unary handler may be a plain function instead of ``async def``: it is
+        then called in the loop callback that read the request, so it must not
+        block, and returns the response (sent at once, no task per call) or an
+        awaitable, which is awaited in a task with the call's deadline, as a
+        coroutine handler is."""
         desc = service_descriptor or getattr(service, "SERVICE_DESCRIPTOR", None)
         if not isinstance(desc, descriptor.ServiceDescriptor):
             raise TypeError(f"{type(service).__name__} has no SERVICE_DESCRIPTOR; pass one")
@@ -277,6 +329,8 @@ class Server:
                 request_type=message_factory.GetMessageClass(m.input_type),
                 client_streaming=m.client_streaming,
                 server_streaming=m.server_streaming,
+                immediate=not (m.client_streaming or m.server_streaming)
+                and not inspect.iscoroutinefunction(handler),
             )
         self.services[desc.full_name] = methods
 
