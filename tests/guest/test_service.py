@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 import ttrpc_asyncio as ttrpc
-from socketforward import transport
+from socketforward import datastream, transport
 from socketforward.api import socketforward_pb2 as pb
+from socketforward.api.socketforward_ttrpc import SocketForwardStub
 from socketforward.protocol import STREAM_ID_PREFIX
 from tests.guest.harness import (
     PATIENCE,
@@ -678,3 +679,52 @@ async def test_fail_fast_closes_connections_at_once_while_no_host_is_connected()
             await host.close()
             await host.stop_relays()
             await echo.close()
+
+
+# -- Dial (exposes) ----------------------------------------------------------------
+
+
+async def test_dial_read_before_its_data_stream_waits_for_it_then_relays() -> None:
+    """The host's Dial may be read before its data stream is registered (two
+    sockets, either order): the guest waits for the stream, answers, relays to
+    the VM socket, and gives the budget share back when the connection ends."""
+    async with running_guest() as guest:
+        echo = await EchoService.start(guest.root / "vm.sock")
+        try:
+            stub = await guest.connect()
+            request = pb.DialRequest(
+                stream_id="expose-1-a", expose_id="e", socket_path=str(guest.root / "vm.sock")
+            )
+            call = asyncio.create_task(stub.Dial(request, timeout=PATIENCE))
+            await until(lambda: guest.service.budget().connections == 1)
+            assert not call.done()  # waiting for the data stream
+            data = await datastream.open_stream(guest.streams_ep, "expose-1-a")
+            with data:
+                await call
+                await asyncio.get_running_loop().sock_sendall(data, b"hi")
+                data.shutdown(socket.SHUT_WR)
+                assert await read_to_eof(data) == b"hi" + trailer(b"hi")
+            await until(lambda: guest.service.budget().connections == 0)
+            assert guest.service.expose_stats()["e"].connected == 1
+        finally:
+            await echo.close()
+
+
+async def test_a_waiting_dial_dropped_with_its_rpc_connection_gives_its_share_back() -> None:
+    """A Dial still waiting for its data stream when the host's RPC connection
+    drops ends with it: the host's call fails, and the guest gives the budget
+    share back (nothing left open for a stream that will never come)."""
+    async with running_guest() as guest:
+        host_side, guest_side = socket.socketpair()
+        serving = asyncio.create_task(guest.server.serve_connection(guest_side))
+        client = await ttrpc.Client.connect(host_side)
+        request = pb.DialRequest(
+            stream_id="expose-2-b", expose_id="e", socket_path=str(guest.root / "vm.sock")
+        )
+        call = asyncio.create_task(SocketForwardStub(client).Dial(request, timeout=PATIENCE))
+        await until(lambda: guest.service.budget().connections == 1)
+        await client.close()
+        with pytest.raises(ttrpc.TtrpcError):
+            await call
+        await until(lambda: guest.service.budget().connections == 0)
+        await asyncio.wait_for(serving, PATIENCE)

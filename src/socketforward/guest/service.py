@@ -24,8 +24,8 @@ import itertools
 import logging
 import select
 import socket
-from collections.abc import Iterable
-from typing import Any, Final, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Final, NoReturn, Protocol
 
 from google.protobuf import empty_pb2
 
@@ -182,6 +182,49 @@ class _Dialed:
         )
 
 
+def _dial_error(path: str, exc: OSError) -> ttrpc.TtrpcError:
+    """The status for a VM socket *path* that could not be dialed."""
+    code = _DIAL_CODES.get(exc.errno or 0, ttrpc.Code.UNAVAILABLE)
+    return ttrpc.TtrpcError(code, f"socketforward: dial {path!r}: {exc.strerror or exc}")
+
+
+class _DialWait:
+    """A Dial that must wait, until its task takes it over: it holds a budget
+    share, and the data stream when that was claimed already."""
+
+    __slots__ = ("data", "give_back", "request", "stats", "taken", "what")
+
+    def __init__(
+        self,
+        what: _Dialed,
+        request: pb.DialRequest,
+        stats: ForwardStats,
+        data: socket.socket | None,
+        give_back: Callable[[], None],
+    ) -> None:
+        self.what, self.request, self.stats = what, request, stats
+        self.data = data
+        self.give_back = give_back
+        self.taken = False
+
+    def take(self) -> socket.socket | None:
+        self.taken = True
+        data, self.data = self.data, None
+        return data
+
+    def task_done(self, task: asyncio.Task[empty_pb2.Empty]) -> None:
+        # A done callback, not a finally: a task cancelled before its first step
+        # never runs its coroutine, which then took nothing over.
+        if not self.taken:
+            self.taken = True
+            if self.data is not None:
+                self.data.close()
+                self.data = None
+            self.give_back()
+        if not task.cancelled():
+            task.exception()  # retrieved: the server may have stopped awaiting it
+
+
 def _peer_of(conn: socket.socket) -> ttrpc.PeerCredentials | None:
     try:
         return ttrpc.PeerCredentials.of(conn)
@@ -245,7 +288,7 @@ class Service(SocketForwardBase):
         self._deadlines: Deadlines[_Connection] = Deadlines(
             pending_timeout, self._dispatcher.expire
         )
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._relays: set[relay.Relay] = set()
         self._stats: dict[str, ForwardStats] = {}
         self._call_numbers = itertools.count(1)
@@ -588,7 +631,11 @@ class Service(SocketForwardBase):
 
     # -- Dial: the expose direction (docs/protocol.md 4.10) -----------------------------
 
-    async def Dial(self, request: pb.DialRequest, context: ttrpc.CallContext) -> empty_pb2.Empty:
+    # A plain function, not async def: the ttrpc server calls it as the request is
+    # read, so the usual Dial (stream registered, socket accepting) costs no task.
+    def Dial(  # type: ignore[override]
+        self, request: pb.DialRequest, context: ttrpc.CallContext
+    ) -> empty_pb2.Empty | asyncio.Task[empty_pb2.Empty]:
         if self._closed:
             raise ttrpc.TtrpcError(ttrpc.Code.UNAVAILABLE, "socketforward: shutting down")
         stream_id, expose_id, path = request.stream_id, request.expose_id, request.socket_path
@@ -608,29 +655,65 @@ class Service(SocketForwardBase):
             stats.fail("budget")
             self._dial_failed(what, spent)
             raise spent
-        self._budget.take()  # given back by the relay, or below
-        conn: socket.socket | None = None
-        data: socket.socket | None = None
+        self._budget.take()  # given back by the relay, or on failure
+        # The host opens the data stream before it asks: usually registered already.
         try:
-            data = await self._claim_stream(stream_id)
+            data = self._streams.get(stream_id)
+        except LookupError:
+            return self._dial_later(_DialWait(what, request, stats, None, self._budget.give_back))
+        try:
+            conn = transport.connect_unix_now(path)
+        except OSError as exc:  # no socket to be had (EMFILE...): waiting would not help
+            self._dial_refused(what, stats, _dial_error(path, exc), data)
+        if conn is None:
+            return self._dial_later(_DialWait(what, request, stats, data, self._budget.give_back))
+        self._run_relay(what, stream_id, conn, data, stats, ends_channel=request.ends_channel)
+        return empty_pb2.Empty()
+
+    def _dial_later(self, wait: _DialWait) -> asyncio.Task[empty_pb2.Empty]:
+        """The rest of a Dial that must wait (for its data stream or the VM
+        socket), in a task of ours that the ttrpc server awaits."""
+        task = asyncio.get_running_loop().create_task(self._dial_waiting(wait))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(wait.task_done)
+        return task
+
+    async def _dial_waiting(self, wait: _DialWait) -> empty_pb2.Empty:
+        data, what, stats = wait.take(), wait.what, wait.stats
+        stream_id, path = wait.request.stream_id, wait.request.socket_path
+        conn: socket.socket | None = None
+        try:
+            if data is None:
+                data = await self._claim_stream(stream_id)
             conn = await self._dial(path)
         except ttrpc.TtrpcError as exc:
-            for sock in (conn, data):
-                if sock is not None:
-                    sock.close()
-            self._budget.give_back()
-            reason = _DIAL_REASONS.get(exc.code) if isinstance(exc.code, ttrpc.Code) else None
-            stats.fail(reason or "dial")
-            self._dial_failed(what, exc)
-            raise
+            self._dial_refused(what, stats, exc, data, conn)
         except BaseException:
             for sock in (conn, data):
                 if sock is not None:
                     sock.close()
             self._budget.give_back()
             raise
-        self._run_relay(what, stream_id, conn, data, stats, ends_channel=request.ends_channel)
+        self._run_relay(what, stream_id, conn, data, stats, ends_channel=wait.request.ends_channel)
         return empty_pb2.Empty()
+
+    def _dial_refused(
+        self,
+        what: _Dialed,
+        stats: ForwardStats,
+        exc: ttrpc.TtrpcError,
+        *socks: socket.socket | None,
+    ) -> NoReturn:
+        """Close what a Dial opened, give its budget share back, count, log, raise *exc*."""
+        for sock in socks:
+            if sock is not None:
+                sock.close()
+        self._budget.give_back()
+        reason = _DIAL_REASONS.get(exc.code) if isinstance(exc.code, ttrpc.Code) else None
+        stats.fail(reason or "dial")
+        self._dial_failed(what, exc)
+        raise exc
 
     def _check_dial(self, stream_id: str, path: str) -> None:
         if not valid_stream_id(stream_id):
@@ -664,18 +747,18 @@ class Service(SocketForwardBase):
     async def _dial(self, path: str) -> socket.socket:
         """Connect to the VM socket *path*; a TtrpcError whose code says why not."""
         try:
-            # A UNIX connect is usually done at once: no task, no timer.
+            # A UNIX connect is usually done at once: no timer.
             now = transport.connect_unix_now(path)
             if now is not None:
                 return now
             return await transport.connect(transport.UnixEndpoint(path), timeout=self._dial_timeout)
         except TimeoutError:
-            code = ttrpc.Code.DEADLINE_EXCEEDED
-            detail = f"no answer within {self._dial_timeout:g}s"
+            raise ttrpc.TtrpcError(
+                ttrpc.Code.DEADLINE_EXCEEDED,
+                f"socketforward: dial {path!r}: no answer within {self._dial_timeout:g}s",
+            ) from None
         except OSError as exc:
-            code = _DIAL_CODES.get(exc.errno or 0, ttrpc.Code.UNAVAILABLE)
-            detail = exc.strerror or str(exc)
-        raise ttrpc.TtrpcError(code, f"socketforward: dial {path!r}: {detail}")
+            raise _dial_error(path, exc) from None
 
     def _dial_failed(self, what: _Dialed, exc: ttrpc.TtrpcError) -> None:
         # The host asks for these at will: rate-limited, ids escaped.
