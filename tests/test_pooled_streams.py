@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from socketforward import Forward, Guest, Host
+from socketforward import Expose, Forward, Guest, Host
 from socketforward.datastream import (
     POOLED_PREFIX,
     HandshakeError,
@@ -266,3 +266,25 @@ async def test_a_host_that_goes_leaves_no_pooled_stream_in_the_guest(short_tmp: 
                 await host.wait_connected()
             await _until(lambda: registry.stats().pooled == 4, "pooled", timeout=10)
         await _until(lambda: registry.stats().pooled == 0, "dropped", timeout=10)
+
+
+async def test_exposed_connections_take_pooled_streams(short_tmp: Path) -> None:
+    """The other direction takes pooled streams too: Dial names one, and every
+    byte arrives."""
+    rpc, streams = embedded_endpoints(short_tmp)
+    vm_service, exposed = short_tmp / "vm-echo.sock", short_tmp / "host" / "echo.sock"
+    async with (
+        await echo_server(vm_service),
+        Host(
+            rpc_listen=rpc, streams=streams, exposes=[Expose("e", str(vm_service), str(exposed))]
+        ) as host,
+        Guest(rpc_dial=rpc, streams=streams),
+    ):
+        async with asyncio.timeout(30):
+            await host.wait_connected()
+        await _until(lambda: host.forwarder.pool_stats().ready == 4, "pool full", timeout=10)
+        for i in range(10):
+            payload = b"exposed %d " % i * 100
+            assert await echo_round_trip(exposed, payload) == payload
+        assert host.forwarder.pool_stats().taken >= 5
+        assert host.expose_stats()["e"].connected == 10

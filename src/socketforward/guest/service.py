@@ -644,6 +644,7 @@ class Service(SocketForwardBase):
             self._check_dial(stream_id, path)
         except ttrpc.TtrpcError as exc:
             self._dial_failed(what, exc)
+            self.drop_stream(stream_id)  # opened for this Dial: nobody will claim it
             raise
         stats = self._expose_stats.setdefault(expose_id, ForwardStats())
         stats.requests += 1
@@ -654,6 +655,7 @@ class Service(SocketForwardBase):
             )
             stats.fail("budget")
             self._dial_failed(what, spent)
+            self.drop_stream(stream_id)
             raise spent
         self._budget.take()  # given back by the relay, or on failure
         # The host opens the data stream before it asks: usually registered already.

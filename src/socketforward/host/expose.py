@@ -1,10 +1,11 @@
 """The expose direction, VM -> host (docs/protocol.md 4.10).
 
 For each :class:`~socketforward.host.forwards.Expose` the host listens at its
-host path (mode 0600 unless configured). Each client gets a fresh stream id;
-the host opens a data stream to the guest's stream endpoint (same channel and
-handshake as the forward direction), asks the guest with ``Dial`` to connect
-it to the VM socket, and relays; on any failure the client is closed at once
+host path (mode 0600 unless configured). Each client gets a data stream to
+the guest's stream endpoint: a pooled one when the pool has one ready
+(docs/protocol.md 5.6), else one opened now under a fresh stream id (same
+channel and handshake as the forward direction); the host asks the guest with
+``Dial`` to connect it to the VM socket, and relays; on any failure the client is closed at once
 and one line (rate-limited: a VM can fail dials at will) says why.
 
 Budgets are the forward direction's: a client counts among the VM's
@@ -201,15 +202,24 @@ class Exposer:
     ) -> None:
         """Data stream, Dial, relay; on failure the client is closed and counted."""
         connector = self.connector
-        stream_id = generate_stream_id(EXPOSE_STREAM_PREFIX)
         data: socket.socket | None = None
         handed = False
         ack: datastream.AckReader | None = None
+        pooled = connector.pool.take()  # acked already: Dial names it (5.6)
+        if pooled is not None:
+            stream_id, data = pooled
+            # Bytes from the VM socket may come before the relay: not the pool's.
+            asyncio.get_running_loop().remove_reader(data.fileno())
+        else:
+            stream_id = generate_stream_id(EXPOSE_STREAM_PREFIX)
         try:
             try:
                 # Usually the id goes out at once; then Dial goes too, and the
                 # ack (sent before the guest claims the stream) is read after it.
-                data = datastream.open_stream_now(connector.streams_endpoint, stream_id)
+                if data is None:
+                    data = datastream.open_stream_now(connector.streams_endpoint, stream_id)
+                    if data is not None:
+                        ack = datastream.AckReader(connector.streams_endpoint, stream_id)
                 if data is None:
                     data = await datastream.open_stream(
                         connector.streams_endpoint,
@@ -217,8 +227,6 @@ class Exposer:
                         timeout=connector.stream_timeout,
                         retry_for=0,
                     )
-                else:
-                    ack = datastream.AckReader(connector.streams_endpoint, stream_id)
             except (OSError, datastream.HandshakeError) as exc:
                 reason = EXHAUSTED if transport.out_of_resources(exc) else STREAM_FAILED
                 self._fail(expose, stats, reason, f"data stream open failed: {exc}")
