@@ -205,11 +205,14 @@ class Exposer:
         data: socket.socket | None = None
         handed = False
         ack: datastream.AckReader | None = None
+        loop = asyncio.get_running_loop()
         pooled = connector.pool.take()  # acked already: Dial names it (5.6)
         if pooled is not None:
             stream_id, data = pooled
-            # Bytes from the VM socket may come before the relay: not the pool's.
-            asyncio.get_running_loop().remove_reader(data.fileno())
+            # Bytes from the VM socket may come before the relay; the watch stays
+            # for the relay to take over (no epoll removal and re-add).
+            fd = data.fileno()
+            loop.add_reader(fd, loop.remove_reader, fd)
         else:
             stream_id = generate_stream_id(EXPOSE_STREAM_PREFIX)
         try:
@@ -280,6 +283,8 @@ class Exposer:
             raise
         finally:
             if data is not None:
+                if pooled is not None:
+                    loop.remove_reader(data.fileno())
                 data.close()
             if not handed:
                 client.close()
