@@ -286,7 +286,9 @@ async def _serve(cfg: AgentConfig, plan: FdPlan) -> None:
                 f"dial {cfg.rpc_dial}" if cfg.rpc_dial is not None else f"listen {cfg.rpc_listen}",
                 cfg.streams,
             )
-            ended = await daemon.run_until_stopped(guest.wait_stopped(), stop, notifier=notifier)
+            ended = await daemon.run_until_stopped(
+                guest.wait_stopped(), stop, notifier=notifier, freeze=True
+            )
             if ended is not None and not ended.cancelled() and ended.exception() is not None:
                 option = "--rpc-dial" if cfg.rpc_dial is not None else "--rpc-listen"
                 error = ended.exception()

@@ -461,7 +461,9 @@ async def _serve(args: argparse.Namespace, host: Host, stop: asyncio.Event, coun
         )
     else:
         log.info("host dialing rpc=%s streams=%s forwards=%d", args.rpc_dial, args.streams, count)
-    ended = await run_until_stopped(host.wait_stopped(), stop, notifier=Notifier.from_environment())
+    ended = await run_until_stopped(
+        host.wait_stopped(), stop, notifier=Notifier.from_environment(), freeze=True
+    )
     if ended is not None:
         log.error("host stopped unexpectedly error=%r", ended.exception())
         return 1
