@@ -10,6 +10,7 @@ import os
 import resource
 import socket
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -731,32 +732,40 @@ async def test_a_waiting_dial_dropped_with_its_rpc_connection_gives_its_share_ba
         await asyncio.wait_for(serving, PATIENCE)
 
 
-async def test_an_answer_naming_a_pooled_stream_relays_on_that_stream() -> None:
-    """A host of ours answers with a data stream it opened ahead of demand
-    (docs/protocol.md 5.6): the container's bytes travel on it both ways."""
-    loop = asyncio.get_running_loop()
+@contextlib.asynccontextmanager
+async def _answered_by_hand() -> AsyncIterator[tuple[Guest, HostStream]]:
+    """A guest with forward "fwd" bound at vm.sock and a host Accept stream whose
+    answers the test sends itself."""
     async with running_guest() as guest:
         stub = await guest.connect()
         await bind(stub, {"fwd": guest.root / "vm.sock"})
         host = await HostStream(stub, guest.streams_ep, {}, answer="silent").open()
         try:
-            pooled = await datastream.open_stream(guest.streams_ep, POOLED_PREFIX + "a")
-            client = await transport.connect(transport.UnixEndpoint(str(guest.root / "vm.sock")))
-            with client, pooled:
-                await loop.sock_sendall(client, b"ping")
-                await host.wait_received(1)
-                await host.send(
-                    pb.ConnectResult(
-                        stream_id=host.received[0].stream_id, data_stream_id=POOLED_PREFIX + "a"
-                    )
-                )
-                async with asyncio.timeout(PATIENCE):
-                    assert await loop.sock_recv(pooled, 100) == b"ping"
-                    await loop.sock_sendall(pooled, b"pong")
-                    assert await loop.sock_recv(client, 100) == b"pong"
-            assert guest.registry.stats().pooled == 0
+            yield guest, host
         finally:
             await host.close()
+
+
+async def test_an_answer_naming_a_pooled_stream_relays_on_that_stream() -> None:
+    """A host of ours answers with a data stream it opened ahead of demand
+    (docs/protocol.md 5.6): the container's bytes travel on it both ways."""
+    loop = asyncio.get_running_loop()
+    async with _answered_by_hand() as (guest, host):
+        pooled = await datastream.open_stream(guest.streams_ep, POOLED_PREFIX + "a")
+        client = await transport.connect(transport.UnixEndpoint(str(guest.root / "vm.sock")))
+        with client, pooled:
+            await loop.sock_sendall(client, b"ping")
+            await host.wait_received(1)
+            await host.send(
+                pb.ConnectResult(
+                    stream_id=host.received[0].stream_id, data_stream_id=POOLED_PREFIX + "a"
+                )
+            )
+            async with asyncio.timeout(PATIENCE):
+                assert await loop.sock_recv(pooled, 100) == b"ping"
+                await loop.sock_sendall(pooled, b"pong")
+                assert await loop.sock_recv(client, 100) == b"pong"
+        assert guest.registry.stats().pooled == 0
 
 
 async def test_a_pooled_stream_named_for_a_gone_connection_is_closed(
@@ -767,28 +776,22 @@ async def test_a_pooled_stream_named_for_a_gone_connection_is_closed(
     answer naming a stream that is not a pooled one is logged and ignored, and
     the connection is served on its own stream id."""
     loop = asyncio.get_running_loop()
-    async with running_guest() as guest:
-        stub = await guest.connect()
-        await bind(stub, {"fwd": guest.root / "vm.sock"})
-        host = await HostStream(stub, guest.streams_ep, {}, answer="silent").open()
-        try:
-            with await datastream.open_stream(guest.streams_ep, POOLED_PREFIX + "late") as late:
-                await host.send(
-                    pb.ConnectResult(
-                        stream_id="socketfwd-1-gone", data_stream_id=POOLED_PREFIX + "late"
-                    )
+    async with _answered_by_hand() as (guest, host):
+        with await datastream.open_stream(guest.streams_ep, POOLED_PREFIX + "late") as late:
+            await host.send(
+                pb.ConnectResult(
+                    stream_id="socketfwd-1-gone", data_stream_id=POOLED_PREFIX + "late"
                 )
+            )
+            async with asyncio.timeout(PATIENCE):
+                assert await loop.sock_recv(late, 1) == b""
+        client = await transport.connect(transport.UnixEndpoint(str(guest.root / "vm.sock")))
+        with client:
+            await loop.sock_sendall(client, b"ping")
+            await host.wait_received(1)
+            stream_id = host.received[0].stream_id
+            await host.send(pb.ConnectResult(stream_id=stream_id, data_stream_id="not-pooled"))
+            with await datastream.open_stream(guest.streams_ep, stream_id) as data:
                 async with asyncio.timeout(PATIENCE):
-                    assert await loop.sock_recv(late, 1) == b""
-            client = await transport.connect(transport.UnixEndpoint(str(guest.root / "vm.sock")))
-            with client:
-                await loop.sock_sendall(client, b"ping")
-                await host.wait_received(1)
-                stream_id = host.received[0].stream_id
-                await host.send(pb.ConnectResult(stream_id=stream_id, data_stream_id="not-pooled"))
-                with await datastream.open_stream(guest.streams_ep, stream_id) as data:
-                    async with asyncio.timeout(PATIENCE):
-                        assert await loop.sock_recv(data, 100) == b"ping"
-            assert any("names no pooled stream" in r.getMessage() for r in caplog.records)
-        finally:
-            await host.close()
+                    assert await loop.sock_recv(data, 100) == b"ping"
+        assert any("names no pooled stream" in r.getMessage() for r in caplog.records)
