@@ -393,9 +393,7 @@ class StreamRegistry:
             self._refuse(h, "duplicate", f"stream {stream_id!r} already exists")
             return
         if stream_id.startswith(POOLED_PREFIX):
-            if len(self._pooled) + self._reserved_pooled >= self.max_pooled:
-                self._sweep_pooled()
-            if len(self._pooled) + self._reserved_pooled >= self.max_pooled:
+            if not self._room_for_pooled():
                 self._peer_log.warning(
                     "too_many_pooled",
                     "stream handshake rejected stream_id=%s error=too_many_pooled limit=%d",
@@ -485,6 +483,14 @@ class StreamRegistry:
         if dropped:
             log.debug("pooled streams dropped count=%d", dropped)
         return dropped
+
+    def _room_for_pooled(self) -> bool:
+        """Whether one more pooled stream fits (acks being written count); at
+        the cap, after dropping those whose host closed them."""
+        if len(self._pooled) + self._reserved_pooled < self.max_pooled:
+            return True
+        self._sweep_pooled()
+        return len(self._pooled) + self._reserved_pooled < self.max_pooled
 
     def _sweep_pooled(self) -> None:
         """Drop the pooled streams whose host closed them with nothing to read

@@ -5,8 +5,9 @@ host path (mode 0600 unless configured). Each client gets a data stream to
 the guest's stream endpoint: a pooled one when the pool has one ready
 (docs/protocol.md 5.6), else one opened now under a fresh stream id (same
 channel and handshake as the forward direction); the host asks the guest with
-``Dial`` to connect it to the VM socket, and relays; on any failure the client is closed at once
-and one line (rate-limited: a VM can fail dials at will) says why.
+``Dial`` to connect it to the VM socket, and relays; on any failure the client
+is closed at once and one line (rate-limited: a VM can fail dials at will)
+says why.
 
 Budgets are the forward direction's: a client counts among the VM's
 connections (``max_relays``) while it is being set up and while it relays.
@@ -216,28 +217,17 @@ class Exposer:
         else:
             stream_id = generate_stream_id(EXPOSE_STREAM_PREFIX)
         try:
-            try:
-                # Usually the id goes out at once; then Dial goes too, and the
-                # ack (sent before the guest claims the stream) is read after it.
-                if data is None:
-                    data = datastream.open_stream_now(connector.streams_endpoint, stream_id)
-                    if data is not None:
-                        ack = datastream.AckReader(connector.streams_endpoint, stream_id)
-                if data is None:
-                    data = await datastream.open_stream(
-                        connector.streams_endpoint,
-                        stream_id,
-                        timeout=connector.stream_timeout,
-                        retry_for=0,
-                    )
-            except (OSError, datastream.HandshakeError) as exc:
-                reason = EXHAUSTED if transport.out_of_resources(exc) else STREAM_FAILED
-                self._fail(expose, stats, reason, f"data stream open failed: {exc}")
-                return
-            problem = connector.stream_peer_problem(data)
-            if problem is not None:
-                self._fail(expose, stats, STREAM_FAILED, f"data stream served by {problem}")
-                return
+            if data is None:  # not pooled: open one now (the pool checked its own)
+                try:
+                    data, ack = await self._open_stream(stream_id)
+                except (OSError, datastream.HandshakeError) as exc:
+                    reason = EXHAUSTED if transport.out_of_resources(exc) else STREAM_FAILED
+                    self._fail(expose, stats, reason, f"data stream open failed: {exc}")
+                    return
+                problem = connector.stream_peer_problem(data)
+                if problem is not None:
+                    self._fail(expose, stats, STREAM_FAILED, f"data stream served by {problem}")
+                    return
             ends = connector.ends_channel_for(stream_id)
             request = pb.DialRequest(
                 stream_id=stream_id,
@@ -288,6 +278,22 @@ class Exposer:
                 data.close()
             if not handed:
                 client.close()
+
+    async def _open_stream(
+        self, stream_id: str
+    ) -> tuple[socket.socket, datastream.AckReader | None]:
+        """A data stream opened for one client, and the reader of its ack when
+        that is still to come. Usually the id goes out at once; then Dial goes
+        too, and the ack (sent before the guest claims the stream) is read
+        after it."""
+        endpoint = self.connector.streams_endpoint
+        data = datastream.open_stream_now(endpoint, stream_id)
+        if data is not None:
+            return data, datastream.AckReader(endpoint, stream_id)
+        opened = await datastream.open_stream(
+            endpoint, stream_id, timeout=self.connector.stream_timeout, retry_for=0
+        )
+        return opened, None
 
     def _refuse(
         self, expose: Expose, client: socket.socket, stats: ForwardStats, reason: str, why: str

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from socketforward import datastream, transport
+from socketforward.deadlines import Deadlines
 from socketforward.logs import RateLimitedLog
 from socketforward.transport import Backoff
 
@@ -55,15 +56,15 @@ class PoolStats:
 
 
 class _Opening:
-    """A pooled stream between connect and ack."""
+    """A pooled stream between connect and ack (hashed by identity: a
+    Deadlines key)."""
 
-    __slots__ = ("ack", "fd", "sock", "timer")
+    __slots__ = ("ack", "fd", "sock")
 
     def __init__(self, sock: socket.socket, ack: datastream.AckReader) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.ack = ack
-        self.timer: asyncio.TimerHandle | None = None
 
 
 class StreamPool:
@@ -90,7 +91,8 @@ class StreamPool:
         self._check_peer = check_peer
         self._size = 0
         self._ready: deque[tuple[str, socket.socket]] = deque()
-        self._opening: set[_Opening] = set()
+        # Streams whose ack is awaited, each under the stream timeout: one timer.
+        self._opening: Deadlines[_Opening] = Deadlines(stream_timeout, self._ack_timed_out)
         self._task: asyncio.Task[None] | None = None  # the filler for non-unix endpoints
         self._retry: asyncio.TimerHandle | None = None
         self._backoff = Backoff(0.05, 5.0)
@@ -126,7 +128,7 @@ class StreamPool:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        for opening in list(self._opening):
+        for opening in self._opening.drain():
             self._drop(opening)
         loop = asyncio.get_running_loop() if self._ready else None
         while self._ready:
@@ -155,10 +157,24 @@ class StreamPool:
     def _next_id(self) -> str:
         return f"{datastream.POOLED_PREFIX}{self._tag}-{next(self._ids)}"
 
+    def _missing(self) -> bool:
+        """Whether fewer streams are ready or on their way than the pool keeps."""
+        return len(self._ready) + len(self._opening) < self._size
+
+    def _trusted(self, sock: socket.socket) -> bool:
+        """Whether a fresh stream's listener is the expected user; if not the
+        stream is closed and the failure counted."""
+        problem = self._check_peer(sock)
+        if problem is None:
+            return True
+        sock.close()
+        self._failure(f"stream endpoint served by another user {problem}")
+        return False
+
     def _fill(self) -> None:
         if self._retry is not None or self._task is not None:
             return
-        while self._size and len(self._ready) + len(self._opening) < self._size:
+        while self._missing():
             pool_id = self._next_id()
             try:
                 sock = datastream.open_stream_now(self.endpoint, pool_id)
@@ -172,10 +188,7 @@ class StreamPool:
                 return
 
     def _watch_ack(self, sock: socket.socket, pool_id: str) -> bool:
-        problem = self._check_peer(sock)
-        if problem is not None:
-            sock.close()
-            self._failure(f"stream endpoint served by another user {problem}")
+        if not self._trusted(sock):
             return False
         opening = _Opening(sock, datastream.AckReader(self.endpoint, pool_id))
         loop = asyncio.get_running_loop()
@@ -185,7 +198,6 @@ class StreamPool:
             sock.close()
             self._failure(f"{exc!r}")
             return False
-        opening.timer = loop.call_later(self._stream_timeout, self._ack_timed_out, opening)
         self._opening.add(opening)
         return True
 
@@ -198,20 +210,15 @@ class StreamPool:
             self._failure(str(exc))
             return
         self._opening.discard(opening)
-        if opening.timer is not None:
-            opening.timer.cancel()
         self._backoff.reset()
         self._ready_now(opening.ack.stream_id, opening.sock)
 
     def _ack_timed_out(self, opening: _Opening) -> None:
-        opening.timer = None
         self._drop(opening)
         self._failure(f"no ack within {self._stream_timeout}s")
 
     def _drop(self, opening: _Opening) -> None:
         self._opening.discard(opening)
-        if opening.timer is not None:
-            opening.timer.cancel()
         asyncio.get_running_loop().remove_reader(opening.fd)
         opening.sock.close()
 
@@ -234,21 +241,16 @@ class StreamPool:
     async def _open_slowly(self) -> None:
         """The filler for endpoints whose connect waits (vsock, hvsock)."""
         try:
-            while self._size and len(self._ready) + len(self._opening) < self._size:
+            while self._missing():
                 pool_id = self._next_id()
                 try:
                     sock = await datastream.open_stream(
                         self.endpoint, pool_id, timeout=self._stream_timeout, retry_for=0
                     )
                 except (OSError, datastream.HandshakeError) as exc:
-                    self._task = None
                     self._failure(str(exc))
                     return
-                problem = self._check_peer(sock)
-                if problem is not None:
-                    sock.close()
-                    self._task = None
-                    self._failure(f"stream endpoint served by another user {problem}")
+                if not self._trusted(sock):
                     return
                 self._backoff.reset()
                 self._ready_now(pool_id, sock)
