@@ -52,6 +52,29 @@ def test_duration_options_refuse_non_positive_or_infinite_values() -> None:
         assert "not a positive number of seconds" in result.stderr
 
 
+def test_pool_sizes_are_bounded_and_say_so() -> None:
+    """The host's --stream-pool takes 0 to 64 and the guest's
+    --max-pooled-streams 0 or more; anything else is exit status 2 naming the
+    value (docs/protocol.md 5.6)."""
+    cases = [
+        (["host", "--rpc-listen", "unix:/nonexistent/rpc.sock", "--streams",
+          "unix:/nonexistent-streams", "--stream-pool", "65"], "must be from 0 to 64"),
+        (["host", "--rpc-listen", "unix:/nonexistent/rpc.sock", "--streams",
+          "unix:/nonexistent-streams", "--stream-pool", "-1"], "must be >= 0"),
+        (["guest", "--rpc-dial", "unix:/nonexistent", "--streams", "unix:/nonexistent-streams",
+          "--max-pooled-streams", "-1"], "must be >= 0"),
+        (["guest", "--rpc-dial", "unix:/nonexistent", "--streams", "unix:/nonexistent-streams",
+          "--max-pooled-streams", "many"], "is not an integer"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "socketforward", *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+
+
 def test_version_prints_the_package_version() -> None:
     """`socketforward --version` names the installed version and exits 0."""
     result = subprocess.run(

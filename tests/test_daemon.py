@@ -117,6 +117,8 @@ def test_option_values(parse: object, text: str, value: float) -> None:
         (daemon.non_negative_seconds, "inf", "0 or more"),
         (daemon.positive_int, "0", "must be >= 1"),
         (daemon.positive_int, "x", "not an integer"),
+        (daemon.non_negative_int, "-1", "must be >= 0"),
+        (daemon.int_in_range(0, 64), "65", "must be from 0 to 64"),
         (daemon.octal_mode, "800", "not an octal mode"),
         (daemon.octal_mode, "1000", "out of range 0..777"),
     ],
