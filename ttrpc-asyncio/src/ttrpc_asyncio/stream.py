@@ -29,7 +29,10 @@ class MessageQueue:
     ``on_space`` is called as the consumer takes messages from a queue at least
     half full."""
 
-    __slots__ = ("_end", "_items", "_low_water", "_maxsize", "_on_space", "_waiter")
+    __slots__ = (
+        "_consumer", "_end", "_end_waiter", "_items", "_low_water", "_maxsize", "_on_space",
+        "_waiter",
+    )  # fmt: skip
 
     def __init__(self, maxsize: int, on_space: Callable[[MessageQueue], None]) -> None:
         self._items: collections.deque[bytes] = collections.deque()
@@ -38,6 +41,8 @@ class MessageQueue:
         self._on_space = on_space
         self._end: BaseException | bool = False
         self._waiter: asyncio.Future[None] | None = None
+        self._consumer: Callable[[bytes], None] | None = None
+        self._end_waiter: asyncio.Future[None] | None = None
 
     @property
     def below_low_water(self) -> bool:
@@ -47,9 +52,33 @@ class MessageQueue:
     def finished(self) -> bool:
         return self._end is not False
 
+    def consume(self, consumer: Callable[[bytes], None] | None) -> None:
+        """Hand each item to *consumer* as it is offered instead of queueing it
+        (items already queued go first); None queues them again. An exception
+        from *consumer* ends the queue with that error."""
+        self._consumer = consumer
+        drained = consumer is not None and bool(self._items)
+        while consumer is not None and self._consumer is consumer and self._items:
+            if not self._hand_over(consumer, self._items.popleft()):
+                break
+        if drained:
+            self._on_space(self)  # the connection may be waiting for room
+
+    def _hand_over(self, consumer: Callable[[bytes], None], item: bytes) -> bool:
+        try:
+            consumer(item)
+        except Exception as exc:
+            self.fail(exc)
+            return False
+        return True
+
     def offer(self, item: bytes, *, force: bool = False) -> bool:
         if self._end is not False:
             return True  # the reader is gone; drop silently
+        consumer = self._consumer
+        if consumer is not None and not self._items:
+            self._hand_over(consumer, item)
+            return True
         if not force and len(self._items) >= self._maxsize:
             return False
         self._items.append(item)
@@ -61,12 +90,29 @@ class MessageQueue:
         if self._end is False:
             self._end = error if error is not None else True
             self._wake()
+            self._wake_end()
 
     def fail(self, error: BaseException) -> None:
         """End at once, dropping queued items."""
         self._items.clear()
         self._end = error
         self._wake()
+        self._wake_end()
+
+    def _wake_end(self) -> None:
+        waiter = self._end_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def ended(self) -> None:
+        """Wait until no more items will come, leaving queued ones where they
+        are; raises the stream's error, if it ended with one."""
+        while self._end is False:
+            if self._end_waiter is None or self._end_waiter.done():
+                self._end_waiter = asyncio.get_running_loop().create_future()
+            await self._end_waiter
+        if isinstance(self._end, BaseException):
+            raise self._end
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -98,6 +144,24 @@ def decode(message_type: type[RecvT], data: bytes) -> RecvT:
         return message_type.FromString(data)
     except DecodeError as exc:
         raise MessageDecodeError(message_type.__name__, data, str(exc)) from exc
+
+
+def _decoder(
+    message_type: type[RecvT],
+    on_message: Callable[[RecvT], None],
+    on_undecodable: Callable[[MessageDecodeError], None],
+) -> Callable[[bytes], None]:
+    """A MessageQueue consumer that decodes each payload for *on_message*."""
+
+    def consume(data: bytes) -> None:
+        try:
+            message = decode(message_type, data)
+        except MessageDecodeError as exc:
+            on_undecodable(exc)
+            return
+        on_message(message)
+
+    return consume
 
 
 class ClientStream(Generic[SendT, RecvT]):
@@ -177,6 +241,28 @@ class ClientStream(Generic[SendT, RecvT]):
             return None
         return decode(self._response_type, data)
 
+    def deliver(
+        self,
+        on_message: Callable[[RecvT], None],
+        on_undecodable: Callable[[MessageDecodeError], None],
+    ) -> None:
+        """Hand each message to *on_message* as the connection reads it, with
+        no task woken per message: for a consumer whose work per message never
+        waits. A message that does not decode goes to *on_undecodable*. ``recv``
+        then returns only at the end of the stream (None, or its error); an
+        exception from either callback ends the stream with that error.
+        :meth:`stop_delivery` queues messages for ``recv`` again."""
+        self._queue.consume(_decoder(self._response_type, on_message, on_undecodable))
+
+    def stop_delivery(self) -> None:
+        """Queue messages for ``recv`` again (undoes :meth:`deliver`)."""
+        self._queue.consume(None)
+
+    async def ended(self) -> None:
+        """Wait until the server has ended the stream, without taking any message
+        (those still queued stay for ``recv``); raises the stream's error."""
+        await self._queue.ended()
+
     def __aiter__(self) -> ClientStream[SendT, RecvT]:
         return self
 
@@ -228,6 +314,28 @@ class ServerStream(Generic[RecvT, SendT]):
         undecodable message raises :class:`MessageDecodeError`; the stream goes on."""
         data = await self._queue.get()
         return None if data is None else decode(self._request_type, data)
+
+    def deliver(
+        self,
+        on_message: Callable[[RecvT], None],
+        on_undecodable: Callable[[MessageDecodeError], None],
+    ) -> None:
+        """Hand each of the client's messages to *on_message* as the connection
+        reads it, with no task woken per message: for a handler whose work per
+        message never waits. A message that does not decode goes to
+        *on_undecodable*. ``recv`` then returns only at the end of the client's
+        side (None, or its error); an exception from either callback ends the
+        stream with that error. :meth:`stop_delivery` queues messages again."""
+        self._queue.consume(_decoder(self._request_type, on_message, on_undecodable))
+
+    def stop_delivery(self) -> None:
+        """Queue messages for ``recv`` again (undoes :meth:`deliver`)."""
+        self._queue.consume(None)
+
+    async def ended(self) -> None:
+        """Wait until the client has closed its side, without taking any message
+        (those still queued stay for ``recv``); raises the stream's error."""
+        await self._queue.ended()
 
     def __aiter__(self) -> ServerStream[RecvT, SendT]:
         return self
