@@ -167,3 +167,41 @@ async def test_answers_never_echo_an_oversized_stream_id(short_tmp: Path) -> Non
                 assert (result.stream_id, result.error) == ("", "invalid stream ID")
             assert env.forwarder.unknown_requests == 1
             assert env.forwarder.stats()["fwd-a"].failed == {"bad_stream_id": 1}
+
+
+async def test_vm_that_reads_again_gets_every_answer_in_order(short_tmp: Path) -> None:
+    """A VM sends 400 ConnectRequests and reads nothing until the host has stopped
+    reading them (too much queued for it), then reads again: the host goes on,
+    every request gets its answer, in order, and the RPC connection stays."""
+    count = 400
+    forward = fwd(short_tmp, "a")
+    async with running_host(short_tmp, [forward], max_queued_to_vm=MARK, vm_read_timeout=30) as env:
+        forwarder: Forwarder = env.forwarder
+        sock = await transport.connect(env.rpc, timeout=10)
+        with sock:
+            vm = FloodingVM(sock)
+            async with asyncio.timeout(10):
+                accept_id = await vm.accept_call()
+            loop = asyncio.get_running_loop()
+
+            async def send_all() -> None:
+                for i in range(count):
+                    request = pb.ConnectRequest(stream_id=f"s-{i}", forward_id=LONG_FORWARD_ID)
+                    data = request.SerializeToString()
+                    await loop.sock_sendall(
+                        sock, _HEADER.pack(len(data), accept_id, _DATA, 0) + data
+                    )
+
+            sending = asyncio.ensure_future(send_all())
+            await wait_until(lambda: forwarder.queued_to_vm > MARK)
+            assert forwarder.unknown_requests < count, "the host never stopped reading"
+            answered: list[str] = []
+            async with asyncio.timeout(20):
+                while len(answered) < count:
+                    stream_id, type_, data = await vm._frame()
+                    if stream_id == accept_id and type_ == _DATA:
+                        answered.append(pb.ConnectResult.FromString(data).stream_id)
+                await sending
+        assert answered == [f"s-{i}" for i in range(count)]
+        assert forwarder.unknown_requests == count
+        assert forwarder.unread_drops == 0

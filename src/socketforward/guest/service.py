@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import errno
 import fnmatch
+import functools
 import itertools
 import logging
 import select
@@ -527,8 +528,13 @@ class Service(SocketForwardBase):
             "-" if announced is None else ",".join(sorted(announced)),
             "" if peer is None else f" pid={peer.pid} uid={peer.uid} gid={peer.gid}",
         )
-        loop = asyncio.get_running_loop()
-        receiver = loop.create_task(self._receive(call))
+        # Results are taken as the connection reads them (no task wake per
+        # answer); the receiver only waits for the host to close its side.
+        stream.deliver(
+            functools.partial(self._on_result, call),
+            functools.partial(self._undecodable_result, call),
+        )
+        receiver = asyncio.get_running_loop().create_task(stream.recv())
         how = "ended"
         try:
             self._dispatcher.add_call(call)
@@ -559,25 +565,20 @@ class Service(SocketForwardBase):
         """Python spelling of :meth:`Accept`."""
         await self.Accept(stream)
 
-    async def _receive(self, call: _AcceptCall) -> None:
-        while True:
-            try:
-                result = await call.stream.recv()
-            except ttrpc.MessageDecodeError as exc:
-                # No stream_id to route it by: only this answer is lost (its
-                # connection times out); the call and its other answers go on.
-                log.warning(
-                    "undecodable connect result dropped %s size=%d error=%r",
-                    call,
-                    len(exc.data),
-                    str(exc)[:256],
-                )
-                continue
-            if result is None:
-                return
-            if not result.error and (result.ends_channel or result.data_stream_id):
-                self._take_answer(call, result)
-            self._dispatcher.result(call, result.stream_id, result.error)
+    def _on_result(self, call: _AcceptCall, result: pb.ConnectResult) -> None:
+        if not result.error and (result.ends_channel or result.data_stream_id):
+            self._take_answer(call, result)
+        self._dispatcher.result(call, result.stream_id, result.error)
+
+    def _undecodable_result(self, call: _AcceptCall, exc: ttrpc.MessageDecodeError) -> None:
+        # No stream_id to route it by: only this answer is lost (its connection
+        # times out); the call and its other answers go on.
+        log.warning(
+            "undecodable connect result dropped %s size=%d error=%r",
+            call,
+            len(exc.data),
+            str(exc)[:256],
+        )
 
     def _take_answer(self, call: _AcceptCall, result: pb.ConnectResult) -> None:
         """The extensions of a successful answer: its ends channel (5.5) and the

@@ -640,53 +640,73 @@ class Forwarder:
             )
 
     async def _read_requests(self, session: _Session, call: AcceptCall) -> int:
-        """Start answering each ConnectRequest at once, never waiting on one (the
-        call's receive queue must never stall), except while the VM leaves over
-        max_queued_to_vm bytes unread; returns how many were read."""
+        """Start answering each ConnectRequest as the connection reads it (no task
+        wake per request), never waiting on one (the call's receive queue must
+        never stall), except while the VM leaves over max_queued_to_vm bytes
+        unread; returns how many were read."""
+        stream, client = call.stream, session.client
+        loop = asyncio.get_running_loop()
         count = 0
-        stream = call.stream
-        client = session.client
+        over: asyncio.Future[None] = loop.create_future()
+
+        def on_request(request: pb.ConnectRequest) -> None:
+            nonlocal count
+            count += 1
+            self._answer(session, call, request)
+            # Each answer may queue a result toward the VM (send_nowait).
+            if client.write_buffer_size > self.max_queued_to_vm and not over.done():
+                stream.stop_delivery()  # the rest queue, and the queue pushes back
+                over.set_result(None)
+
+        def on_undecodable(exc: ttrpc.MessageDecodeError) -> None:
+            # No stream_id to answer by: only this message is lost.
+            nonlocal count
+            count += 1
+            self._undecodable += 1
+            self._connector.peer_log.warning(
+                "undecodable",
+                "undecodable connect request dropped size=%d data=%r error=%r",
+                len(exc.data),
+                exc.data[:64],
+                str(exc)[:256],
+            )
+
+        ended = loop.create_task(stream.ended())
         try:
             while True:
-                # Each request read may queue a result toward the VM (send_nowait).
                 if (
                     client.write_buffer_size > self.max_queued_to_vm
                     and not await self._wait_vm_reading(session)
                 ):
                     break
-                try:
-                    request = await stream.recv()
-                except ttrpc.MessageDecodeError as exc:
-                    # No stream_id to answer by: only this message is lost.
-                    count += 1
-                    self._undecodable += 1
-                    self._connector.peer_log.warning(
-                        "undecodable",
-                        "undecodable connect request dropped size=%d data=%r error=%r",
-                        len(exc.data),
-                        exc.data[:64],
-                        str(exc)[:256],
-                    )
-                    continue
-                if request is None:
+                over = loop.create_future()
+                stream.deliver(on_request, on_undecodable)
+                await asyncio.wait({over, ended}, return_when=asyncio.FIRST_COMPLETED)
+                if not over.done():  # ended while delivering: nothing is left queued
+                    ended.result()
                     break
-                count += 1
-                if call.closing:
-                    # Our send side is closed: nothing can be answered here. Only a guest
-                    # that requeues a closed call's requests (ours, 4.8) gets here.
-                    self._connector.peer_log.warning(
-                        "closed_call",
-                        "connect request on a closed accept stream not answered, "
-                        "left to the guest to requeue stream_id=%s forward_id=%s",
-                        escape(request.stream_id),
-                        escape(request.forward_id),
-                    )
-                    continue
-                self._connector.receive(call, request, session.acks, session.spawn)
         except (ttrpc.TtrpcError, ttrpc.ProtocolError) as exc:
             if not session.client.closed:
                 log.warning("accept stream failed error=%r", str(exc))
+        finally:
+            if ended.done() and not ended.cancelled():
+                ended.exception()  # seen (or logged above): not "never retrieved"
+            ended.cancel()
         return count
+
+    def _answer(self, session: _Session, call: AcceptCall, request: pb.ConnectRequest) -> None:
+        if call.closing:
+            # Our send side is closed: nothing can be answered here. Only a guest
+            # that requeues a closed call's requests (ours, 4.8) gets here.
+            self._connector.peer_log.warning(
+                "closed_call",
+                "connect request on a closed accept stream not answered, "
+                "left to the guest to requeue stream_id=%s forward_id=%s",
+                escape(request.stream_id),
+                escape(request.forward_id),
+            )
+            return
+        self._connector.receive(call, request, session.acks, session.spawn)
 
     async def _wait_vm_reading(self, session: _Session) -> bool:
         """Read no ConnectRequest until the VM has taken most of what is queued for
