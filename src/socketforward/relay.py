@@ -220,7 +220,9 @@ class _Direction:
 
     def _watch_src(self, on: bool) -> None:
         if on and not self.reading:
-            self.relay.loop.add_reader(self.src_fd, self._on_readable)
+            # The direction itself is the callback (__call__): a bound method
+            # would be one more object per watcher, held while the connection idles.
+            self.relay.loop.add_reader(self.src_fd, self)
         elif not on and self.reading:
             self.relay.loop.remove_reader(self.src_fd)
         self.reading = on
@@ -262,6 +264,8 @@ class _Direction:
                 self._pump_copy()
         except Exception as exc:
             self.relay.fail(exc)
+
+    __call__ = _on_readable
 
     def _on_writable(self) -> None:
         try:
