@@ -175,11 +175,11 @@ class PipePool:
 class _Direction:
     """One direction src -> dst. Owns its buffer or pipe, not the sockets."""
 
-    # Slots: two of these live as long as every idle forwarded connection.
+    # Slots: two of these live as long as every idle forwarded connection, so
+    # what the relay holds for both (loop, pipe pool, buffer size) stays there.
     __slots__ = (
-        "_buf", "_pipe", "_start", "_view", "announced", "buffer_size", "done", "dst", "dst_fd",
-        "grow_to", "limit", "loop", "mode", "moved", "pending", "pipe_size", "pipes", "reading",
-        "relay", "src", "src_eof", "src_fd", "writing",
+        "_pipe", "_start", "_view", "announced", "done", "dst", "dst_fd", "grow_to", "limit",
+        "mode", "moved", "pending", "reading", "relay", "src", "src_eof", "src_fd", "writing",
     )  # fmt: skip
 
     def __init__(
@@ -188,33 +188,29 @@ class _Direction:
         *,
         src: socket.socket,
         dst: socket.socket,
+        src_fd: int,
+        dst_fd: int,
         mode: Literal["splice", "copy"],
-        buffer_size: int,
-        pipes: PipePool,
         sndbuf: int | None,
     ) -> None:
         self.relay = relay
         self.announced = False
         self.limit: int | None = None  # bytes src carries in all, when told out of band
         self.grow_to = sndbuf  # None once applied (or never wanted)
-        self.loop = relay.loop
         self.src = src
         self.dst = dst
-        self.src_fd = src.fileno()
-        self.dst_fd = dst.fileno()
+        # The relay's fileno() ints, shared by both directions (one object per fd).
+        self.src_fd = src_fd
+        self.dst_fd = dst_fd
         self.mode = mode
-        self.buffer_size = buffer_size
-        self.pipes = pipes
-        self.pipe_size = pipes.size
         self.moved = 0
         self.pending = 0  # bytes read from src not yet written to dst
         self.done = False
         self.src_eof = False
         self.reading = False
         self.writing = False
-        self._buf: bytearray | None = None
-        self._view: memoryview | None = None
-        self._start = 0  # copy mode: pending bytes are _buf[_start:_start+pending]
+        self._view: memoryview | None = None  # copy mode: of the buffer, its only reference
+        self._start = 0  # copy mode: pending bytes are _view[_start:_start+pending]
         self._pipe: tuple[int, int] | None = None
 
     # -- watchers ---------------------------------------------------------
@@ -224,16 +220,18 @@ class _Direction:
 
     def _watch_src(self, on: bool) -> None:
         if on and not self.reading:
-            self.loop.add_reader(self.src_fd, self._on_readable)
+            # The direction itself is the callback (__call__): a bound method
+            # would be one more object per watcher, held while the connection idles.
+            self.relay.loop.add_reader(self.src_fd, self)
         elif not on and self.reading:
-            self.loop.remove_reader(self.src_fd)
+            self.relay.loop.remove_reader(self.src_fd)
         self.reading = on
 
     def _watch_dst(self, on: bool) -> None:
         if on and not self.writing:
-            self.loop.add_writer(self.dst_fd, self._on_writable)
+            self.relay.loop.add_writer(self.dst_fd, self._on_writable)
         elif not on and self.writing:
-            self.loop.remove_writer(self.dst_fd)
+            self.relay.loop.remove_writer(self.dst_fd)
         self.writing = on
 
     def stop(self) -> None:
@@ -246,14 +244,13 @@ class _Direction:
         if self._pipe is not None:
             pipe, self._pipe = self._pipe, None
             if self.pending == 0:
-                self.pipes.put(pipe)
+                self.relay._pipes.put(pipe)
             else:
                 os.close(pipe[0])
                 os.close(pipe[1])
         if self._view is not None:
             self._view.release()
             self._view = None
-        self._buf = None
         self.pending = 0
 
     # -- events -----------------------------------------------------------
@@ -267,6 +264,8 @@ class _Direction:
                 self._pump_copy()
         except Exception as exc:
             self.relay.fail(exc)
+
+    __call__ = _on_readable
 
     def _on_writable(self) -> None:
         try:
@@ -376,8 +375,7 @@ class _Direction:
 
     def _pump_copy(self) -> None:
         if self._view is None:
-            self._buf = bytearray(self.buffer_size)
-            self._view = memoryview(self._buf)
+            self._view = memoryview(bytearray(self.relay._buffer_size))
         view = self._view
         for _ in range(_MAX_PASSES):
             # Only a direction told its far side's count has a limit (rare): no call otherwise.
@@ -420,13 +418,14 @@ class _Direction:
     def _give_back_pipe(self) -> None:
         if self._pipe is not None and self.pending == 0:
             pipe, self._pipe = self._pipe, None
-            self.pipes.put(pipe)
+            self.relay._pipes.put(pipe)
 
     def _pump_splice(self) -> None:
+        pipes = self.relay._pipes
         pipe = self._pipe
         if pipe is None:
             try:
-                pipe = self._pipe = self.pipes.get()
+                pipe = self._pipe = pipes.get()
             except OSError as exc:
                 if exc.errno not in RESOURCE_ERRNOS:
                     raise
@@ -437,9 +436,9 @@ class _Direction:
                 self.relay.stats.pipe_shortages += 1
                 self._pump_copy()
                 return
-        w = pipe[1]
+        w, pipe_size = pipe[1], pipes.size
         for _ in range(_MAX_PASSES):
-            room = self.pipe_size if self.limit is None else self._room(self.pipe_size)
+            room = pipe_size if self.limit is None else self._room(pipe_size)
             try:
                 n = os.splice(self.src_fd, w, room, flags=_SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
@@ -569,23 +568,12 @@ class Relay:
             _set_nonblocking(a)
             _set_nonblocking(b)
             mode = self.stats.mode
+            a_fd, b_fd = a.fileno(), b.fileno()
             self._ab = _Direction(
-                self,
-                src=a,
-                dst=b,
-                mode=mode,
-                buffer_size=self._buffer_size,
-                pipes=self._pipes,
-                sndbuf=self._sndbuf,
+                self, src=a, dst=b, src_fd=a_fd, dst_fd=b_fd, mode=mode, sndbuf=self._sndbuf
             )
             self._ba = _Direction(
-                self,
-                src=b,
-                dst=a,
-                mode=mode,
-                buffer_size=self._buffer_size,
-                pipes=self._pipes,
-                sndbuf=self._sndbuf,
+                self, src=b, dst=a, src_fd=b_fd, dst_fd=a_fd, mode=mode, sndbuf=self._sndbuf
             )
             self._ab.start()
             self._ba.start()
