@@ -28,6 +28,7 @@ class Peer:
         self.heard = asyncio.Event()
         """Set at the first announce."""
         self.done: asyncio.Future[RelayStats] = asyncio.get_running_loop().create_future()
+        self.sink: Sink | None = None
 
 
 class Sink:
@@ -52,7 +53,9 @@ async def relay_with_ends(
     end_timeout: float = 30.0,
     ends_id: str = "s-1",
     channel: int = 1,
+    later: bool = False,
 ) -> AsyncIterator[Peer]:
+    """*later*: the relay starts not knowing how its ends travel (settle_ends)."""
     client, ra = socket.socketpair()
     rb, stream = socket.socketpair()
     for s in (client, stream):
@@ -67,14 +70,16 @@ async def relay_with_ends(
         ra,
         rb,
         mode=mode,  # type: ignore[arg-type]
-        ends=sink,
+        ends=None if later else sink,
         ends_id=ends_id,
-        ends_channel=channel,
+        ends_channel=0 if later else channel,
         on_done=done,
         end_timeout=end_timeout,
+        ends_later=later,
     )
     sink.peers[relay] = Peer(client, stream, relay)
     peer = sink.peers[relay]
+    peer.sink = sink
     holder.append(peer)
     relay.start()
     try:
@@ -111,6 +116,38 @@ async def test_local_eof_is_announced_not_shut_down(mode: str) -> None:
         assert await answer == (2 * MiB, _digest(2 * MiB, 2))
         stats = await peer.done
     assert (stats.ended, stats.bytes_a_to_b, stats.bytes_b_to_a) == ("eof", MiB, 2 * MiB)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_end_before_the_answer_waits_for_it_then_travels_out_of_band(
+    mode: str,
+) -> None:
+    """A connection the guest relays before the host's answer (docs/protocol.md
+    5.6) ends its direction first: nothing is announced and the data stream is
+    not shut down until the answer says how; then the count goes out of band."""
+    async with relay_with_ends(mode, later=True) as peer:
+        _, got = await asyncio.gather(send_all(peer.client, MiB, 1), _read(peer.stream, MiB))
+        assert got == _digest(MiB, 1)
+        assert await nothing_more(peer.stream), "the end did not wait for the answer"
+        assert peer.announced == []
+        assert peer.sink is not None
+        peer.relay.settle_ends(peer.sink, 1)
+        await asyncio.wait_for(peer.heard.wait(), 5)
+        assert peer.announced == [MiB]
+        assert await nothing_more(peer.stream), "the data stream was half-closed"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_end_before_an_answer_without_a_channel_is_a_shutdown(mode: str) -> None:
+    """Held the same way, the end becomes a shutdown of the data stream when the
+    answer names no channel."""
+    async with relay_with_ends(mode, later=True) as peer:
+        _, got = await asyncio.gather(send_all(peer.client, MiB, 1), _read(peer.stream, MiB))
+        assert got == _digest(MiB, 1)
+        assert await nothing_more(peer.stream)
+        peer.relay.settle_ends(None)
+        assert await asyncio.wait_for(recv_all(peer.stream), 5) == (0, _digest(0, 0))
+        assert peer.announced == []
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -314,6 +314,11 @@ class _Direction:
             self.relay.direction_done()
             return
         ends = self.relay.ends
+        if self.relay._ends_later and self is self.relay._ab:
+            # How this end travels is not known yet (see Relay.settle_ends).
+            self.done = False
+            self.relay._end_held = True
+            return
         if ends is not None and self is self.relay._ab:
             if _hung_up(self.src):
                 # The local peer closed whole: nothing can reach it any more, so
@@ -497,9 +502,9 @@ class Relay:
     """
 
     __slots__ = (
-        "_a", "_ab", "_b", "_ba", "_buffer_size", "_closed", "_done", "_end_seen", "_end_timeout",
-        "_end_timer", "_on_done", "_own_pipes", "_pipes", "_sndbuf", "_t0", "ends",
-        "ends_channel", "ends_id", "loop", "stats",
+        "_a", "_ab", "_b", "_ba", "_buffer_size", "_closed", "_done", "_end_held", "_end_seen",
+        "_end_timeout", "_end_timer", "_ends_later", "_on_done", "_own_pipes", "_pipes", "_sndbuf",
+        "_t0", "ends", "ends_channel", "ends_id", "loop", "stats",
     )  # fmt: skip
 
     def __init__(
@@ -517,6 +522,7 @@ class Relay:
         ends_id: str = "",
         ends_channel: int = 0,
         end_timeout: float = END_TIMEOUT,
+        ends_later: bool = False,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self._a = a
@@ -540,6 +546,9 @@ class Relay:
         self._end_timeout = end_timeout
         self._end_timer: asyncio.TimerHandle | None = None
         self._end_seen = 0
+        # With ends_later, a -> b's end waits for settle_ends to say how it travels.
+        self._ends_later = ends_later
+        self._end_held = False
 
     @property
     def buffered(self) -> int:
@@ -580,6 +589,16 @@ class Relay:
         except BaseException as exc:
             self._close("error", exc)
             raise
+
+    def settle_ends(self, ends: EndSink | None, channel: int = 0) -> None:
+        """For a relay made with ``ends_later``: a -> b's end travels to *ends* on
+        *channel*, or as a shutdown of b (None). An end that came meanwhile
+        goes on now."""
+        self.ends, self.ends_channel = ends, channel
+        self._ends_later = False
+        if self._end_held and not self._closed and self._ab is not None:
+            self._end_held = False
+            self._ab._finish()
 
     def close(self) -> None:
         """End the relay now (both sockets closed); ``on_done`` sees "cancelled"."""
