@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
 __all__ = ["Deadlines"]
@@ -39,6 +39,10 @@ class Deadlines(Generic[K]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries
+
+    def __iter__(self) -> Iterator[K]:
+        """The keys, oldest first (do not add or discard while iterating)."""
+        return iter(self._entries)
 
     def add(self, key: K) -> None:
         """Start *key*'s timeout (a key already present keeps its first deadline)."""

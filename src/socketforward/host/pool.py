@@ -97,8 +97,15 @@ class StreamPool:
         self._retry: asyncio.TimerHandle | None = None
         self._backoff = Backoff(0.05, 5.0)
         self._ids = itertools.count(1)
-        self._tag = os.urandom(3).hex()  # ids stay unique across pools of one guest
+        self.tag = os.urandom(3).hex()
+        """In each pooled id: unique across the pools of one guest (several hosts
+        may share it), and how a guest tells this pool's streams apart."""
         self._taken = self._lost = self._failed = 0
+        # Ready streams the guest picked and wrote to before its request came
+        # (5.6): held, unwatched, until the request claims them or the timeout.
+        self._guest_picks = False
+        self._picked: dict[str, socket.socket] = {}
+        self._picked_timeouts: Deadlines[str] = Deadlines(stream_timeout, self._pick_timed_out)
         self._log = RateLimitedLog(log)
 
     def stats(self) -> PoolStats:
@@ -111,9 +118,12 @@ class StreamPool:
             failed=self._failed,
         )
 
-    def start(self, limit: int) -> None:
-        """Keep min(size, *limit*) streams ready (*limit*: the guest's hello)."""
+    def start(self, limit: int, *, guest_picks: bool = False) -> None:
+        """Keep min(size, *limit*) streams ready (*limit*: the guest's hello).
+        With *guest_picks* only :meth:`claim` hands them out: the guest picks
+        them, so the host must never also :meth:`take` one."""
         self.stop()
+        self._guest_picks = guest_picks
         self._size = max(0, min(self.max_size, limit))
         if self._size:
             log.info("stream pool started size=%d endpoint=%s", self._size, self.endpoint)
@@ -136,6 +146,8 @@ class StreamPool:
             assert loop is not None
             loop.remove_reader(sock.fileno())
             sock.close()
+        for pool_id in self._picked_timeouts.drain():
+            self._picked.pop(pool_id).close()
         self._backoff.reset()
         self._log.flush()
 
@@ -145,21 +157,73 @@ class StreamPool:
         whose reader is still registered on the loop: it replaces it at once
         (a relay's add_reader: no epoll removal and re-add) or removes it
         before closing it."""
-        if not self._ready:
+        if not self._ready or self._guest_picks:
             return None
         pool_id, sock = self._ready.popleft()
         self._taken += 1
         asyncio.get_running_loop().call_soon(self._fill)  # after the caller's answer
         return pool_id, sock
 
+    def claim(self, pool_id: str) -> socket.socket | None:
+        """The stream *pool_id* that the guest picked for a new connection and
+        named in its request (5.6); None when the pool has no such stream ready.
+        The caller owns it as after :meth:`take` (a reader may still be
+        registered: replace it, or remove it before closing)."""
+        if not self._guest_picks:
+            return None  # the guest never said it picks: the host takes them
+        sock = self._picked.pop(pool_id, None)
+        if sock is not None:
+            self._picked_timeouts.discard(pool_id)
+        else:
+            sock = self._claim_ready(pool_id)
+        if sock is None:
+            return None
+        self._taken += 1
+        asyncio.get_running_loop().call_soon(self._fill)
+        return sock
+
+    def _claim_ready(self, pool_id: str) -> socket.socket | None:
+        for ready in self._ready:
+            if ready[0] == pool_id:
+                self._ready.remove(ready)
+                return ready[1]
+        for opening in self._opening:
+            if opening.ack.stream_id != pool_id:
+                continue
+            # The guest acked before it picked the stream, so the ack is here
+            # already (else the stream is not the guest's to pick).
+            try:
+                acked = opening.ack.read(opening.sock)
+            except (OSError, datastream.HandshakeError) as exc:
+                self._drop(opening)
+                self._failure(str(exc))
+                return None
+            if not acked:
+                return None
+            self._opening.discard(opening)
+            self._backoff.reset()
+            return opening.sock
+        return None
+
+    def _pick_timed_out(self, pool_id: str) -> None:
+        self._picked.pop(pool_id).close()
+        self._lost += 1
+        self._log.warning(
+            "pool_pick",
+            "pooled stream written to but never named by a request, closed endpoint=%s timeout=%gs",
+            self.endpoint,
+            self._stream_timeout,
+        )
+        self._fill()
+
     # -- filling ----------------------------------------------------------------------
 
     def _next_id(self) -> str:
-        return f"{datastream.POOLED_PREFIX}{self._tag}-{next(self._ids)}"
+        return f"{datastream.POOLED_PREFIX}{self.tag}-{next(self._ids)}"
 
     def _missing(self) -> bool:
         """Whether fewer streams are ready or on their way than the pool keeps."""
-        return len(self._ready) + len(self._opening) < self._size
+        return len(self._ready) + len(self._opening) + len(self._picked) < self._size
 
     def _trusted(self, sock: socket.socket) -> bool:
         """Whether a fresh stream's listener is the expected user; if not the
@@ -229,31 +293,47 @@ class StreamPool:
         self._ready.append(ready)
 
     def _on_ready_readable(self, ready: tuple[str, socket.socket]) -> None:
-        _, sock = ready
+        pool_id, sock = ready
         with contextlib.suppress(ValueError):
             self._ready.remove(ready)
         asyncio.get_running_loop().remove_reader(sock.fileno())
+        try:
+            picked = bool(sock.recv(1, socket.MSG_PEEK))
+        except (BlockingIOError, InterruptedError):
+            picked = True  # woken for nothing: still the guest's to pick
+        except OSError:
+            picked = False
+        if picked:
+            # Bytes from a connection whose request has not come yet.
+            self._picked[pool_id] = sock
+            self._picked_timeouts.add(pool_id)
+            return
         sock.close()
         self._lost += 1
         log.debug("pooled stream closed by the guest endpoint=%s", self.endpoint)
         self._fill()
 
     async def _open_slowly(self) -> None:
-        """The filler for endpoints whose connect waits (vsock, hvsock)."""
+        """The filler for endpoints whose connect waits (vsock, hvsock). Acks are
+        awaited on callbacks, as on the fast path: a stream the guest has acked
+        can be claimed (:meth:`claim`) before the pool has read the ack."""
+        loop = asyncio.get_running_loop()
         try:
             while self._missing():
                 pool_id = self._next_id()
                 try:
-                    sock = await datastream.open_stream(
-                        self.endpoint, pool_id, timeout=self._stream_timeout, retry_for=0
-                    )
-                except (OSError, datastream.HandshakeError) as exc:
+                    sock = await transport.connect(self.endpoint, timeout=self._stream_timeout)
+                except OSError as exc:
                     self._failure(str(exc))
                     return
-                if not self._trusted(sock):
+                try:
+                    await loop.sock_sendall(sock, datastream.encode_string(pool_id))
+                except OSError as exc:
+                    sock.close()
+                    self._failure(str(exc))
                     return
-                self._backoff.reset()
-                self._ready_now(pool_id, sock)
+                if not self._watch_ack(sock, pool_id):
+                    return
         finally:
             if self._task is asyncio.current_task():
                 self._task = None
