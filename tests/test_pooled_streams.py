@@ -22,6 +22,7 @@ from socketforward.datastream import (
 )
 from socketforward.host.pool import StreamPool
 from socketforward.transport import UnixEndpoint, listen
+from tests.host.test_expose import Faults
 from tests.processes import echo_round_trip, echo_server, embedded_endpoints
 
 pytestmark = pytest.mark.timeout(60)
@@ -178,6 +179,80 @@ async def test_the_pool_fills_to_the_guests_limit_and_refills_after_a_take(
         assert reg.drop_pooled() == 3  # what the guest does when the host's call ends
 
 
+async def test_a_stream_the_guest_picked_is_claimed_by_its_id_with_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """A guest that picks (its hello says so): the host never takes a stream
+    itself; the one the guest named is claimed by its id, even when the guest
+    wrote to it before the request came, and those bytes are all there."""
+    async with registry_at(tmp_path / "s.sock") as reg:
+        pool = StreamPool(reg.endpoint, size=2)
+        pool.start(64, guest_picks=True)
+        try:
+            await _until(lambda: pool.stats().ready == 2 and reg.stats().pooled == 2, "full")
+            assert pool.take() is None
+            picked = reg.take_pooled(f"{POOLED_PREFIX}{pool.tag}-")
+            assert picked is not None
+            pool_id, guest_side = picked
+            assert reg.take_pooled(f"{POOLED_PREFIX}another-") is None
+            with guest_side:
+                guest_side.sendall(b"early bytes")
+                await asyncio.sleep(0.1)  # the pool sees them before any request
+                assert pool.claim(f"{POOLED_PREFIX}{pool.tag}-999") is None
+                host_side = pool.claim(pool_id)
+                assert host_side is not None
+                asyncio.get_running_loop().remove_reader(host_side.fileno())
+                with host_side:
+                    host_side.setblocking(True)
+                    assert host_side.recv(100) == b"early bytes"
+                assert pool.claim(pool_id) is None  # once only
+            await _until(lambda: pool.stats().ready == 2, "refilled")
+            assert (pool.stats().taken, pool.stats().lost) == (1, 0)
+        finally:
+            pool.stop()
+
+
+async def test_a_picked_stream_no_request_names_is_closed_after_the_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bytes on a pooled stream and no request for it: the host holds it no
+    longer than its stream timeout, then closes it (one line), counts it lost
+    and opens another."""
+    async with registry_at(tmp_path / "s.sock") as reg:
+        pool = StreamPool(reg.endpoint, size=1, stream_timeout=0.3)
+        pool.start(64, guest_picks=True)
+        try:
+            await _until(lambda: pool.stats().ready == 1, "full")
+            picked = reg.take_pooled(POOLED_PREFIX)
+            assert picked is not None
+            pool_id, guest_side = picked
+            with guest_side:
+                guest_side.sendall(b"x")
+                assert await _eof(guest_side)
+            assert pool.claim(pool_id) is None
+            await _until(lambda: pool.stats().ready == 1, "refilled")
+            assert pool.stats().lost == 1
+        finally:
+            pool.stop()
+    assert "written to but never named by a request" in caplog.text
+
+
+async def test_a_pool_claims_nothing_for_a_guest_that_does_not_pick(tmp_path: Path) -> None:
+    """A guest whose hello does not say it picks: a request naming a pooled
+    stream finds none (the host may have taken it for another connection)."""
+    async with registry_at(tmp_path / "s.sock") as reg:
+        pool = StreamPool(reg.endpoint, size=1)
+        pool.start(64)
+        try:
+            await _until(lambda: pool.stats().ready == 1, "full")
+            picked = reg.take_pooled(POOLED_PREFIX)
+            assert picked is not None
+            picked[1].close()
+            assert pool.claim(picked[0]) is None
+        finally:
+            pool.stop()
+
+
 async def test_a_pool_the_guest_takes_none_of_opens_nothing(tmp_path: Path) -> None:
     """A hello without a limit (nerdbox, or --max-pooled-streams 0): nothing is
     opened, take finds nothing and the caller opens its own stream."""
@@ -268,9 +343,10 @@ async def test_a_host_that_goes_leaves_no_pooled_stream_in_the_guest(short_tmp: 
         await _until(lambda: registry.stats().pooled == 0, "dropped", timeout=10)
 
 
-async def test_exposed_connections_take_pooled_streams(short_tmp: Path) -> None:
-    """The other direction takes pooled streams too: Dial names one, and every
-    byte arrives."""
+async def test_exposes_open_their_own_streams_when_the_guest_picks(short_tmp: Path) -> None:
+    """The other direction leaves the pool to the guest's picks (a stream the
+    host named in a Dial could be one the guest just picked): exposes are
+    served on streams opened for them, every byte exact."""
     rpc, streams = embedded_endpoints(short_tmp)
     vm_service, exposed = short_tmp / "vm-echo.sock", short_tmp / "host" / "echo.sock"
     async with (
@@ -286,5 +362,69 @@ async def test_exposed_connections_take_pooled_streams(short_tmp: Path) -> None:
         for i in range(10):
             payload = b"exposed %d " % i * 100
             assert await echo_round_trip(exposed, payload) == payload
-        assert host.forwarder.pool_stats().taken >= 5
+        assert host.forwarder.pool_stats().taken == 0
         assert host.expose_stats()["e"].connected == 10
+
+
+async def test_a_refused_connection_on_a_picked_stream_is_closed_and_counted(
+    short_tmp: Path,
+) -> None:
+    """The guest relays a new connection at once on a stream it picked; the
+    host then cannot dial its target: the container's connection is closed,
+    nothing it sent is counted as relayed, the failure is counted once on each
+    side, the shares are given back and the pool refills."""
+    rpc, streams = embedded_endpoints(short_tmp)
+    target, vm_path = short_tmp / "absent.sock", short_tmp / "vm" / "absent.sock"
+    async with (
+        Host(
+            rpc_listen=rpc, streams=streams, forwards=[Forward("e", str(target), str(vm_path))]
+        ) as host,
+        Guest(rpc_dial=rpc, streams=streams) as guest,
+    ):
+        async with asyncio.timeout(30):
+            await host.wait_connected()
+        await _until(lambda: host.forwarder.pool_stats().ready == 4, "pool full", timeout=10)
+        reader, writer = await asyncio.open_unix_connection(str(vm_path))
+        with contextlib.closing(writer):
+            writer.write(b"request bytes")
+            with contextlib.suppress(ConnectionResetError):  # a reset: bytes nobody read
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+        await _until(lambda: host.forwarder.pool_stats().ready == 4, "refilled", timeout=10)
+        assert host.forwarder.pool_stats().taken == 1
+        assert guest.service is not None
+        await _until(lambda: guest.service.budget().connections == 0, "share back")
+        vm_stats, host_stats = guest.stats()["e"], host.stats()["e"]
+        assert (vm_stats.connected, vm_stats.active, vm_stats.bytes_to_host) == (0, 0, 0)
+        assert vm_stats.failed == {"host_error": 1}
+        assert (host_stats.connected, host_stats.failed) == (0, {"dial": 1})
+
+
+async def test_emfile_while_refilling_the_pool_costs_no_connection(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No descriptor for the pool's refill (docs/protocol.md 5.6): the pool
+    counts it and backs off; connections are served on streams opened for
+    them meanwhile."""
+    faults = Faults(monkeypatch, lambda n: n == 2)  # 1: the dial; 2: the refill
+    rpc, streams = embedded_endpoints(short_tmp)
+    target, vm_path = short_tmp / "echo.sock", short_tmp / "vm" / "echo.sock"
+    async with (
+        await echo_server(target),
+        Host(
+            rpc_listen=rpc,
+            streams=streams,
+            forwards=[Forward("e", str(target), str(vm_path))],
+            stream_pool=1,
+        ) as host,
+        Guest(rpc_dial=rpc, streams=streams),
+    ):
+        async with asyncio.timeout(30):
+            await host.wait_connected()
+        await _until(lambda: host.forwarder.pool_stats().ready == 1, "pool full", timeout=10)
+        faults.armed = True
+        assert await echo_round_trip(vm_path, b"first") == b"first"
+        await _until(lambda: host.forwarder.pool_stats().failed >= 1, "refill failed")
+        for i in range(3):
+            assert await echo_round_trip(vm_path, b"next %d" % i) == b"next %d" % i
+        stats = host.stats()["e"]
+        assert (stats.connected, stats.failed) == (4, {})

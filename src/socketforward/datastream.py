@@ -472,6 +472,15 @@ class StreamRegistry:
 
     # -- pooled streams (docs/protocol.md 5.6) -------------------------------------
 
+    def take_pooled(self, prefix: str) -> tuple[str, socket.socket] | None:
+        """The oldest pooled stream whose id starts with *prefix* (one host's),
+        and its id, for a connection the guest relays on before the host
+        answers (5.6); None when there is none."""
+        for stream_id in self._pooled:
+            if stream_id.startswith(prefix):
+                return stream_id, self._pooled.pop(stream_id)
+        return None
+
     def drop_pooled(self) -> int:
         """Close every pooled stream nobody claimed (the host's pool is gone:
         an answer lost with it must not leave the host relaying into one);

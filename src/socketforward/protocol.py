@@ -24,6 +24,7 @@ __all__ = [
     "HOST_CID",
     "MAX_FORWARD_ID_LEN",
     "MAX_STREAM_ID_LEN",
+    "PICK_POOLED_METADATA",
     "RPC_PORT",
     "STREAM_ID_PREFIX",
     "STREAM_PORT",
@@ -52,6 +53,10 @@ MAX_FORWARD_ID_LEN: Final = 256
 
 FORWARD_IDS_METADATA: Final = "socketforward-forward-ids"
 """Accept-call metadata key: the forward_ids a host stream serves, comma-separated."""
+PICK_POOLED_METADATA: Final = "socketforward-pick-pooled"
+"""Accept-call metadata key: the host relays a pooled data stream that a
+ConnectRequest names (docs/protocol.md 5.6), one of those whose id starts with
+``socketfwd-pool-{value}-`` (its pool's tag: several hosts may share a guest)."""
 
 
 class HostError(enum.Enum):

@@ -113,26 +113,3 @@ async def test_emfile_on_the_guest_dial_fails_that_client_alone(
         assert host.expose_stats()["e"].failed == {"dial": 1}
         assert guest.expose_stats()["e"].failed == {"exhausted": 1}
         assert guest.expose_stats()["e"].connected == 1
-
-
-async def test_emfile_while_refilling_the_pool_costs_no_client(
-    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """No descriptor for the pool's refill (docs/protocol.md 5.6): the pool
-    counts it and backs off, clients are served on streams opened for them."""
-    faults = Faults(monkeypatch, lambda n: n == 1)
-    async with exposed(short_tmp, stream_pool=1) as (host, guest, path):
-        async with asyncio.timeout(10):
-            while host.forwarder.pool_stats().ready < 1:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        faults.armed = True
-        # The first client takes the ready stream; the refill after it fails.
-        assert await echo_round_trip(path, b"first") == b"first"
-        async with asyncio.timeout(10):
-            while host.forwarder.pool_stats().failed < 1:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        for i in range(3):
-            assert await echo_round_trip(path, b"next %d" % i) == b"next %d" % i
-        await _settled(host, guest)
-        stats = host.expose_stats()["e"]
-        assert (stats.connected, stats.failed) == (4, {})

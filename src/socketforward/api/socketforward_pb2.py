@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5nerdbox/services/socketforward/v1/socketforward.proto\x12!nerdbox.services.socketforward.v1\x1a\x1bgoogle/protobuf/empty.proto\"I\n\x0b\x42indRequest\x12:\n\x07sockets\x18\x01 \x03(\x0b\x32).nerdbox.services.socketforward.v1.Socket\"\x81\x01\n\x06Socket\x12\x12\n\nforward_id\x18\x01 \x01(\t\x12\x13\n\x0bsocket_path\x18\x02 \x01(\t\x12\x11\n\x04mode\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x10\n\x03uid\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x10\n\x03gid\x18\x05 \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05_modeB\x06\n\x04_uidB\x06\n\x04_gid\"7\n\x0e\x43onnectRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x12\n\nforward_id\x18\x02 \x01(\t\"_\n\rConnectResult\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x14\n\x0c\x65nds_channel\x18\x03 \x01(\r\x12\x16\n\x0e\x64\x61ta_stream_id\x18\x04 \x01(\t\"$\n\rUnbindRequest\x12\x13\n\x0b\x66orward_ids\x18\x01 \x03(\t\"R\n\tStreamEnd\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0f\n\x07\x63hannel\x18\x03 \x01(\r\x12\x12\n\npool_limit\x18\x04 \x01(\r\"^\n\x0b\x44ialRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x11\n\texpose_id\x18\x02 \x01(\t\x12\x13\n\x0bsocket_path\x18\x03 \x01(\t\x12\x14\n\x0c\x65nds_channel\x18\x04 \x01(\r2\xe4\x03\n\rSocketForward\x12N\n\x04\x42ind\x12..nerdbox.services.socketforward.v1.BindRequest\x1a\x16.google.protobuf.Empty\x12q\n\x06\x41\x63\x63\x65pt\x12\x30.nerdbox.services.socketforward.v1.ConnectResult\x1a\x31.nerdbox.services.socketforward.v1.ConnectRequest(\x01\x30\x01\x12R\n\x06Unbind\x12\x30.nerdbox.services.socketforward.v1.UnbindRequest\x1a\x16.google.protobuf.Empty\x12l\n\nStreamEnds\x12,.nerdbox.services.socketforward.v1.StreamEnd\x1a,.nerdbox.services.socketforward.v1.StreamEnd(\x01\x30\x01\x12N\n\x04\x44ial\x12..nerdbox.services.socketforward.v1.DialRequest\x1a\x16.google.protobuf.EmptyBCZAgithub.com/socketforward/socketforward/tests/interop/go/sfpb;sfpbb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5nerdbox/services/socketforward/v1/socketforward.proto\x12!nerdbox.services.socketforward.v1\x1a\x1bgoogle/protobuf/empty.proto\"I\n\x0b\x42indRequest\x12:\n\x07sockets\x18\x01 \x03(\x0b\x32).nerdbox.services.socketforward.v1.Socket\"\x81\x01\n\x06Socket\x12\x12\n\nforward_id\x18\x01 \x01(\t\x12\x13\n\x0bsocket_path\x18\x02 \x01(\t\x12\x11\n\x04mode\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x10\n\x03uid\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x10\n\x03gid\x18\x05 \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05_modeB\x06\n\x04_uidB\x06\n\x04_gid\"O\n\x0e\x43onnectRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x12\n\nforward_id\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x61ta_stream_id\x18\x03 \x01(\t\"_\n\rConnectResult\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x14\n\x0c\x65nds_channel\x18\x03 \x01(\r\x12\x16\n\x0e\x64\x61ta_stream_id\x18\x04 \x01(\t\"$\n\rUnbindRequest\x12\x13\n\x0b\x66orward_ids\x18\x01 \x03(\t\"g\n\tStreamEnd\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0f\n\x07\x63hannel\x18\x03 \x01(\r\x12\x12\n\npool_limit\x18\x04 \x01(\r\x12\x13\n\x0bpick_pooled\x18\x05 \x01(\x08\"^\n\x0b\x44ialRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x11\n\texpose_id\x18\x02 \x01(\t\x12\x13\n\x0bsocket_path\x18\x03 \x01(\t\x12\x14\n\x0c\x65nds_channel\x18\x04 \x01(\r2\xe4\x03\n\rSocketForward\x12N\n\x04\x42ind\x12..nerdbox.services.socketforward.v1.BindRequest\x1a\x16.google.protobuf.Empty\x12q\n\x06\x41\x63\x63\x65pt\x12\x30.nerdbox.services.socketforward.v1.ConnectResult\x1a\x31.nerdbox.services.socketforward.v1.ConnectRequest(\x01\x30\x01\x12R\n\x06Unbind\x12\x30.nerdbox.services.socketforward.v1.UnbindRequest\x1a\x16.google.protobuf.Empty\x12l\n\nStreamEnds\x12,.nerdbox.services.socketforward.v1.StreamEnd\x1a,.nerdbox.services.socketforward.v1.StreamEnd(\x01\x30\x01\x12N\n\x04\x44ial\x12..nerdbox.services.socketforward.v1.DialRequest\x1a\x16.google.protobuf.EmptyBCZAgithub.com/socketforward/socketforward/tests/interop/go/sfpb;sfpbb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SOCKET']._serialized_start=197
   _globals['_SOCKET']._serialized_end=326
   _globals['_CONNECTREQUEST']._serialized_start=328
-  _globals['_CONNECTREQUEST']._serialized_end=383
-  _globals['_CONNECTRESULT']._serialized_start=385
-  _globals['_CONNECTRESULT']._serialized_end=480
-  _globals['_UNBINDREQUEST']._serialized_start=482
-  _globals['_UNBINDREQUEST']._serialized_end=518
-  _globals['_STREAMEND']._serialized_start=520
-  _globals['_STREAMEND']._serialized_end=602
-  _globals['_DIALREQUEST']._serialized_start=604
-  _globals['_DIALREQUEST']._serialized_end=698
-  _globals['_SOCKETFORWARD']._serialized_start=701
-  _globals['_SOCKETFORWARD']._serialized_end=1185
+  _globals['_CONNECTREQUEST']._serialized_end=407
+  _globals['_CONNECTRESULT']._serialized_start=409
+  _globals['_CONNECTRESULT']._serialized_end=504
+  _globals['_UNBINDREQUEST']._serialized_start=506
+  _globals['_UNBINDREQUEST']._serialized_end=542
+  _globals['_STREAMEND']._serialized_start=544
+  _globals['_STREAMEND']._serialized_end=647
+  _globals['_DIALREQUEST']._serialized_start=649
+  _globals['_DIALREQUEST']._serialized_end=743
+  _globals['_SOCKETFORWARD']._serialized_start=746
+  _globals['_SOCKETFORWARD']._serialized_end=1230
 # @@protoc_insertion_point(module_scope)

@@ -92,17 +92,26 @@ class ConnectRequest(_message.Message):
 
     STREAM_ID_FIELD_NUMBER: _builtins.int
     FORWARD_ID_FIELD_NUMBER: _builtins.int
+    DATA_STREAM_ID_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     forward_id: _builtins.str
+    data_stream_id: _builtins.str
+    """socketforward extension: a pooled data stream (5.6, its id starting
+    "socketfwd-pool-") the guest took for this connection and already relays
+    on: one of that host's, "socketfwd-pool-{tag}-..." where tag is the value
+    of the Accept call's metadata socketforward-pick-pooled (only sent on such
+    a call). The host relays it or answers an error and closes it.
+    """
     def __init__(
         self,
         *,
         stream_id: _builtins.str = ...,
         forward_id: _builtins.str = ...,
+        data_stream_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["forward_id", b"forward_id", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_stream_id", b"data_stream_id", "forward_id", b"forward_id", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -180,12 +189,18 @@ class StreamEnd(_message.Message):
     BYTES_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     POOL_LIMIT_FIELD_NUMBER: _builtins.int
+    PICK_POOLED_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     bytes: _builtins.int
     channel: _builtins.int
     pool_limit: _builtins.int
     """Hello only: how many pooled data streams (ids starting "socketfwd-pool-")
     the guest keeps until an answer names one; zero, it takes none.
+    """
+    pick_pooled: _builtins.bool
+    """Hello only: the guest picks the pooled stream of a new connection itself and
+    names it in its ConnectRequest (when the Accept call's metadata has
+    socketforward-pick-pooled); the host then never names one in an answer.
     """
     def __init__(
         self,
@@ -194,10 +209,11 @@ class StreamEnd(_message.Message):
         bytes: _builtins.int = ...,
         channel: _builtins.int = ...,
         pool_limit: _builtins.int = ...,
+        pick_pooled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "channel", b"channel", "pool_limit", b"pool_limit", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "channel", b"channel", "pick_pooled", b"pick_pooled", "pool_limit", b"pool_limit", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -45,10 +45,11 @@ from socketforward.guest.bind import (
     validate,
 )
 from socketforward.guest.budget import Budget, BudgetStats, FdPlan
-from socketforward.guest.dispatch import Dispatcher, Failure, HostCall, Pending
+from socketforward.guest.dispatch import Dispatcher, Failure, HostCall, Pending, State
 from socketforward.logs import RateLimitedLog, escape
 from socketforward.protocol import (
     FORWARD_IDS_METADATA,
+    PICK_POOLED_METADATA,
     STREAM_ID_PREFIX,
     announced_forward_ids,
     generate_stream_id,
@@ -114,6 +115,10 @@ class PooledStreams(Protocol):
     def drop_pooled(self) -> int:
         """Close the pooled streams nobody claimed."""
 
+    def take_pooled(self, prefix: str) -> tuple[str, socket.socket] | None:
+        """A pooled stream whose id starts with *prefix*, and its id, for the
+        guest to relay on at once; None when there is none."""
+
 
 class _AcceptCall(HostCall["_Connection"]):
     """A host Accept call with its ttrpc stream."""
@@ -123,9 +128,14 @@ class _AcceptCall(HostCall["_Connection"]):
         number: int,
         stream: ttrpc.ServerStream[pb.ConnectResult, pb.ConnectRequest],
         announced: frozenset[str] | None,
+        *,
+        pick_prefix: str = "",
     ) -> None:
         super().__init__(number, announced)
         self.stream = stream
+        self.pick_prefix = pick_prefix
+        """The start of the ids of the host's pooled streams, when it relays one
+        a request names (5.6): pick one of those; "" when it does not."""
         # Done when the call must end: None for shutdown, else why it failed.
         self.ended: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
 
@@ -139,7 +149,7 @@ class _Connection(Pending):
     """A container connection waiting for its host's answer; owns *conn* until
     it is relayed or closed."""
 
-    __slots__ = ("conn", "data_stream_id", "ends_channel", "peer")
+    __slots__ = ("conn", "data_stream_id", "ends_channel", "peer", "relay")
 
     def __init__(
         self, forward_id: str, conn: socket.socket, peer: ttrpc.PeerCredentials | None
@@ -150,7 +160,9 @@ class _Connection(Pending):
         self.ends_channel = 0
         """The StreamEnds call the host's answer named (0: ends as shutdowns)."""
         self.data_stream_id = ""
-        """The pooled stream the host's answer named (5.6); "": stream_id's own."""
+        """The pooled stream this connection relays on (5.6); "": stream_id's own."""
+        self.relay: relay.Relay | None = None
+        """Relaying already on a pooled stream the guest picked, the answer awaited."""
 
     @property
     def data_stream(self) -> str:
@@ -224,6 +236,15 @@ class _DialWait:
             self.give_back()
         if not task.cancelled():
             task.exception()  # retrieved: the server may have stopped awaiting it
+
+
+def _pick_prefix(values: list[str]) -> str:
+    """The ids of the pooled streams an Accept call's host relays when a request
+    names one (its metadata, 5.6); "" when it does not, or says it oddly."""
+    tag = values[0] if len(values) == 1 else ""
+    if not (0 < len(tag) <= 32 and tag.isascii() and tag.isalnum()):
+        return ""
+    return f"{POOLED_PREFIX}{tag}-"
 
 
 def _peer_of(conn: socket.socket) -> ttrpc.PeerCredentials | None:
@@ -520,7 +541,12 @@ class Service(SocketForwardBase):
         if self._closed:
             raise ttrpc.TtrpcError(ttrpc.Code.UNAVAILABLE, "socketforward: shutting down")
         announced = announced_forward_ids(stream.context.get(FORWARD_IDS_METADATA))
-        call = _AcceptCall(next(self._call_numbers), stream, announced)
+        call = _AcceptCall(
+            next(self._call_numbers),
+            stream,
+            announced,
+            pick_prefix=_pick_prefix(stream.context.get(PICK_POOLED_METADATA)),
+        )
         peer = stream.context.peer
         log.info(
             "accept stream opened %s forward_ids=%s%s",
@@ -607,7 +633,7 @@ class Service(SocketForwardBase):
         channel = next(self._call_numbers)
         # The hello: the host names this call in the answers whose ends it carries.
         limit = 0 if self._pooled is None else self._pooled.max_pooled
-        await stream.send(pb.StreamEnd(channel=channel, pool_limit=limit))
+        await stream.send(pb.StreamEnd(channel=channel, pool_limit=limit, pick_pooled=bool(limit)))
         self._ends_calls[channel] = stream
         log.info("stream ends call opened channel=%d", channel)
         try:
@@ -775,17 +801,30 @@ class Service(SocketForwardBase):
     def send_request(self, call: _AcceptCall, pending: _Connection) -> bool:
         # No task per call: the window of unanswered requests bounds what can
         # pile up in the transport.
+        picked = None
+        if call.pick_prefix and self._pooled is not None and call.serves(pending.forward_id):
+            picked = self._pooled.take_pooled(call.pick_prefix)
+        request = pb.ConnectRequest(stream_id=pending.stream_id, forward_id=pending.forward_id)
+        if picked is not None:
+            request.data_stream_id = picked[0]
         try:
-            call.stream.send_nowait(
-                pb.ConnectRequest(stream_id=pending.stream_id, forward_id=pending.forward_id)
-            )
+            call.stream.send_nowait(request)
         except (ttrpc.TtrpcError, ttrpc.StreamClosedError) as exc:
             call.end(exc)
+            if picked is not None:
+                picked[1].close()
             return False
+        if picked is not None:
+            # Relay at once (5.6): the connection's first bytes cross with the
+            # request, not after the answer; the answer says whether it stays.
+            self._relay_early(pending, *picked)
         return True
 
     def close_pending(self, pending: _Connection, reason: Failure, detail: str) -> None:
         self._deadlines.discard(pending)
+        if pending.relay is not None:
+            pending.relay.close()  # its end gives back the share
+            pending.relay = None
         if pending.conn is not None:
             pending.conn.close()
             pending.conn = None
@@ -800,6 +839,11 @@ class Service(SocketForwardBase):
         )
 
     def claim(self, pending: _Connection) -> bool:
+        if pending.relay is not None:
+            # Unanswered, but relaying on the stream the guest picked: whether
+            # the host relays it too, the stream tells (its ends as shutdowns).
+            self._settle_early(pending, 0)
+            return True
         try:
             data = self._streams.get(pending.data_stream)
         except LookupError:
@@ -823,6 +867,9 @@ class Service(SocketForwardBase):
 
     def start_relay(self, pending: _Connection) -> None:
         self._deadlines.discard(pending)
+        if pending.relay is not None:
+            self._settle_early(pending, pending.ends_channel)
+            return
         # The host opens the data stream before answering, so it is usually
         # registered already: no task needed to wait for it.
         try:
@@ -859,6 +906,30 @@ class Service(SocketForwardBase):
         stats = self._stats.setdefault(p.forward_id, ForwardStats())
         self._run_relay(p, p.stream_id, conn, data, stats, ends_channel=p.ends_channel)
 
+    def _relay_early(self, p: _Connection, pool_id: str, data: socket.socket) -> None:
+        """Relay *p* on the pooled stream *pool_id* before the host answers; the
+        answer's deadline stays."""
+        conn, p.conn = p.conn, None
+        if conn is None:
+            data.close()
+            return
+        p.data_stream_id = pool_id
+        stats = self._stats.setdefault(p.forward_id, ForwardStats())
+        p.relay = self._run_relay(p, p.stream_id, conn, data, stats, ends_channel=0, early=True)
+
+    def _settle_early(self, p: _Connection, ends_channel: int) -> None:
+        """*p*'s early relay stays: count it, and let its ends travel on
+        *ends_channel* (0: as shutdowns)."""
+        running, p.relay = p.relay, None
+        assert running is not None
+        if running.closed:
+            return
+        self._stats.setdefault(p.forward_id, ForwardStats()).connected += 1
+        channel = ends_channel if ends_channel in self._ends_calls else 0
+        if channel:
+            self._ends.add(running)
+        running.settle_ends(self._ends if channel else None, channel)
+
     def _run_relay(
         self,
         what: object,
@@ -868,11 +939,15 @@ class Service(SocketForwardBase):
         stats: ForwardStats,
         *,
         ends_channel: int,
-    ) -> None:
+        early: bool = False,
+    ) -> relay.Relay | None:
         """Relay *conn* (in the VM) and the data stream *data*; *conn* holds a
         budget share, given back when the relay ends. *what* names the
-        connection in the log."""
-        stats.connected += 1
+        connection in the log. *early*: before the host's answer, which
+        settles it (counted connected then; its a -> b end held till then).
+        Returns the relay, None when it ended at once."""
+        if not early:
+            stats.connected += 1
         stats.active += 1
         log.debug("relaying %s", what)
 
@@ -883,8 +958,10 @@ class Service(SocketForwardBase):
             if channel:
                 self._ends.discard(running)
             stats.active -= 1
-            stats.bytes_to_host += result.bytes_a_to_b
-            stats.bytes_to_vm += result.bytes_b_to_a
+            if not (early and isinstance(what, _Connection) and what.state is State.FAILED):
+                # (bytes of a connection the host refused went nowhere)
+                stats.bytes_to_host += result.bytes_a_to_b
+                stats.bytes_to_vm += result.bytes_b_to_a
             if result.ended == "cancelled":
                 log.debug("connection ended by shutdown %s", what)
                 return
@@ -908,6 +985,7 @@ class Service(SocketForwardBase):
                 ends=self._ends if channel else None,
                 ends_id=stream_id,
                 ends_channel=channel,
+                ends_later=early,
             )
         except BaseException:
             conn.close()
@@ -920,3 +998,4 @@ class Service(SocketForwardBase):
             running.start()
             if channel and not running.closed:
                 self._ends.add(running)
+        return None if running.closed else running

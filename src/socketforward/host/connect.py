@@ -104,6 +104,13 @@ def _reason(exc: BaseException, otherwise: str) -> str:
     return EXHAUSTED if transport.out_of_resources(exc) else otherwise
 
 
+def close_pooled(sock: socket.socket) -> None:
+    """Close a pooled stream whose reader may still be registered (5.6)."""
+    with contextlib.suppress(Exception):
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+    sock.close()
+
+
 class ResultSink(Protocol):
     """The Accept call a ConnectRequest was read from, as the request sees it."""
 
@@ -183,12 +190,15 @@ class Connector:
         channel: int,
         call: ttrpc.ClientStream[pb.StreamEnd, pb.StreamEnd],
         pool_limit: int = 0,
+        *,
+        guest_picks: bool = False,
     ) -> None:
         """The guest said hello on a StreamEnds call it numbers *channel*: new
         relays take their ends out of band on it, and new connections their
-        data streams from the pool if the guest keeps *pool_limit* of them."""
+        data streams from the pool if the guest keeps *pool_limit* of them (the
+        guest picks them itself if *guest_picks*)."""
         self._ends_call, self._ends_channel = call, channel
-        self.pool.start(pool_limit)
+        self.pool.start(pool_limit, guest_picks=guest_picks)
 
     def ends_closed(self, channel: int) -> None:
         """That call is gone: its relays shut their data streams down instead."""
@@ -268,6 +278,56 @@ class Connector:
             # echoed, so every result the host queues toward the VM stays small.
             self._refuse_stream_id(call, stream_id, fid, forward is not None)
             return
+        named: tuple[str, socket.socket] | None = None
+        if request.data_stream_id:
+            named = self._claim_named(call, stream_id, fid, request.data_stream_id)
+            if named is None:
+                return
+        try:
+            self._admit(call, stream_id, fid, forward, named=named, acks=acks, spawn=spawn)
+        except BaseException:
+            if named is not None:
+                close_pooled(named[1])
+            raise
+
+    def _claim_named(
+        self, call: ResultSink, stream_id: str, fid: str, pool_id: str
+    ) -> tuple[str, socket.socket] | None:
+        """The pooled stream a request names (5.6), taken from the pool; None
+        (answered, logged) when the pool has no such stream ready."""
+        sock = None
+        if valid_stream_id(pool_id) and pool_id.startswith(datastream.POOLED_PREFIX):
+            sock = self.pool.claim(pool_id)
+        if sock is not None:
+            return pool_id, sock
+        self.peer_log.warning(
+            "bad_data_stream",
+            "connect request names no ready pooled stream stream_id=%s forward_id=%s "
+            "data_stream_id=%s",
+            escape(stream_id),
+            escape(fid),
+            escape(pool_id[:256]),
+        )
+        stats = self.stats.get(fid)
+        if stats is not None:
+            stats.requests += 1
+            stats.fail(STREAM_FAILED)
+        self.reply(call, stream_id, fid, HostError.STREAM.text())
+        return None
+
+    def _admit(
+        self,
+        call: ResultSink,
+        stream_id: str,
+        fid: str,
+        forward: Forward | None,
+        *,
+        named: tuple[str, socket.socket] | None,
+        acks: Deadlines[ConnectRequest],
+        spawn: Spawn,
+    ) -> None:
+        """Refuse, or start answering, a request whose stream id is valid. A
+        *named* stream is closed if refused, else handed to the request."""
         if forward is None:
             self.unknown_requests += 1
             self.peer_log.warning(
@@ -277,6 +337,8 @@ class Connector:
                 escape(fid),
             )
             self.reply(call, stream_id, fid, HostError.UNKNOWN_FORWARD.text(fid))
+            if named is not None:
+                close_pooled(named[1])
             return
         stats = self.stats[fid]
         stats.requests += 1
@@ -285,8 +347,11 @@ class Connector:
             error, reason = refused
             stats.fail(reason)
             self.reply(call, stream_id, fid, error.text())
+            if named is not None:
+                close_pooled(named[1])
             return
-        connect = ConnectRequest(self, call, forward, stats, stream_id)  # holds a slot
+        # Holds a slot, and owns the named stream from here.
+        connect = ConnectRequest(self, call, forward, stats, stream_id, named=named)
         try:
             if connect.open_now(acks):
                 return
@@ -456,6 +521,7 @@ class ConnectRequest:
         "forward",
         "holding",
         "host_sock",
+        "named",
         "stats",
         "stream_id",
     )
@@ -467,12 +533,16 @@ class ConnectRequest:
         forward: Forward,
         stats: ForwardStats,
         stream_id: str,
+        *,
+        named: tuple[str, socket.socket] | None = None,
     ) -> None:
         self.connector = connector
         self.call = call
         self.forward = forward
         self.stats = stats
         self.stream_id = stream_id
+        self.named = named
+        """The pooled stream the guest picked and named (5.6): relayed, not opened."""
         # Set on the fast path only.
         self.host_sock: socket.socket | None = None
         self.data_sock: socket.socket | None = None
@@ -507,6 +577,9 @@ class ConnectRequest:
         self.stats.fail(reason)
         self._reply(error.text())
         self.release()
+        if self.named is not None:
+            close_pooled(self.named[1])
+            self.named = None
 
     # -- the fast path, on callbacks --------------------------------------------------
 
@@ -530,7 +603,7 @@ class ConnectRequest:
             if host_sock is None:
                 return False
             opened.append(host_sock)
-            pooled = connector.pool.take()
+            pooled, self.named = self.named or connector.pool.take(), None
             if pooled is not None:
                 opened.clear()
                 self._relay_pooled(host_sock, *pooled)
@@ -716,7 +789,14 @@ class ConnectRequest:
     async def run(self) -> None:
         """Start over with connects that may wait; answer, then relay."""
         sockets: list[socket.socket] = []
+        pool_id = ""
         try:
+            if self.named is not None:
+                pool_id, data_sock = self.named
+                self.named = None
+                # A plain socket from here: closed or relayed, no reader of the pool's left.
+                asyncio.get_running_loop().remove_reader(data_sock.fileno())
+                sockets.append(data_sock)
             failure = await self._open(sockets)
             if failure is not None:
                 error, reason = failure
@@ -724,7 +804,7 @@ class ConnectRequest:
                 self._reply(error.text())
                 return
             host_sock, data_sock = sockets
-            if self._succeed(host_sock, data_sock):
+            if self._succeed(host_sock, data_sock, pool_id):
                 sockets.clear()  # the relay's now
         finally:
             for sock in sockets:
@@ -743,26 +823,33 @@ class ConnectRequest:
         if self.host_sock is not None:
             self.host_sock.close()
             self.host_sock = None
+        if self.named is not None:
+            close_pooled(self.named[1])
+            self.named = None
         self.release()
 
     async def _open(self, sockets: list[socket.socket]) -> tuple[HostError, str] | None:
         """Dial the host socket, then open the data stream; both land in *sockets*.
         Returns the error for the VM and the failure reason (None: success)."""
         connector, forward, stream_id = self.connector, self.forward, self.stream_id
+        named = bool(sockets)  # the data stream the guest picked is there already
         try:
             if self.host_sock is not None:  # dialed on the fast path already
-                sockets.append(self.host_sock)
+                sockets.insert(0, self.host_sock)
                 self.host_sock = None
             else:
-                sockets.append(
+                sockets.insert(
+                    0,
                     await transport.connect(
                         transport.UnixEndpoint(forward.host_path), timeout=connector.dial_timeout
-                    )
+                    ),
                 )
         except OSError as exc:
             reason = DIAL_TIMEOUT if isinstance(exc, TimeoutError) else _reason(exc, DIAL_FAILED)
             self._log_dial_failed(exc, reason)
             return HostError.DIAL, reason
+        if named:
+            return None
         try:
             sockets.append(
                 await datastream.open_stream(

@@ -31,7 +31,7 @@ from socketforward.host.expose import Exposer
 from socketforward.host.forwards import Expose, Forward
 from socketforward.host.pool import DEFAULT_POOL_SIZE, PoolStats
 from socketforward.logs import escape
-from socketforward.protocol import FORWARD_IDS_METADATA
+from socketforward.protocol import FORWARD_IDS_METADATA, PICK_POOLED_METADATA
 from socketforward.stats import ForwardStats
 
 __all__ = ["MAX_QUEUED_TO_VM", "VM_READ_TIMEOUT", "AcceptCall", "Forwarder"]
@@ -537,8 +537,15 @@ class Forwarder:
             await call.aclose()
             log.warning("stream ends call without a hello, ends go as shutdowns")
             return
-        self._connector.ends_opened(hello.channel, call, hello.pool_limit)
-        log.info("stream ends call open channel=%d pool_limit=%d", hello.channel, hello.pool_limit)
+        self._connector.ends_opened(
+            hello.channel, call, hello.pool_limit, guest_picks=hello.pick_pooled
+        )
+        log.info(
+            "stream ends call open channel=%d pool_limit=%d pick_pooled=%s",
+            hello.channel,
+            hello.pool_limit,
+            hello.pick_pooled,
+        )
         session.spawn(self._read_stream_ends(session, call, hello.channel))
 
     async def _read_stream_ends(
@@ -584,7 +591,12 @@ class Forwarder:
             session.refresh.clear()
             announced = ",".join(sorted(self._forwards))
             try:
-                stream = await session.stub.Accept(metadata={FORWARD_IDS_METADATA: announced})
+                stream = await session.stub.Accept(
+                    metadata={
+                        FORWARD_IDS_METADATA: announced,
+                        PICK_POOLED_METADATA: self._connector.pool.tag,
+                    }
+                )
             except ttrpc.TtrpcError as exc:
                 if session.client.closed:
                     return

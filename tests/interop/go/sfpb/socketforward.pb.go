@@ -149,9 +149,15 @@ func (x *Socket) GetGid() uint32 {
 }
 
 type ConnectRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	StreamId      string                 `protobuf:"bytes,1,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
-	ForwardId     string                 `protobuf:"bytes,2,opt,name=forward_id,json=forwardId,proto3" json:"forward_id,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	StreamId  string                 `protobuf:"bytes,1,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
+	ForwardId string                 `protobuf:"bytes,2,opt,name=forward_id,json=forwardId,proto3" json:"forward_id,omitempty"`
+	// socketforward extension: a pooled data stream (5.6, its id starting
+	// "socketfwd-pool-") the guest took for this connection and already relays
+	// on: one of that host's, "socketfwd-pool-{tag}-..." where tag is the value
+	// of the Accept call's metadata socketforward-pick-pooled (only sent on such
+	// a call). The host relays it or answers an error and closes it.
+	DataStreamId  string `protobuf:"bytes,3,opt,name=data_stream_id,json=dataStreamId,proto3" json:"data_stream_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -196,6 +202,13 @@ func (x *ConnectRequest) GetStreamId() string {
 func (x *ConnectRequest) GetForwardId() string {
 	if x != nil {
 		return x.ForwardId
+	}
+	return ""
+}
+
+func (x *ConnectRequest) GetDataStreamId() string {
+	if x != nil {
+		return x.DataStreamId
 	}
 	return ""
 }
@@ -331,7 +344,11 @@ type StreamEnd struct {
 	Channel  uint32                 `protobuf:"varint,3,opt,name=channel,proto3" json:"channel,omitempty"`
 	// Hello only: how many pooled data streams (ids starting "socketfwd-pool-")
 	// the guest keeps until an answer names one; zero, it takes none.
-	PoolLimit     uint32 `protobuf:"varint,4,opt,name=pool_limit,json=poolLimit,proto3" json:"pool_limit,omitempty"`
+	PoolLimit uint32 `protobuf:"varint,4,opt,name=pool_limit,json=poolLimit,proto3" json:"pool_limit,omitempty"`
+	// Hello only: the guest picks the pooled stream of a new connection itself and
+	// names it in its ConnectRequest (when the Accept call's metadata has
+	// socketforward-pick-pooled); the host then never names one in an answer.
+	PickPooled    bool `protobuf:"varint,5,opt,name=pick_pooled,json=pickPooled,proto3" json:"pick_pooled,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -392,6 +409,13 @@ func (x *StreamEnd) GetPoolLimit() uint32 {
 		return x.PoolLimit
 	}
 	return 0
+}
+
+func (x *StreamEnd) GetPickPooled() bool {
+	if x != nil {
+		return x.PickPooled
+	}
+	return false
 }
 
 type DialRequest struct {
@@ -482,11 +506,12 @@ const file_nerdbox_services_socketforward_v1_socketforward_proto_rawDesc = "" +
 	"\x03gid\x18\x05 \x01(\rH\x02R\x03gid\x88\x01\x01B\a\n" +
 	"\x05_modeB\x06\n" +
 	"\x04_uidB\x06\n" +
-	"\x04_gid\"L\n" +
+	"\x04_gid\"r\n" +
 	"\x0eConnectRequest\x12\x1b\n" +
 	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x1d\n" +
 	"\n" +
-	"forward_id\x18\x02 \x01(\tR\tforwardId\"\x8b\x01\n" +
+	"forward_id\x18\x02 \x01(\tR\tforwardId\x12$\n" +
+	"\x0edata_stream_id\x18\x03 \x01(\tR\fdataStreamId\"\x8b\x01\n" +
 	"\rConnectResult\x12\x1b\n" +
 	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\x12!\n" +
@@ -494,13 +519,15 @@ const file_nerdbox_services_socketforward_v1_socketforward_proto_rawDesc = "" +
 	"\x0edata_stream_id\x18\x04 \x01(\tR\fdataStreamId\"0\n" +
 	"\rUnbindRequest\x12\x1f\n" +
 	"\vforward_ids\x18\x01 \x03(\tR\n" +
-	"forwardIds\"w\n" +
+	"forwardIds\"\x98\x01\n" +
 	"\tStreamEnd\x12\x1b\n" +
 	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x14\n" +
 	"\x05bytes\x18\x02 \x01(\x04R\x05bytes\x12\x18\n" +
 	"\achannel\x18\x03 \x01(\rR\achannel\x12\x1d\n" +
 	"\n" +
-	"pool_limit\x18\x04 \x01(\rR\tpoolLimit\"\x8b\x01\n" +
+	"pool_limit\x18\x04 \x01(\rR\tpoolLimit\x12\x1f\n" +
+	"\vpick_pooled\x18\x05 \x01(\bR\n" +
+	"pickPooled\"\x8b\x01\n" +
 	"\vDialRequest\x12\x1b\n" +
 	"\tstream_id\x18\x01 \x01(\tR\bstreamId\x12\x1b\n" +
 	"\texpose_id\x18\x02 \x01(\tR\bexposeId\x12\x1f\n" +
