@@ -391,8 +391,9 @@ async def test_a_refused_connection_on_a_picked_stream_is_closed_and_counted(
                 assert await asyncio.wait_for(reader.read(), 10) == b""
         await _until(lambda: host.forwarder.pool_stats().ready == 4, "refilled", timeout=10)
         assert host.forwarder.pool_stats().taken == 1
-        assert guest.service is not None
-        await _until(lambda: guest.service.budget().connections == 0, "share back")
+        service = guest.service
+        assert service is not None
+        await _until(lambda: service.budget().connections == 0, "share back")
         vm_stats, host_stats = guest.stats()["e"], host.stats()["e"]
         assert (vm_stats.connected, vm_stats.active, vm_stats.bytes_to_host) == (0, 0, 0)
         assert vm_stats.failed == {"host_error": 1}
