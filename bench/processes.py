@@ -221,6 +221,22 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total
 
 
+def wait_settled(pids: Iterable[int], *, quiet: float = 0.25, bound: float = 15.0) -> float:
+    """Wait until *pids* use (almost) no CPU for *quiet* seconds, at most *bound*
+    seconds: e.g. until forwarders have closed what a workload left them; how
+    long it took."""
+    pids = list(pids)
+    t0 = time.monotonic()
+    last = cpu_seconds(pids)
+    while time.monotonic() - t0 < bound:
+        time.sleep(quiet)
+        now = cpu_seconds(pids)
+        if now - last < 0.05 * quiet:  # under 5% of one CPU (at most a clock tick)
+            break
+        last = now
+    return time.monotonic() - t0
+
+
 def rss_bytes(pids: Iterable[int]) -> int:
     """Resident set of ``pids`` and all their descendants."""
     total = 0
