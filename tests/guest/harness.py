@@ -17,7 +17,7 @@ from socketforward import datastream, relay, transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
 from socketforward.guest import Service
-from socketforward.protocol import FORWARD_IDS_METADATA
+from socketforward.protocol import FORWARD_IDS_METADATA, PICK_POOLED_METADATA
 from tests.processes import short_tmp_dir
 
 # A generous bound for things that should happen; never a measured time.
@@ -132,6 +132,8 @@ class HostStream:
     streams_ep: transport.Endpoint
     targets: dict[str, transport.Endpoint]
     announce: bool = False
+    pool_tag: str = ""
+    """Announced as the host's pool (docs/protocol.md 5.6): the guest may pick."""
     answer: str = "serve"
     open_after_answer: bool = False
     before_answer: Callable[[pb.ConnectRequest], None] | None = None
@@ -144,8 +146,10 @@ class HostStream:
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def open(self) -> HostStream:
-        metadata = {FORWARD_IDS_METADATA: ",".join(self.targets)} if self.announce else None
-        self._stream = await self.stub.Accept(metadata=metadata)
+        metadata = {FORWARD_IDS_METADATA: ",".join(self.targets)} if self.announce else {}
+        if self.pool_tag:
+            metadata[PICK_POOLED_METADATA] = self.pool_tag
+        self._stream = await self.stub.Accept(metadata=metadata or None)
         self._task = asyncio.get_running_loop().create_task(self._run())
         return self
 
@@ -258,8 +262,10 @@ async def running_guest(
     pending_limit: int = 4096,
     pending_timeout: float = 30.0,
     fail_fast: bool = False,
+    pooled: bool = False,
 ) -> AsyncIterator[Guest]:
-    """A Service on a fresh short temporary directory, shut down afterwards."""
+    """A Service on a fresh short temporary directory, shut down afterwards;
+    with *pooled* it keeps the host's pooled streams (and picks them)."""
     with short_tmp() as root:
         listener = await transport.listen(transport.UnixEndpoint(str(root / "streams.sock")))
         registry = datastream.StreamRegistry(listener)
@@ -270,6 +276,7 @@ async def running_guest(
             pending_limit=pending_limit,
             pending_timeout=pending_timeout,
             fail_fast=fail_fast,
+            pooled_streams=registry if pooled else None,
         )
         guest = Guest(root, service, registry)
         try:

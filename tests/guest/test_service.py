@@ -20,7 +20,7 @@ from socketforward import datastream, transport
 from socketforward.api import socketforward_pb2 as pb
 from socketforward.api.socketforward_ttrpc import SocketForwardStub
 from socketforward.datastream import POOLED_PREFIX
-from socketforward.protocol import STREAM_ID_PREFIX
+from socketforward.protocol import STREAM_ID_PREFIX, HostError
 from tests.guest.harness import (
     PATIENCE,
     EchoService,
@@ -795,3 +795,73 @@ async def test_a_pooled_stream_named_for_a_gone_connection_is_closed(
                 async with asyncio.timeout(PATIENCE):
                     assert await loop.sock_recv(data, 100) == b"ping"
         assert any("names no pooled stream" in r.getMessage() for r in caplog.records)
+
+
+@contextlib.asynccontextmanager
+async def _host_with_pool(tag: str) -> AsyncIterator[tuple[Guest, HostStream]]:
+    """As _answered_by_hand, with a host that announces "fwd" and its pool *tag*."""
+    async with running_guest(pooled=True) as guest:
+        stub = await guest.connect()
+        await bind(stub, {"fwd": guest.root / "vm.sock"})
+        target = transport.UnixEndpoint(str(guest.root / "unused.sock"))
+        host = await HostStream(
+            stub, guest.streams_ep, {"fwd": target}, announce=True, answer="silent", pool_tag=tag
+        ).open()
+        try:
+            yield guest, host
+        finally:
+            await host.close()
+
+
+async def test_the_guest_picks_its_hosts_pooled_stream_and_relays_before_the_answer() -> None:
+    """A host that announces its pool (docs/protocol.md 5.6): the request names
+    one of that host's pooled streams (not another host's), the container's
+    bytes are on it before any answer, and after the answer the reply flows
+    back. An error answer instead closes the connection and the stream."""
+    loop = asyncio.get_running_loop()
+    async with _host_with_pool("t1") as (guest, host):
+        other = await datastream.open_stream(guest.streams_ep, POOLED_PREFIX + "t2-1")
+        ours = await datastream.open_stream(guest.streams_ep, POOLED_PREFIX + "t1-1")
+        refused = await datastream.open_stream(guest.streams_ep, POOLED_PREFIX + "t1-2")
+        client = await transport.connect(transport.UnixEndpoint(str(guest.root / "vm.sock")))
+        with other, ours, refused, client:
+            await loop.sock_sendall(client, b"ping")
+            await host.wait_received(1)
+            assert host.received[0].data_stream_id == POOLED_PREFIX + "t1-1"
+            async with asyncio.timeout(PATIENCE):
+                assert await loop.sock_recv(ours, 100) == b"ping"  # no answer yet
+            await host.send(pb.ConnectResult(stream_id=host.received[0].stream_id))
+            await loop.sock_sendall(ours, b"pong")
+            async with asyncio.timeout(PATIENCE):
+                assert await loop.sock_recv(client, 100) == b"pong"
+
+            second = await transport.connect(transport.UnixEndpoint(str(guest.root / "vm.sock")))
+            with second:
+                await loop.sock_sendall(second, b"doomed")
+                await host.wait_received(2)
+                assert host.received[1].data_stream_id == POOLED_PREFIX + "t1-2"
+                await host.send(
+                    pb.ConnectResult(
+                        stream_id=host.received[1].stream_id, error=HostError.DIAL.text()
+                    )
+                )
+                async with asyncio.timeout(PATIENCE):
+                    assert await loop.sock_recv(second, 100) == b""
+                    assert await read_to_eof(refused) == b"doomed"
+        assert guest.registry.stats().pooled == 1  # the other host's, untouched
+        stats = guest.service.stats()["fwd"]
+        assert (stats.connected, stats.failed) == (1, {"host_error": 1})
+
+
+async def test_a_host_announcing_a_malformed_pool_tag_gets_no_picks() -> None:
+    """A tag the guest cannot use as an id prefix: requests name no stream and
+    the connection waits for the host's own stream, as before."""
+    loop = asyncio.get_running_loop()
+    async with _host_with_pool("t-1/../x") as (guest, host):
+        with await datastream.open_stream(guest.streams_ep, POOLED_PREFIX + "t-1/../x-1"):
+            client = await transport.connect(transport.UnixEndpoint(str(guest.root / "vm.sock")))
+            with client:
+                await loop.sock_sendall(client, b"ping")
+                await host.wait_received(1)
+                assert host.received[0].data_stream_id == ""
+            assert guest.registry.stats().pooled == 1

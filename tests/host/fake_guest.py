@@ -31,11 +31,17 @@ class AcceptCall:
         self.results: dict[str, asyncio.Future[pb.ConnectResult]] = {}
         self.ended = asyncio.Event()
 
-    async def request(self, stream_id: str, forward_id: str) -> asyncio.Future[pb.ConnectResult]:
+    async def request(
+        self, stream_id: str, forward_id: str, data_stream_id: str = ""
+    ) -> asyncio.Future[pb.ConnectResult]:
         """Send a ConnectRequest; the future resolves with the host's result."""
         future: asyncio.Future[pb.ConnectResult] = asyncio.get_running_loop().create_future()
         self.results[stream_id] = future
-        await self.stream.send(pb.ConnectRequest(stream_id=stream_id, forward_id=forward_id))
+        await self.stream.send(
+            pb.ConnectRequest(
+                stream_id=stream_id, forward_id=forward_id, data_stream_id=data_stream_id
+            )
+        )
         return future
 
     async def send_undecodable(self, stream_id: str, forward_id: bytes) -> None:

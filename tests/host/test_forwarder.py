@@ -12,8 +12,9 @@ import pytest
 
 import ttrpc_asyncio as ttrpc
 from socketforward import transport
+from socketforward.datastream import POOLED_PREFIX
 from socketforward.host import Forward, Forwarder
-from socketforward.protocol import FORWARD_IDS_METADATA
+from socketforward.protocol import FORWARD_IDS_METADATA, HostError
 from tests.host.fake_guest import (
     FakeGuest,
     exchange,
@@ -215,6 +216,36 @@ async def test_an_undecodable_connect_request_is_dropped_and_the_call_goes_on(
     lines = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
     assert len(lines) == 1
     assert "\\xff\\n\\x1b[2J" in lines[0] and "\n" not in lines[0]
+
+
+async def test_a_request_naming_a_stream_the_pool_does_not_hold_is_refused_undialed(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A guest names a pooled stream the host cannot relay (this guest never
+    said it picks; the other id is junk): each request is answered `failed to
+    open data stream` with one escaped log line, nothing is dialed, and the
+    call goes on serving."""
+    caplog.set_level(logging.INFO, logger="socketforward.host")
+    async with host_with_guest(short_tmp) as (env, service, guest, call):
+        for stream_id, named in (
+            ("s-pool", f"{POOLED_PREFIX}abc-1"),
+            ("s-junk", "\x1b[2Jnot-pooled\n" * 40),
+        ):
+            async with asyncio.timeout(30):
+                result = await (await call.request(stream_id, "fwd-a", named))
+            assert (result.stream_id, result.error) == (stream_id, HostError.STREAM.text())
+        assert service.accepted == 0  # nothing dialed
+        good = await call.request("s-good", "fwd-a")
+        async with asyncio.timeout(30):
+            assert (await good).error == ""
+        sock = guest.claimed.pop("s-good")
+        assert sock is not None
+        with sock:
+            assert await exchange(sock, b"after") == b"retfa"
+        assert env.forwarder.stats()["fwd-a"].failed == {"stream": 2}
+    lines = [m for r in caplog.records if "no ready pooled stream" in (m := r.getMessage())]
+    assert len(lines) == 2
+    assert "\\x1b[2J" in lines[1] and "\n" not in lines[1]
 
 
 async def test_stopping_drains_running_connections_for_the_grace_period(short_tmp: Path) -> None:
