@@ -16,6 +16,7 @@ from socketforward.datastream import POOLED_PREFIX
 from socketforward.host import Forward, Forwarder
 from socketforward.protocol import FORWARD_IDS_METADATA, HostError
 from tests.host.fake_guest import (
+    AcceptCall,
     FakeGuest,
     exchange,
     guest_dialing,
@@ -194,6 +195,17 @@ async def test_forward_table_rejects_conflicting_entries(short_tmp: Path) -> Non
     assert FORWARD_IDS_METADATA == "socketforward-forward-ids"
 
 
+async def _serves_one_more(call: AcceptCall, guest: FakeGuest) -> None:
+    """The Accept call still serves: a good request is answered and relayed."""
+    good = await call.request("s-good", "fwd-a")
+    async with asyncio.timeout(30):
+        assert (await good).error == ""
+    sock = guest.claimed.pop("s-good")
+    assert sock is not None
+    with sock:
+        assert await exchange(sock, b"after") == b"retfa"
+
+
 async def test_an_undecodable_connect_request_is_dropped_and_the_call_goes_on(
     short_tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -203,13 +215,7 @@ async def test_an_undecodable_connect_request_is_dropped_and_the_call_goes_on(
     caplog.set_level(logging.INFO, logger="socketforward.host")
     async with host_with_guest(short_tmp) as (env, _, guest, call):
         await call.send_undecodable("s-bad", b"fwd-\xff\n\x1b[2J")
-        good = await call.request("s-good", "fwd-a")
-        async with asyncio.timeout(30):
-            assert (await good).error == ""
-        sock = guest.claimed.pop("s-good")
-        assert sock is not None
-        with sock:
-            assert await exchange(sock, b"after") == b"retfa"
+        await _serves_one_more(call, guest)
         assert env.forwarder.undecodable_requests == 1
         assert not call.ended.is_set() and guest.accepts.empty()
         assert env.forwarder.sessions == 1 and env.forwarder.pending == 0
@@ -235,13 +241,7 @@ async def test_a_request_naming_a_stream_the_pool_does_not_hold_is_refused_undia
                 result = await (await call.request(stream_id, "fwd-a", named))
             assert (result.stream_id, result.error) == (stream_id, HostError.STREAM.text())
         assert service.accepted == 0  # nothing dialed
-        good = await call.request("s-good", "fwd-a")
-        async with asyncio.timeout(30):
-            assert (await good).error == ""
-        sock = guest.claimed.pop("s-good")
-        assert sock is not None
-        with sock:
-            assert await exchange(sock, b"after") == b"retfa"
+        await _serves_one_more(call, guest)
         assert env.forwarder.stats()["fwd-a"].failed == {"stream": 2}
     lines = [m for r in caplog.records if "no ready pooled stream" in (m := r.getMessage())]
     assert len(lines) == 2
