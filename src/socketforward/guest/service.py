@@ -887,6 +887,8 @@ class Service(SocketForwardBase):
         if pending.relay is not None:
             self._settle_early(pending, pending.ends_channel)
             return
+        if pending.conn is None:
+            return  # relayed early on a stream it picked, and that relay has ended
         # The host opens the data stream before answering, so it is usually
         # registered already: no task needed to wait for it.
         try:
