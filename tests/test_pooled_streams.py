@@ -212,6 +212,36 @@ async def test_a_stream_the_guest_picked_is_claimed_by_its_id_with_its_bytes(
             pool.stop()
 
 
+async def test_a_claimed_stream_is_the_callers_even_before_its_relay_starts(
+    tmp_path: Path,
+) -> None:
+    """Between a claim and the relay taking over (a dial that must wait), the
+    guest's bytes arrive on the stream: the pool leaves it alone (no hold, no
+    close at its timeout or when it stops), and the bytes are all there."""
+    async with registry_at(tmp_path / "s.sock") as reg:
+        pool = StreamPool(reg.endpoint, size=1, stream_timeout=0.2)
+        pool.start(64, guest_picks=True)
+        try:
+            await _until(lambda: pool.stats().ready == 1, "full")
+            picked = reg.take_pooled(POOLED_PREFIX)
+            assert picked is not None
+            pool_id, guest_side = picked
+            host_side = pool.claim(pool_id)
+            assert host_side is not None
+            with guest_side, host_side:
+                guest_side.sendall(b"early")
+                await asyncio.sleep(0.5)  # past the pool's stream timeout
+                await _until(lambda: pool.stats().ready == 1, "refilled")
+                pool.stop()
+                assert host_side.fileno() >= 0, "the pool closed a stream it gave away"
+                asyncio.get_running_loop().remove_reader(host_side.fileno())
+                host_side.setblocking(True)
+                assert host_side.recv(100) == b"early"
+            assert pool.stats().lost == 0
+        finally:
+            pool.stop()
+
+
 async def test_a_picked_stream_no_request_names_is_closed_after_the_timeout(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

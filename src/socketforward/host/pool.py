@@ -167,7 +167,7 @@ class StreamPool:
     def claim(self, pool_id: str) -> socket.socket | None:
         """The stream *pool_id* that the guest picked for a new connection and
         named in its request (5.6); None when the pool has no such stream ready.
-        The caller owns it as after :meth:`take` (a reader may still be
+        The caller owns it as after :meth:`take` (a parked reader may still be
         registered: replace it, or remove it before closing)."""
         if not self._guest_picks:
             return None  # the guest never said it picks: the host takes them
@@ -176,8 +176,13 @@ class StreamPool:
             self._picked_timeouts.discard(pool_id)
         else:
             sock = self._claim_ready(pool_id)
-        if sock is None:
-            return None
+            if sock is None:
+                return None
+            # The pool's watch must not act on a stream it no longer holds (the
+            # guest's bytes may be waiting): park it until the relay's replaces
+            # it, which swaps a callback instead of an epoll removal and re-add.
+            loop, fd = asyncio.get_running_loop(), sock.fileno()
+            loop.add_reader(fd, loop.remove_reader, fd)
         self._taken += 1
         asyncio.get_running_loop().call_soon(self._fill)
         return sock
