@@ -146,25 +146,47 @@ def decode(message_type: type[RecvT], data: bytes) -> RecvT:
         raise MessageDecodeError(message_type.__name__, data, str(exc)) from exc
 
 
-def _decoder(
-    message_type: type[RecvT],
-    on_message: Callable[[RecvT], None],
-    on_undecodable: Callable[[MessageDecodeError], None],
-) -> Callable[[bytes], None]:
-    """A MessageQueue consumer that decodes each payload for *on_message*."""
+class _Receiving(Generic[RecvT]):
+    """What both kinds of stream do with the peer's messages besides ``recv``:
+    deliver them to a callback, and wait for their end."""
 
-    def consume(data: bytes) -> None:
-        try:
-            message = decode(message_type, data)
-        except MessageDecodeError as exc:
-            on_undecodable(exc)
-            return
-        on_message(message)
+    _queue: MessageQueue
+    _recv_type: type[RecvT]
 
-    return consume
+    def deliver(
+        self,
+        on_message: Callable[[RecvT], None],
+        on_undecodable: Callable[[MessageDecodeError], None],
+    ) -> None:
+        """Hand each of the peer's messages to *on_message* as the connection
+        reads it, with no task woken per message: for a consumer whose work per
+        message never waits. A message that does not decode goes to
+        *on_undecodable*. ``recv`` then returns only at the end of the peer's
+        side (None, or its error); an exception from either callback ends the
+        stream with that error. :meth:`stop_delivery` queues messages again."""
+        message_type = self._recv_type
+
+        def consume(data: bytes) -> None:
+            try:
+                message = decode(message_type, data)
+            except MessageDecodeError as exc:
+                on_undecodable(exc)
+                return
+            on_message(message)
+
+        self._queue.consume(consume)
+
+    def stop_delivery(self) -> None:
+        """Queue messages for ``recv`` again (undoes :meth:`deliver`)."""
+        self._queue.consume(None)
+
+    async def ended(self) -> None:
+        """Wait until the peer has ended its side, without taking any message
+        (those still queued stay for ``recv``); raises the stream's error."""
+        await self._queue.ended()
 
 
-class ClientStream(Generic[SendT, RecvT]):
+class ClientStream(_Receiving[RecvT], Generic[SendT, RecvT]):
     """A streaming call, client side: ``send``/``close_send`` and ``recv``/``async for``.
 
     Server-streaming calls cannot send; client-streaming calls receive exactly
@@ -186,7 +208,7 @@ class ClientStream(Generic[SendT, RecvT]):
     ) -> None:
         self.stream_id = stream_id
         self._queue = queue
-        self._response_type = response_type
+        self._recv_type = response_type
         self.client_streaming = client_streaming
         self.server_streaming = server_streaming
         self._send_data = send_data
@@ -239,29 +261,7 @@ class ClientStream(Generic[SendT, RecvT]):
         if data is None:
             self._done = True
             return None
-        return decode(self._response_type, data)
-
-    def deliver(
-        self,
-        on_message: Callable[[RecvT], None],
-        on_undecodable: Callable[[MessageDecodeError], None],
-    ) -> None:
-        """Hand each message to *on_message* as the connection reads it, with
-        no task woken per message: for a consumer whose work per message never
-        waits. A message that does not decode goes to *on_undecodable*. ``recv``
-        then returns only at the end of the stream (None, or its error); an
-        exception from either callback ends the stream with that error.
-        :meth:`stop_delivery` queues messages for ``recv`` again."""
-        self._queue.consume(_decoder(self._response_type, on_message, on_undecodable))
-
-    def stop_delivery(self) -> None:
-        """Queue messages for ``recv`` again (undoes :meth:`deliver`)."""
-        self._queue.consume(None)
-
-    async def ended(self) -> None:
-        """Wait until the server has ended the stream, without taking any message
-        (those still queued stay for ``recv``); raises the stream's error."""
-        await self._queue.ended()
+        return decode(self._recv_type, data)
 
     def __aiter__(self) -> ClientStream[SendT, RecvT]:
         return self
@@ -291,7 +291,7 @@ class ClientStream(Generic[SendT, RecvT]):
         await self.aclose()
 
 
-class ServerStream(Generic[RecvT, SendT]):
+class ServerStream(_Receiving[RecvT], Generic[RecvT, SendT]):
     """A streaming call, server side: ``recv``/``async for`` the client's messages,
     ``send`` ours. Returning from the handler ends the stream."""
 
@@ -305,7 +305,7 @@ class ServerStream(Generic[RecvT, SendT]):
     ) -> None:
         self.context = context
         self._queue = queue
-        self._request_type = request_type
+        self._recv_type = request_type
         self._send_data = send_data
         self._send_data_nowait = send_data_nowait
 
@@ -313,29 +313,7 @@ class ServerStream(Generic[RecvT, SendT]):
         """The client's next message, or None when it closed its side. An
         undecodable message raises :class:`MessageDecodeError`; the stream goes on."""
         data = await self._queue.get()
-        return None if data is None else decode(self._request_type, data)
-
-    def deliver(
-        self,
-        on_message: Callable[[RecvT], None],
-        on_undecodable: Callable[[MessageDecodeError], None],
-    ) -> None:
-        """Hand each of the client's messages to *on_message* as the connection
-        reads it, with no task woken per message: for a handler whose work per
-        message never waits. A message that does not decode goes to
-        *on_undecodable*. ``recv`` then returns only at the end of the client's
-        side (None, or its error); an exception from either callback ends the
-        stream with that error. :meth:`stop_delivery` queues messages again."""
-        self._queue.consume(_decoder(self._request_type, on_message, on_undecodable))
-
-    def stop_delivery(self) -> None:
-        """Queue messages for ``recv`` again (undoes :meth:`deliver`)."""
-        self._queue.consume(None)
-
-    async def ended(self) -> None:
-        """Wait until the client has closed its side, without taking any message
-        (those still queued stay for ``recv``); raises the stream's error."""
-        await self._queue.ended()
+        return None if data is None else decode(self._recv_type, data)
 
     def __aiter__(self) -> ServerStream[RecvT, SendT]:
         return self
