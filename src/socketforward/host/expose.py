@@ -209,11 +209,7 @@ class Exposer:
         loop = asyncio.get_running_loop()
         pooled = connector.pool.take()  # acked already: Dial names it (5.6)
         if pooled is not None:
-            stream_id, data = pooled
-            # Bytes from the VM socket may come before the relay; the watch stays
-            # for the relay to take over (no epoll removal and re-add).
-            fd = data.fileno()
-            loop.add_reader(fd, loop.remove_reader, fd)
+            stream_id, data = pooled  # its watch parked by the pool
         else:
             stream_id = generate_stream_id(EXPOSE_STREAM_PREFIX)
         try:

@@ -154,14 +154,13 @@ class StreamPool:
     def take(self) -> tuple[str, socket.socket] | None:
         """A ready stream and its pooled id, for the answer to name; None when
         none is ready. Refills in the background. The caller owns the socket,
-        whose reader is still registered on the loop: it replaces it at once
-        (a relay's add_reader: no epoll removal and re-add) or removes it
-        before closing it."""
+        whose reader is parked on the loop: it replaces it (a relay's
+        add_reader swaps a callback, no epoll removal and re-add) or removes
+        it before closing it."""
         if not self._ready or self._guest_picks:
             return None
         pool_id, sock = self._ready.popleft()
-        self._taken += 1
-        asyncio.get_running_loop().call_soon(self._fill)  # after the caller's answer
+        self._hand_out(sock)
         return pool_id, sock
 
     def claim(self, pool_id: str) -> socket.socket | None:
@@ -178,14 +177,18 @@ class StreamPool:
             sock = self._claim_ready(pool_id)
             if sock is None:
                 return None
-            # The pool's watch must not act on a stream it no longer holds (the
-            # guest's bytes may be waiting): park it until the relay's replaces
-            # it, which swaps a callback instead of an epoll removal and re-add.
-            loop, fd = asyncio.get_running_loop(), sock.fileno()
-            loop.add_reader(fd, loop.remove_reader, fd)
-        self._taken += 1
-        asyncio.get_running_loop().call_soon(self._fill)
+        self._hand_out(sock)
         return sock
+
+    def _hand_out(self, sock: socket.socket) -> None:
+        """*sock* leaves the pool. Its watch must not act on a stream the pool no
+        longer holds (the peer's bytes may come before the caller's relay): it
+        is parked, to be replaced by the relay's (a callback swap instead of an
+        epoll removal and re-add), or to remove itself if woken first."""
+        loop, fd = asyncio.get_running_loop(), sock.fileno()
+        loop.add_reader(fd, loop.remove_reader, fd)
+        self._taken += 1
+        loop.call_soon(self._fill)  # after the caller's answer
 
     def _claim_ready(self, pool_id: str) -> socket.socket | None:
         for ready in self._ready:
