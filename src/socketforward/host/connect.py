@@ -283,11 +283,20 @@ class Connector:
             named = self._claim_named(call, stream_id, fid, request.data_stream_id)
             if named is None:
                 return
-        try:
-            self._admit(call, stream_id, fid, forward, named=named, acks=acks, spawn=spawn)
-        except BaseException:
+        stats = self._admitted(call, stream_id, fid, forward)
+        if stats is None:
             if named is not None:
                 close_pooled(named[1])
+            return
+        assert forward is not None
+        # Holds a slot, and owns the named stream from here.
+        connect = ConnectRequest(self, call, forward, stats, stream_id, named=named)
+        try:
+            if connect.open_now(acks):
+                return
+            spawn(connect.run()).add_done_callback(connect.task_done)
+        except BaseException:
+            connect.finish()  # nothing else will: the request went nowhere
             raise
 
     def _claim_named(
@@ -315,19 +324,11 @@ class Connector:
         self.reply(call, stream_id, fid, HostError.STREAM.text())
         return None
 
-    def _admit(
-        self,
-        call: ResultSink,
-        stream_id: str,
-        fid: str,
-        forward: Forward | None,
-        *,
-        named: tuple[str, socket.socket] | None,
-        acks: Deadlines[ConnectRequest],
-        spawn: Spawn,
-    ) -> None:
-        """Refuse, or start answering, a request whose stream id is valid. A
-        *named* stream is closed if refused, else handed to the request."""
+    def _admitted(
+        self, call: ResultSink, stream_id: str, fid: str, forward: Forward | None
+    ) -> ForwardStats | None:
+        """The stats of a request for a known forward the host has room for;
+        None (answered, logged, counted) when it is refused."""
         if forward is None:
             self.unknown_requests += 1
             self.peer_log.warning(
@@ -337,9 +338,7 @@ class Connector:
                 escape(fid),
             )
             self.reply(call, stream_id, fid, HostError.UNKNOWN_FORWARD.text(fid))
-            if named is not None:
-                close_pooled(named[1])
-            return
+            return None
         stats = self.stats[fid]
         stats.requests += 1
         refused = self._refusal(stream_id, fid)
@@ -347,18 +346,8 @@ class Connector:
             error, reason = refused
             stats.fail(reason)
             self.reply(call, stream_id, fid, error.text())
-            if named is not None:
-                close_pooled(named[1])
-            return
-        # Holds a slot, and owns the named stream from here.
-        connect = ConnectRequest(self, call, forward, stats, stream_id, named=named)
-        try:
-            if connect.open_now(acks):
-                return
-            spawn(connect.run()).add_done_callback(connect.task_done)
-        except BaseException:
-            connect.finish()  # nothing else will: the request went nowhere
-            raise
+            return None
+        return stats
 
     def _refuse_stream_id(self, call: ResultSink, stream_id: str, fid: str, known: bool) -> None:
         """Answer a request whose stream_id the data-stream channel cannot carry:
@@ -577,6 +566,10 @@ class ConnectRequest:
         self.stats.fail(reason)
         self._reply(error.text())
         self.release()
+        self._drop_named()
+
+    def _drop_named(self) -> None:
+        """Close the pooled stream the guest named, if this request still holds it."""
         if self.named is not None:
             close_pooled(self.named[1])
             self.named = None
@@ -823,9 +816,7 @@ class ConnectRequest:
         if self.host_sock is not None:
             self.host_sock.close()
             self.host_sock = None
-        if self.named is not None:
-            close_pooled(self.named[1])
-            self.named = None
+        self._drop_named()
         self.release()
 
     async def _open(self, sockets: list[socket.socket]) -> tuple[HostError, str] | None:
