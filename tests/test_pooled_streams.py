@@ -212,34 +212,44 @@ async def test_a_stream_the_guest_picked_is_claimed_by_its_id_with_its_bytes(
             pool.stop()
 
 
+@contextlib.asynccontextmanager
+async def _guest_picked(
+    tmp_path: Path, *, stream_timeout: float
+) -> AsyncIterator[tuple[StreamPool, str, socket.socket]]:
+    """A pool of one for a guest that picks, and the stream the guest picked
+    (not yet named in any request): the pool, its id, the guest's end."""
+    async with registry_at(tmp_path / "s.sock") as reg:
+        pool = StreamPool(reg.endpoint, size=1, stream_timeout=stream_timeout)
+        pool.start(64, guest_picks=True)
+        try:
+            await _until(lambda: pool.stats().ready == 1, "full")
+            picked = reg.take_pooled(POOLED_PREFIX)
+            assert picked is not None
+            with picked[1]:
+                yield pool, *picked
+        finally:
+            pool.stop()
+
+
 async def test_a_claimed_stream_is_the_callers_even_before_its_relay_starts(
     tmp_path: Path,
 ) -> None:
     """Between a claim and the relay taking over (a dial that must wait), the
     guest's bytes arrive on the stream: the pool leaves it alone (no hold, no
     close at its timeout or when it stops), and the bytes are all there."""
-    async with registry_at(tmp_path / "s.sock") as reg:
-        pool = StreamPool(reg.endpoint, size=1, stream_timeout=0.2)
-        pool.start(64, guest_picks=True)
-        try:
-            await _until(lambda: pool.stats().ready == 1, "full")
-            picked = reg.take_pooled(POOLED_PREFIX)
-            assert picked is not None
-            pool_id, guest_side = picked
-            host_side = pool.claim(pool_id)
-            assert host_side is not None
-            with guest_side, host_side:
-                guest_side.sendall(b"early")
-                await asyncio.sleep(0.5)  # past the pool's stream timeout
-                await _until(lambda: pool.stats().ready == 1, "refilled")
-                pool.stop()
-                assert host_side.fileno() >= 0, "the pool closed a stream it gave away"
-                asyncio.get_running_loop().remove_reader(host_side.fileno())
-                host_side.setblocking(True)
-                assert host_side.recv(100) == b"early"
-            assert pool.stats().lost == 0
-        finally:
+    async with _guest_picked(tmp_path, stream_timeout=0.2) as (pool, pool_id, guest_side):
+        host_side = pool.claim(pool_id)
+        assert host_side is not None
+        with host_side:
+            guest_side.sendall(b"early")
+            await asyncio.sleep(0.5)  # past the pool's stream timeout
+            await _until(lambda: pool.stats().ready == 1, "refilled")
             pool.stop()
+            assert host_side.fileno() >= 0, "the pool closed a stream it gave away"
+            asyncio.get_running_loop().remove_reader(host_side.fileno())
+            host_side.setblocking(True)
+            assert host_side.recv(100) == b"early"
+        assert pool.stats().lost == 0
 
 
 async def test_a_picked_stream_no_request_names_is_closed_after_the_timeout(
@@ -248,22 +258,12 @@ async def test_a_picked_stream_no_request_names_is_closed_after_the_timeout(
     """Bytes on a pooled stream and no request for it: the host holds it no
     longer than its stream timeout, then closes it (one line), counts it lost
     and opens another."""
-    async with registry_at(tmp_path / "s.sock") as reg:
-        pool = StreamPool(reg.endpoint, size=1, stream_timeout=0.3)
-        pool.start(64, guest_picks=True)
-        try:
-            await _until(lambda: pool.stats().ready == 1, "full")
-            picked = reg.take_pooled(POOLED_PREFIX)
-            assert picked is not None
-            pool_id, guest_side = picked
-            with guest_side:
-                guest_side.sendall(b"x")
-                assert await _eof(guest_side)
-            assert pool.claim(pool_id) is None
-            await _until(lambda: pool.stats().ready == 1, "refilled")
-            assert pool.stats().lost == 1
-        finally:
-            pool.stop()
+    async with _guest_picked(tmp_path, stream_timeout=0.3) as (pool, pool_id, guest_side):
+        guest_side.sendall(b"x")
+        assert await _eof(guest_side)
+        assert pool.claim(pool_id) is None
+        await _until(lambda: pool.stats().ready == 1, "refilled")
+        assert pool.stats().lost == 1
     assert "written to but never named by a request" in caplog.text
 
 

@@ -6,9 +6,11 @@ that dials next."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -89,6 +91,18 @@ class FloodingVM:
             self.sent += 1
 
 
+@contextlib.asynccontextmanager
+async def flooding_vm(rpc: transport.Endpoint) -> AsyncIterator[tuple[FloodingVM, int]]:
+    """A FloodingVM dialed to the host at *rpc*, past Bind, and the id of the
+    host's Accept call."""
+    sock = await transport.connect(rpc, timeout=10)
+    with sock:
+        vm = FloodingVM(sock)
+        async with asyncio.timeout(10):
+            accept_id = await vm.accept_call()
+        yield vm, accept_id
+
+
 async def test_vm_that_stops_reading_is_bounded_then_dropped_and_next_guest_served(
     short_tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -108,11 +122,7 @@ async def test_vm_that_stops_reading_is_bounded_then_dropped_and_next_guest_serv
         ) as env,
     ):
         forwarder: Forwarder = env.forwarder
-        sock = await transport.connect(env.rpc, timeout=10)
-        with sock:
-            vm = FloodingVM(sock)
-            async with asyncio.timeout(10):
-                accept_id = await vm.accept_call()
+        async with flooding_vm(env.rpc) as (vm, accept_id):
             flooding = asyncio.ensure_future(vm.flood(accept_id))
             most = 0
             read_when_paused: int | None = None
@@ -177,11 +187,7 @@ async def test_vm_that_reads_again_gets_every_answer_in_order(short_tmp: Path) -
     forward = fwd(short_tmp, "a")
     async with running_host(short_tmp, [forward], max_queued_to_vm=MARK, vm_read_timeout=30) as env:
         forwarder: Forwarder = env.forwarder
-        sock = await transport.connect(env.rpc, timeout=10)
-        with sock:
-            vm = FloodingVM(sock)
-            async with asyncio.timeout(10):
-                accept_id = await vm.accept_call()
+        async with flooding_vm(env.rpc) as (vm, accept_id):
             loop = asyncio.get_running_loop()
 
             async def send_all() -> None:
@@ -189,7 +195,7 @@ async def test_vm_that_reads_again_gets_every_answer_in_order(short_tmp: Path) -
                     request = pb.ConnectRequest(stream_id=f"s-{i}", forward_id=LONG_FORWARD_ID)
                     data = request.SerializeToString()
                     await loop.sock_sendall(
-                        sock, _HEADER.pack(len(data), accept_id, _DATA, 0) + data
+                        vm.sock, _HEADER.pack(len(data), accept_id, _DATA, 0) + data
                     )
 
             sending = asyncio.ensure_future(send_all())
