@@ -330,19 +330,39 @@ async def test_a_pool_refuses_a_listener_of_another_user(tmp_path: Path) -> None
 # -- both sides -----------------------------------------------------------------------
 
 
-async def _forward_many(short_tmp: Path, *, guest_pool: int) -> tuple[int, int]:
-    """20 echo connections through a forward; the host pool's (size, taken)."""
-    rpc, streams = embedded_endpoints(short_tmp)
-    target, vm_path = short_tmp / "echo.sock", short_tmp / "vm" / "echo.sock"
-    async with (
-        await echo_server(target),
-        Host(
-            rpc_listen=rpc, streams=streams, forwards=[Forward("e", str(target), str(vm_path))]
-        ) as host,
-        Guest(rpc_dial=rpc, streams=streams, max_pooled_streams=guest_pool),
-    ):
+@contextlib.asynccontextmanager
+async def _forwarding(
+    tmp: Path, *, echo: bool = True, stream_pool: int = 4, guest_pool: int = 64
+) -> AsyncIterator[tuple[Host, Guest, Path]]:
+    """A Host and a Guest of ours, connected, with forward "e" to an echo
+    service (or to no service at all) and the host's pool full; the VM path."""
+    rpc, streams = embedded_endpoints(tmp)
+    target, vm_path = tmp / "echo.sock", tmp / "vm" / "echo.sock"
+    async with contextlib.AsyncExitStack() as stack:
+        if echo:
+            await stack.enter_async_context(await echo_server(target))
+        host = await stack.enter_async_context(
+            Host(
+                rpc_listen=rpc,
+                streams=streams,
+                forwards=[Forward("e", str(target), str(vm_path))],
+                stream_pool=stream_pool,
+            )
+        )
+        guest = await stack.enter_async_context(
+            Guest(rpc_dial=rpc, streams=streams, max_pooled_streams=guest_pool)
+        )
         async with asyncio.timeout(30):
             await host.wait_connected()
+        if guest_pool:
+            full = min(stream_pool, guest_pool)
+            await _until(lambda: host.forwarder.pool_stats().ready == full, "pool full", 10)
+        yield host, guest, vm_path
+
+
+async def _forward_many(short_tmp: Path, *, guest_pool: int) -> tuple[int, int]:
+    """20 echo connections through a forward; the host pool's (size, taken)."""
+    async with _forwarding(short_tmp, guest_pool=guest_pool) as (host, _, vm_path):
         for i in range(20):
             payload = b"connection %d " % i * 100
             assert await echo_round_trip(vm_path, payload) == payload
@@ -403,17 +423,7 @@ async def test_a_refused_connection_on_a_picked_stream_is_closed_and_counted(
     host then cannot dial its target: the container's connection is closed,
     nothing it sent is counted as relayed, the failure is counted once on each
     side, the shares are given back and the pool refills."""
-    rpc, streams = embedded_endpoints(short_tmp)
-    target, vm_path = short_tmp / "absent.sock", short_tmp / "vm" / "absent.sock"
-    async with (
-        Host(
-            rpc_listen=rpc, streams=streams, forwards=[Forward("e", str(target), str(vm_path))]
-        ) as host,
-        Guest(rpc_dial=rpc, streams=streams) as guest,
-    ):
-        async with asyncio.timeout(30):
-            await host.wait_connected()
-        await _until(lambda: host.forwarder.pool_stats().ready == 4, "pool full", timeout=10)
+    async with _forwarding(short_tmp, echo=False) as (host, guest, vm_path):
         reader, writer = await asyncio.open_unix_connection(str(vm_path))
         with contextlib.closing(writer):
             writer.write(b"request bytes")
@@ -437,21 +447,7 @@ async def test_emfile_while_refilling_the_pool_costs_no_connection(
     counts it and backs off; connections are served on streams opened for
     them meanwhile."""
     faults = Faults(monkeypatch, lambda n: n == 2)  # 1: the dial; 2: the refill
-    rpc, streams = embedded_endpoints(short_tmp)
-    target, vm_path = short_tmp / "echo.sock", short_tmp / "vm" / "echo.sock"
-    async with (
-        await echo_server(target),
-        Host(
-            rpc_listen=rpc,
-            streams=streams,
-            forwards=[Forward("e", str(target), str(vm_path))],
-            stream_pool=1,
-        ) as host,
-        Guest(rpc_dial=rpc, streams=streams),
-    ):
-        async with asyncio.timeout(30):
-            await host.wait_connected()
-        await _until(lambda: host.forwarder.pool_stats().ready == 1, "pool full", timeout=10)
+    async with _forwarding(short_tmp, stream_pool=1) as (host, _, vm_path):
         faults.armed = True
         assert await echo_round_trip(vm_path, b"first") == b"first"
         await _until(lambda: host.forwarder.pool_stats().failed >= 1, "refill failed")

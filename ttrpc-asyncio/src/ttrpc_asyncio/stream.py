@@ -6,7 +6,7 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -148,10 +148,22 @@ def decode(message_type: type[RecvT], data: bytes) -> RecvT:
 
 class _Receiving(Generic[RecvT]):
     """What both kinds of stream do with the peer's messages besides ``recv``:
-    deliver them to a callback, and wait for their end."""
+    iterate over them, deliver them to a callback, wait for their end."""
 
     _queue: MessageQueue
     _recv_type: type[RecvT]
+
+    async def recv(self) -> RecvT | None:
+        raise NotImplementedError
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> RecvT:
+        message = await self.recv()
+        if message is None:
+            raise StopAsyncIteration
+        return message
 
     def deliver(
         self,
@@ -263,15 +275,6 @@ class ClientStream(_Receiving[RecvT], Generic[SendT, RecvT]):
             return None
         return decode(self._recv_type, data)
 
-    def __aiter__(self) -> ClientStream[SendT, RecvT]:
-        return self
-
-    async def __anext__(self) -> RecvT:
-        message = await self.recv()
-        if message is None:
-            raise StopAsyncIteration
-        return message
-
     async def aclose(self) -> None:
         """Forget the call; frames still arriving for it are dropped. If our side
         is still open the server is told (a close frame), so its handler sees the
@@ -314,15 +317,6 @@ class ServerStream(_Receiving[RecvT], Generic[RecvT, SendT]):
         undecodable message raises :class:`MessageDecodeError`; the stream goes on."""
         data = await self._queue.get()
         return None if data is None else decode(self._recv_type, data)
-
-    def __aiter__(self) -> ServerStream[RecvT, SendT]:
-        return self
-
-    async def __anext__(self) -> RecvT:
-        message = await self.recv()
-        if message is None:
-            raise StopAsyncIteration
-        return message
 
     async def send(self, message: SendT) -> None:
         await self._send_data(message.SerializeToString())
